@@ -1,0 +1,271 @@
+"""Reading a frame: miniCBF (PILATUS, EIGER converted to CBF), plain or .gz/.bz2, into pixels and geometry.
+
+The header is parsed the way DISTL's PILATUS reader does it (first 12288 bytes, ``#``-separated lines, one
+token per keyword), so geometry agrees to the last digit.  Pixels are decoded by fabio.
+"""
+from __future__ import annotations
+
+import bz2
+import gzip
+import math
+import os
+import re
+from dataclasses import dataclass
+
+import fabio
+import numpy as np
+
+HEADER_BYTES = 12288
+BINARY_MARKER = b"\x0c\x1a\x04\xd5"
+
+# (slow, fast) sizes → DISTL vendortype; the vendortype picks the scanbox tiling.
+PILATUS_SIZES = {(2527, 2463): "Pilatus-6M", (1679, 1475): "Pilatus-2M", (619, 487): "Pilatus-300K",
+                 (195, 487): "Pilatus-100K", (5221, 5106): "Pilatus-12M"}
+EIGER_SIZES = {(4371, 4150): "Eiger-16M", (3269, 3110): "Eiger-9M", (2167, 2070): "Eiger-4M",
+               (1065, 1030): "Eiger-1M", (514, 1030): "Eiger-500K", (4362, 4148): "Eiger2-16M",
+               (3262, 3108): "Eiger2-9M", (2162, 2068): "Eiger2-4M", (1062, 1028): "Eiger2-1M",
+               (512, 1028): "Eiger2-500K"}
+
+
+class FrameError(Exception):
+    """A frame that cannot be analysed: unreadable, truncated, corrupt, or missing a header field."""
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Detector geometry in DISTL's frame: x is the slow axis, y the fast one, lengths in mm."""
+
+    wavelength: float  # Angstrom
+    distance: float  # mm
+    pixel_size: float  # mm
+    beam_x: float  # slow, mm
+    beam_y: float  # fast, mm
+    saturation: int  # Count_cutoff
+    twotheta: float  # degrees, 0 when below 0.02
+    size_slow: int
+    size_fast: int
+    vendortype: str
+
+    @property
+    def family(self) -> str:
+        """'pilatus', 'eiger' or 'other': selects the tiling and DISTL's per-detector defaults."""
+        if self.vendortype.startswith("Pilatus"):
+            return "pilatus"
+        if self.vendortype.startswith("Eiger"):
+            return "eiger"
+        return "other"
+
+    def resolution_at_radius(self, r_mm):
+        """d (Angstrom) of a point r mm from the beam on a flat detector normal to the beam."""
+        r_mm = np.asarray(r_mm, dtype=float)
+        theta = np.arctan2(r_mm, self.distance) / 2.0
+        with np.errstate(divide="ignore"):
+            return self.wavelength / (2.0 * np.sin(theta))
+
+    def radius_at_resolution(self, d):
+        """r (mm) of resolution d: the inverse of resolution_at_radius."""
+        return self.distance * math.tan(2.0 * math.asin(self.wavelength / (2.0 * d)))
+
+
+@dataclass(frozen=True)
+class Frame:
+    path: str
+    pixels: np.ndarray  # int32, shape (slow, fast)
+    geometry: Geometry
+    template: str  # e.g. "thau_3_2_####.cbf"
+    image_number: int | None
+
+    @property
+    def label(self) -> str:
+        """The "File" field: the template with the number substituted, as DISTL prints it."""
+        if self.image_number is None or "#" not in self.template:
+            return self.template
+        width = self.template.count("#")
+        return re.sub("#+", "%0*d" % (width, self.image_number), self.template)
+
+
+def _open(path: str):
+    if path.endswith(".gz"):
+        return gzip.open(path, "rb")
+    if path.endswith(".bz2"):
+        return bz2.open(path, "rb")
+    return open(path, "rb")
+
+
+def _uncompressed_name(path: str) -> str:
+    base = os.path.basename(path)
+    for ext in (".gz", ".bz2"):
+        if base.endswith(ext):
+            return base[: -len(ext)]
+    return base
+
+
+# DISTL's file-name patterns, in its order: (regex, how the number and template come out).
+_NAME_PATTERNS = (
+    re.compile(r"^(?P<root>.*_)(?P<num>\d{3,6})(?P<ext>\.[^.]+)$"),
+    re.compile(r"^(?P<root>.*\.)(?P<num>\d{3,6})(?P<ext>\.[^.]+)$"),
+    re.compile(r"^(?P<root>.*\D)(?P<num>\d{3,6})(?P<ext>\.[^.]+)$"),
+    re.compile(r"^(?P<root>.*_)(?P<a>\d{1,3})_(?P<b>\d{1,3})(?P<ext>\.[^.]+)$"),
+    re.compile(r"^(?P<root>[^_]*_[^.]+)(?P<ext>\.[^.]+)$"),
+    re.compile(r"^(?P<root>.*\.)(?P<num>\d{3,5})$"),
+)
+
+
+def name_template(path: str) -> tuple[str, int | None, bool]:
+    """(template, image number, DISTL prints the template) for a file name.
+
+    DISTL numbers ``root_other.cbf`` as frame 3 and echoes its name; we follow it so results agree, and
+    accept names it refuses (number None, template = the name).
+    """
+    base = _uncompressed_name(path)
+    for index, pattern in enumerate(_NAME_PATTERNS):
+        m = pattern.match(base)
+        if not m:
+            continue
+        if index == 3:
+            a, b = m.group("a"), m.group("b")
+            return m.group("root") + "#" * len(a) + "_" + "#" * len(b) + m.group("ext"), 1000 * int(a) + int(b), False
+        if index == 4:
+            return base, 3, True
+        ext = m.group("ext") if "ext" in m.groupdict() else ""
+        num = m.group("num")
+        return m.group("root") + "#" * len(num) + ext, int(num), False
+    return base, None, False
+
+
+def read_head(path: str, size: int = HEADER_BYTES) -> bytes:
+    """The first bytes of the (decompressed) file."""
+    try:
+        with _open(path) as fh:
+            return fh.read(size)
+    except FileNotFoundError:
+        raise FrameError("no such file") from None
+    except IsADirectoryError:
+        raise FrameError("is a directory, not a frame") from None
+    except PermissionError:
+        raise FrameError("permission denied") from None
+    except (OSError, EOFError, ValueError) as exc:
+        raise FrameError("cannot read: %s" % exc) from None
+
+
+def parse_header(raw: bytes) -> dict[str, object]:
+    """The header fields DISTL reads, keyed by its internal names; missing ones are absent."""
+    start = raw.find(b"_array_data.header_contents")
+    end = raw.find(b"_array_data.data")
+    if start < 0 or end < 0:
+        raise FrameError("not a miniCBF file (no _array_data.header_contents)")
+    text = raw[start + 1:end].decode("latin-1")
+    lines = [re.sub(r"[\r\n,();]", "", piece.strip()) for piece in text.split("#")]
+    fields: dict[str, object] = {"CCD_IMAGE_SATURATION": 65535}
+    wanted = (("CCD_IMAGE_SATURATION", "Count_cutoff", 1, int), ("PIXEL_SIZE", "Pixel_size", 1, float),
+              ("PIXEL_SIZE_UNITS", "Pixel_size", 2, str), ("DISTANCE", "Detector_distance", 1, float),
+              ("DISTANCE_UNITS", "Detector_distance", 2, str), ("WAVELENGTH", "Wavelength", 1, float),
+              ("BEAM_FAST_PX", "Beam_xy", 1, float), ("BEAM_SLOW_PX", "Beam_xy", 2, float),
+              ("TWOTHETA", "Detector_2theta", 1, float))
+    for tag, keyword, index, kind in wanted:
+        for line in lines:
+            if line.startswith(keyword):
+                try:
+                    fields[tag] = kind(line.split(" ")[index])
+                except (IndexError, ValueError):
+                    raise FrameError("malformed header line %r" % line) from None
+                break
+    binary = raw[end:].decode("latin-1").splitlines()
+    for record in binary[1:]:
+        if not record.strip():
+            break
+        key, _, value = record.partition(":")
+        if key.strip() in ("X-Binary-Size-Fastest-Dimension", "X-Binary-Size-Second-Dimension", "X-Binary-Size"):
+            try:
+                fields[key.strip()] = int(value.strip())
+            except ValueError:
+                raise FrameError("malformed %s" % key.strip()) from None
+    return fields
+
+
+def binary_complete(path: str) -> bool:
+    """True when the whole binary section is present (X-Binary-Size bytes after the marker).
+
+    The watcher asks this before it dispatches a frame; a compressed file must also decompress cleanly.
+    """
+    try:
+        with _open(path) as fh:
+            data = fh.read()
+    except (OSError, EOFError, ValueError):
+        return False
+    marker = data.find(BINARY_MARKER)
+    if marker < 0:
+        return False
+    m = re.search(rb"X-Binary-Size:\s*(\d+)", data[:marker])
+    return bool(m) and len(data) - (marker + len(BINARY_MARKER)) >= int(m.group(1))
+
+
+def _mm(value: float, units: str | None, what: str) -> float:
+    factors = {"mm": 1.0, "m": 1000.0}
+    if units not in factors:
+        raise FrameError("unknown %s units %r" % (what, units))
+    return value * factors[units]
+
+
+def geometry_from_header(fields: dict, overrides: dict | None = None) -> Geometry:
+    """Geometry from header fields, with DISTL's autoindex_override_* values applied."""
+    overrides = overrides or {}
+    for tag, keyword in (("X-Binary-Size-Fastest-Dimension", "X-Binary-Size-Fastest-Dimension"),
+                         ("X-Binary-Size-Second-Dimension", "X-Binary-Size-Second-Dimension"),
+                         ("PIXEL_SIZE", "Pixel_size")):
+        if tag not in fields:
+            raise FrameError("missing header field %s" % keyword)
+    pixel = _mm(fields["PIXEL_SIZE"], fields.get("PIXEL_SIZE_UNITS"), "Pixel_size")
+    distance = overrides.get("distance")
+    if distance is None:
+        if "DISTANCE" not in fields:
+            raise FrameError("missing header field Detector_distance")
+        distance = _mm(fields["DISTANCE"], fields.get("DISTANCE_UNITS"), "Detector_distance")
+    wavelength = overrides.get("wavelength")
+    if wavelength is None:
+        if "WAVELENGTH" not in fields:
+            raise FrameError("missing header field Wavelength")
+        wavelength = fields["WAVELENGTH"]
+    beam = overrides.get("beam")
+    if beam is None:
+        if "BEAM_FAST_PX" not in fields or "BEAM_SLOW_PX" not in fields:
+            raise FrameError("missing header field Beam_xy")
+        beam = (fields["BEAM_SLOW_PX"] * pixel, fields["BEAM_FAST_PX"] * pixel)  # DISTL swaps Beam_xy
+    twotheta = overrides.get("twotheta")
+    if twotheta is None:
+        twotheta = fields.get("TWOTHETA", 0.0)
+    if abs(twotheta) < 0.02:
+        twotheta = 0.0
+    if distance <= 0 or wavelength <= 0 or pixel <= 0:
+        raise FrameError("non-physical geometry: distance %g mm, wavelength %g A, pixel %g mm"
+                         % (distance, wavelength, pixel))
+    slow, fast = fields["X-Binary-Size-Second-Dimension"], fields["X-Binary-Size-Fastest-Dimension"]
+    vendortype = PILATUS_SIZES.get((slow, fast)) or EIGER_SIZES.get((slow, fast)) or "Pilatus-%dx%d" % (fast, slow)
+    return Geometry(wavelength=float(wavelength), distance=float(distance), pixel_size=pixel,
+                    beam_x=float(beam[0]), beam_y=float(beam[1]), saturation=int(fields["CCD_IMAGE_SATURATION"]),
+                    twotheta=float(twotheta), size_slow=slow, size_fast=fast, vendortype=vendortype)
+
+
+def read_frame(path: str, overrides: dict | None = None) -> Frame:
+    """Read a frame; FrameError with a one-line cause for anything that is not a complete miniCBF."""
+    if not os.path.exists(path):
+        raise FrameError("no such file")
+    if os.path.isdir(path):
+        raise FrameError("is a directory, not a frame")
+    head = read_head(path)
+    if not head:
+        raise FrameError("empty file")
+    fields = parse_header(head)
+    geometry = geometry_from_header(fields, overrides)
+    try:
+        image = fabio.open(path)
+        pixels = np.ascontiguousarray(image.data, dtype=np.int32)
+    except Exception as exc:  # fabio raises many types for corrupt input
+        raise FrameError("cannot decode pixels: %s" % (str(exc).splitlines()[0] if str(exc) else type(exc).__name__)) from None
+    if pixels.shape != (geometry.size_slow, geometry.size_fast):
+        raise FrameError("truncated or corrupt: decoded %s pixels, header says %dx%d"
+                         % ("x".join(map(str, pixels.shape)), geometry.size_fast, geometry.size_slow))
+    if not binary_complete(path):
+        raise FrameError("truncated: binary section shorter than X-Binary-Size")
+    template, number, _ = name_template(path)
+    return Frame(path=path, pixels=pixels, geometry=geometry, template=template, image_number=number)
