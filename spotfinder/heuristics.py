@@ -1,0 +1,286 @@
+"""DISTL's Python filter chain ("practical heuristics"): ice, resolution, shape and close-spot filters,
+saturation and the maximum unit cell.  Subsets are index arrays into the full spot list."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+from scipy.spatial import cKDTree
+
+from . import ice, resolution
+from .image import Geometry
+from .params import Settings
+from .spots import Shapes, Spots
+
+MAX_TOLERANCE = 1.5  # max cell = 1.5 x the d of the typical neighbour distance
+NN_BIN = 20  # DISTL's NspotMin // 2, the histogram bin count scale for neighbour distances
+OVERLAP = 1.2  # overlapping_spot_criterion
+
+
+@dataclass
+class Chain:
+    """Named subsets and the numbers derived from them."""
+
+    subsets: dict[str, np.ndarray] = field(default_factory=dict)
+    ice_rings: int = 0
+    method2: float | None = None
+    ice_free_attempted: bool = False
+    shells_d: np.ndarray | None = None  # d of the ice-free spots, sorted descending
+    target_bins: int = 0
+    unimodal_stats: dict | None = None
+    neighbours: np.ndarray | None = None  # nearest-neighbour distance (mm) of each inlier
+    overloaded: int = 0
+    saturation_top: int = 0
+    saturation_fraction: float = 0.0
+
+
+def spot_radius_mm(spots: Spots, g: Geometry) -> np.ndarray:
+    """Distance (mm) of each spot's max pixel from the beam, at least one pixel."""
+    return np.maximum(g.pixel_size, np.hypot(spots.peak_x * g.pixel_size - g.beam_x,
+                                             spots.peak_y * g.pixel_size - g.beam_y))
+
+
+def run(spots: Spots, shape: Shapes, g: Geometry, settings: Settings, rings: list[ice.PixelRing],
+        pixels: np.ndarray, coverage: resolution.DetectorCoverage) -> Chain:
+    chain = Chain()
+    n = len(spots)
+    everything = np.arange(n)
+    chain.subsets["spots_total"] = everything
+    r = spot_radius_mm(spots, g)
+    d = np.array([resolution.resolution_at_mm(g, v) for v in r]) if n else np.zeros(0)
+
+    on_ring = np.zeros(n, dtype=bool)
+    for ring in rings:
+        inner = g.pixel_size * math.sqrt(ring.inner_r2) - 0.4
+        outer = g.pixel_size * math.sqrt(ring.outer_r2) + 0.4
+        on_ring |= (r > inner) & (r < outer)
+    chain.ice_rings = len(rings)
+    non_ice = everything[~on_ring]
+    chain.subsets["spots_non-ice"] = non_ice
+    hi_pass = non_ice[r[non_ice] > resolution.radius_mm(g, settings.res_inner)]
+    chain.subsets["hi_pass_resolution_spots"] = hi_pass
+    current = hi_pass
+
+    order = hi_pass[np.argsort(-d[hi_pass], kind="stable")]
+    count = len(order)
+    target = max(resolution.MIN_BIN_COUNT, count // 20)
+    chain.target_bins = target
+    if count >= target:
+        sorted_d = d[order]
+        keep = _ring_finder_filter(sorted_d, target, coverage, chain)
+        ice_free = order[keep]
+        chain.subsets["ice_free_resolution_spots"] = ice_free
+        chain.ice_free_attempted = True
+        current = ice_free
+        if len(ice_free) >= target:
+            free_d = d[ice_free]
+            chain.shells_d = free_d
+            shells = resolution.Shells(free_d, free_d[target - 1], coverage)
+            chain.method2 = resolution.method2(shells, count, settings.method2_ratio, settings.res_outer)
+            limit_r = resolution.radius_mm(g, chain.method2)
+            lo_pass = ice_free[r[ice_free] < limit_r]
+            chain.subsets["lo_pass_resolution_spots"] = lo_pass
+            current = lo_pass
+    chain.subsets["spots_resolution"] = current
+
+    _saturation(chain, spots, current, pixels, g)
+
+    unimodal = current[(spots.nmaxima[current] <= settings.bumpiness) & (spots.area[current] > settings.spot_area_min)]
+    chain.subsets["spots_unimodal"] = unimodal
+    inliers = np.zeros(0, dtype=int)
+    neighbours = np.zeros(0)
+    if len(unimodal) > 2:
+        inliers, neighbours = _quality(spots, shape, unimodal, chain, g)
+    chain.subsets["spots_inlier"] = inliers
+    chain.neighbours = neighbours
+    return chain
+
+
+def _ring_finder_filter(sorted_d: np.ndarray, target: int, coverage, chain: Chain) -> np.ndarray:
+    """Spot-count ice rings (DISTL's RingFinder); returns the mask of spots outside every ring."""
+    t = sorted_d[target - 1]
+    while True:
+        shells = resolution.Shells(sorted_d, t, coverage)
+        intervals, force_finer = _intervals(shells)
+        if shells.adjusted.max() < 2.0 or sorted_d[0] <= t:
+            break
+        if not force_finer and len(shells) >= 0.25 * len(sorted_d):
+            break
+        t *= 2.0 ** (1.0 / 3.0)
+    keep = np.ones(len(sorted_d), dtype=bool)
+    for low_res, high_res in intervals:
+        inside = (sorted_d > high_res) & (sorted_d < low_res) & keep
+        if inside.sum() > 10:
+            chain.ice_rings += 1
+        keep &= ~inside
+    return keep
+
+
+def _intervals(shells: resolution.Shells) -> tuple[list[tuple[float, float]], bool]:
+    """Shells clearly more populated than their neighbours, as merged (low-res, high-res) d intervals."""
+    rows = len(shells)
+    intervals: list[tuple[float, float]] = []
+    force_finer = False
+    if rows < 10:
+        return intervals, force_finer
+    pop = shells.adjusted
+    for x in range(2, rows - 1):
+        first, last = x - 4, x + 4
+        if first < 0:
+            first, last = 0, last - first
+        if last >= rows:
+            first, last = first - (last - rows + 1), rows - 1
+        signal = pop[x - 1] + pop[x] + pop[x + 1]
+        background = pop[first:last + 1].sum() - signal
+        if signal / 3.0 > 2.0 * background / 6.0 and signal > 6.0 and \
+                (signal - math.sqrt(signal)) / 3.0 > 2.0 * (background + math.sqrt(max(background, 0.0))) / 6.0:
+            if x < 4:
+                force_finer = True
+            _add_interval(intervals, (float(shells.limit[x - 2]), float(shells.limit[x + 1])))
+    return intervals, force_finer
+
+
+def _add_interval(intervals: list[tuple[float, float]], new: tuple[float, float]) -> None:
+    """Insert a (low-res, high-res) interval, merging with overlapping ones so all stay disjoint."""
+    for i, old in enumerate(intervals):
+        if new[1] > old[0] or new[0] < old[1]:
+            continue
+        if new[0] < old[0] and new[1] > old[1]:
+            return
+        if new[0] > old[0] and new[1] < old[1]:
+            intervals[i] = new
+            return
+        if new[1] <= old[0] and new[0] > old[0]:
+            intervals.pop(i)
+            _add_interval(intervals, (new[0], old[1]))
+            return
+        if new[0] >= old[1]:
+            intervals.pop(i)
+            _add_interval(intervals, (old[0], new[1]))
+            return
+    intervals.append(new)
+
+
+def _saturation(chain: Chain, spots: Spots, subset: np.ndarray, pixels: np.ndarray, g: Geometry) -> None:
+    peaks = pixels[spots.peak_x[subset], spots.peak_y[subset]].astype(np.int64)
+    chain.overloaded = int(np.count_nonzero(peaks >= int(g.saturation)))
+    top = np.sort(peaks)[::-1][:50]
+    chain.saturation_top = len(top)
+    chain.saturation_fraction = 0.0 if len(top) < 2 else float(top.sum()) / len(top) / g.saturation
+
+
+def _mean_sd(values: np.ndarray) -> tuple[float, float]:
+    return float(np.mean(values)), float(np.std(values, ddof=1))
+
+
+def _quality(spots: Spots, shape: Shapes, unimodal: np.ndarray, chain: Chain, g: Geometry):
+    """Skewness, intensity and close-spot filters over the unimodal spots; inliers and their NN distances."""
+    i_ave, i_std = _mean_sd(spots.intensity[unimodal].astype(np.float64))
+    a_ave, _ = _mean_sd(spots.area[unimodal].astype(np.float64))
+    e_ave, _ = _mean_sd(shape.eccentricity[unimodal])
+    k_ave, k_std = _mean_sd(shape.skewness[unimodal])
+    chain.unimodal_stats = {"eccentricity": e_ave, "intensity": i_ave, "area": a_ave}
+    low_skew = unimodal[shape.skewness[unimodal] <= min(0.45, 2.0 * k_std + k_ave)]
+    chain.subsets["spots_low_skew"] = low_skew
+    z = spots.intensity[low_skew].astype(np.float64)
+    good = low_skew[(z > i_ave - 5.0 * i_std) & (z < i_ave + 5.0 * i_std) & (z < g.saturation)]
+    chain.subsets["spots_good_intensity"] = good
+
+    everything = np.column_stack([spots.peak_x, spots.peak_y]).astype(float)
+    tree = cKDTree(everything)
+    nn_index, nn_dist2 = _nearest_other(tree, everything, everything[good])
+    neighbours = g.pixel_size * np.sqrt(nn_dist2)
+    vectors = _neighbour_vector_maxima(tree, everything, a_ave, len(good))
+    majoraxis = shape.majoraxis
+    inliers, kept_nn = [], []
+    for j, idx in enumerate(good):
+        if 0 < len(vectors) <= 3 and not _compact(shape, idx, vectors):
+            continue
+        s = (int(everything[nn_index[j], 0] - everything[idx, 0]), int(everything[nn_index[j], 1] - everything[idx, 1]))
+        if majoraxis[idx] * OVERLAP > math.hypot(*s):
+            if not (len(vectors) <= 3 and any(abs(v[0] - s[0]) <= 1 and abs(v[1] - s[1]) <= 1 for v in vectors)):
+                continue
+        inliers.append(idx)
+        kept_nn.append(neighbours[j])
+    return np.array(inliers, dtype=int), np.array(kept_nn)
+
+
+def _nearest_other(tree: cKDTree, data: np.ndarray, query: np.ndarray):
+    """Nearest data point to each query point, excluding points at zero distance (the spot itself)."""
+    k = min(len(data), 8)
+    index = np.zeros(len(query), dtype=int)
+    dist2 = np.zeros(len(query))
+    if len(query) == 0:
+        return index, dist2
+    dist, idx = tree.query(query, k=k)
+    dist, idx = np.atleast_2d(dist), np.atleast_2d(idx)
+    for i in range(len(query)):
+        pick = np.flatnonzero(dist[i] > 0)
+        if len(pick) == 0:
+            d_all, i_all = tree.query(query[i], k=len(data))
+            pick_all = np.flatnonzero(np.atleast_1d(d_all) > 0)
+            j = pick_all[0] if len(pick_all) else 0
+            index[i], dist2[i] = np.atleast_1d(i_all)[j], np.atleast_1d(d_all)[j] ** 2
+        else:
+            index[i], dist2[i] = idx[i, pick[0]], dist[i, pick[0]] ** 2
+    return index, dist2
+
+
+def _neighbour_vector_maxima(tree: cKDTree, data: np.ndarray, ave_area: float, n_current: int):
+    """Peaks of the histogram of nearest-neighbour vectors: candidate lattice vectors (half-plane)."""
+    limit = int(math.sqrt(20.0 * ave_area) / 2.0) + 1
+    plot = np.zeros((2 * limit + 1, 2 * limit + 1), dtype=int)
+    nn_index, _ = _nearest_other(tree, data, data)
+    for i, j in enumerate(nn_index):
+        vx, vy = int(data[j, 0] - data[i, 0]), int(data[j, 1] - data[i, 1])
+        if abs(vx) <= limit and abs(vy) <= limit:
+            plot[vx + limit, vy + limit] += 1
+            plot[-vx + limit, -vy + limit] += 1
+    highest = plot[1:-1, 1:-1].max() if plot.shape[0] > 2 else 0
+    found = []
+    for x in range(-limit + 1, limit):
+        for y in range(-limit + 1, limit):
+            if not (y > 0 or (y == 0 and x > 0)):
+                continue
+            c = plot[x + limit, y + limit]
+
+            def at(dx, dy):
+                return plot[x + dx + limit, y + dy + limit]
+
+            if c > 0.2 * highest and c > 0.05 * n_current and c >= at(0, 1) and c >= at(1, 1) and c >= at(1, 0) \
+                    and c >= at(1, -1) and c > at(0, -1) and c > at(-1, -1) and c > at(-1, 0) and c > at(-1, 1):
+                found.append((x, y))
+    return found
+
+
+def _compact(shape: Shapes, idx: int, vectors) -> bool:
+    """False when the spot's ellipse is as wide as a candidate lattice vector along it (two spots in one)."""
+    a, b = shape.a[idx], shape.b[idx]
+    ux, uy = shape.major_dir[idx]
+    for vx, vy in vectors:
+        length2 = vx * vx + vy * vy
+        cos = (ux * vx + uy * vy) / math.sqrt(length2)
+        cos2 = min(cos * cos, 1.0)
+        sin = math.sqrt(1.0 - cos2)
+        width2 = 4.0 * (a * a * b * b / ((a * sin) ** 2 + (b * cos) ** 2))
+        if width2 >= length2:
+            return False
+    return True
+
+
+def max_unit_cell(neighbours: np.ndarray, g: Geometry) -> float | None:
+    """1.5 x the d of the most probable (or 5th-percentile) neighbour distance among the inliers."""
+    n = len(neighbours)
+    if n <= 2:
+        return None
+    mean = float(np.mean(neighbours))
+    fine = max(g.pixel_size / 2.0, mean / (1.0 + n / NN_BIN))
+    low = float(np.min(neighbours))
+    bins = int(mean * 4 / fine)
+    histogram = np.zeros(bins, dtype=int)
+    index = ((neighbours - low) / fine).astype(int)
+    np.add.at(histogram, index[index < bins], 1)
+    probable = low + (int(np.argmax(histogram)) + 0.5) * fine
+    p5 = float(np.sort(neighbours)[int(0.05 * n)])
+    return MAX_TOLERANCE * max(resolution.resolution_at_mm(g, probable), resolution.resolution_at_mm(g, p5))

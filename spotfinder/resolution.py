@@ -1,0 +1,191 @@
+"""Resolution estimates: Method 1 (Zhang et al. 2006), equal-volume shells, Method 2, and the bin tables."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from .background import Region, integer_beam, pixel_resolution
+from .image import Geometry
+
+METHOD1_NONE = 10.0  # Method 1's answer when there are too few spots
+MIN_BIN_COUNT = 25  # DISTL's BinMin: the fewest spots in the first shell
+VETTER_RUN = 10  # this many weak shells in a row end the Method 2 search
+
+
+def method1(spot_x: np.ndarray, spot_y: np.ndarray, geometry: Geometry, region: Region) -> float:
+    """libdistl's imgresolution over spot max pixels, with the detector-corner correction."""
+    n = len(spot_x)
+    if n <= 10:
+        return METHOD1_NONE
+    nrings = min(40, max(10, n // 20))
+    bx, by = integer_beam(geometry)
+    r = np.hypot(spot_x - bx, spot_y - by)
+    d = pixel_resolution(geometry, spot_x, spot_y)
+    edges = np.array([bx - region.x0, region.x1 - bx, by - region.y0, region.y1 - by], dtype=float)
+    inscribed = edges.min()
+    copies = np.ones(n, dtype=int)
+    for i in np.flatnonzero(r >= inscribed):
+        closer = edges[edges < r[i]]
+        angle = max(0.01, 2 * math.pi - float(np.sum(2.0 * np.arccos(closer / r[i]))))
+        copies[i] = int(2 * math.pi / angle)
+    values = np.sort(np.repeat(d, copies))
+    total = values.size
+    ring = np.empty(nrings)
+    for k in range(nrings):
+        ring[nrings - 1 - k] = values[min(total - 1, int(k * total / nrings))]
+    p = ring ** -3.0
+    ks = np.arange(1, nrings)
+    slope = np.concatenate(([-np.inf], (p[1:] - p[0]) / ks))
+    best = int(np.argmax(slope))
+    line = slope[best] * np.arange(best + 1) + p[0]
+    gap = line - p[:best + 1]
+    b = int(np.argmax(gap))
+    sigma = float(np.std(gap))
+    while b + 1 <= best and gap[b + 1] >= gap.max() - 0.5 * sigma:
+        b += 1
+    return float(ring[b])
+
+
+class DetectorCoverage:
+    """Fraction of a resolution circle that falls on the detector (DISTL's Geom2d), and corner d."""
+
+    def __init__(self, geometry: Geometry):
+        self.g = geometry
+        self.edges = np.array([geometry.beam_x, geometry.size_slow * geometry.pixel_size - geometry.beam_x,
+                               geometry.beam_y, geometry.size_fast * geometry.pixel_size - geometry.beam_y])
+        self.normals = np.array([math.pi, 0.0, -math.pi / 2, math.pi / 2])
+
+    def __call__(self, d: float) -> float:
+        r = radius_mm(self.g, d)
+        arcs = []
+        for e, normal in zip(self.edges, self.normals):
+            if e < r:
+                half = math.acos(max(-1.0, e / r))
+                arcs.append((normal - half, normal + half))
+        if not arcs:
+            return 1.0
+        return max(0.0, 1.0 - _union_length(arcs) / (2 * math.pi))
+
+    def corner_resolutions(self) -> list[float]:
+        g = self.g
+        corners = [(x, y) for x in (0.0, g.size_slow * g.pixel_size) for y in (0.0, g.size_fast * g.pixel_size)]
+        return [resolution_at_mm(g, math.hypot(x - g.beam_x, y - g.beam_y)) for x, y in corners]
+
+
+def _union_length(arcs: list[tuple[float, float]]) -> float:
+    """Total angle covered by arcs on the circle (intervals may wrap)."""
+    pieces = []
+    for lo, hi in arcs:
+        lo, hi = lo % (2 * math.pi), lo % (2 * math.pi) + (hi - lo)
+        if hi > 2 * math.pi:
+            pieces += [(lo, 2 * math.pi), (0.0, hi - 2 * math.pi)]
+        else:
+            pieces.append((lo, hi))
+    pieces.sort()
+    total, end = 0.0, -1.0
+    for lo, hi in pieces:
+        if hi <= end:
+            continue
+        total += hi - max(lo, end)
+        end = hi
+    return min(total, 2 * math.pi)
+
+
+def radius_mm(geometry: Geometry, d: float) -> float:
+    """r (mm) on the detector of resolution d, as DISTL's Python layer computes it."""
+    ratio = geometry.wavelength / (2.0 * d)
+    if ratio >= 1.0:
+        return math.inf
+    return geometry.distance * math.tan(2.0 * math.asin(ratio))
+
+
+def resolution_at_mm(geometry: Geometry, r: float) -> float:
+    theta = math.atan2(r, geometry.distance) / 2.0
+    return geometry.wavelength / (2.0 * math.sin(theta)) if theta > 0 else math.inf
+
+
+def populations(d_sorted: np.ndarray, limit0: float, rows: int) -> np.ndarray:
+    """Spots per equal-volume shell: shell 0 holds d >= limit0, shell k holds limit_k <= d < limit_(k-1)."""
+    d = np.asarray(d_sorted, dtype=float)
+    index = np.maximum(0, np.ceil((limit0 / d) ** 3) - 1).astype(np.int64)
+    index = index[index < rows]
+    return np.bincount(index, minlength=rows)[:rows]
+
+
+class Shells:
+    """Equal reciprocal-volume shells from a target resolution (DISTL's ResolutionShells)."""
+
+    def __init__(self, d_sorted: np.ndarray, target: float, coverage: DetectorCoverage):
+        rows = int((target / d_sorted[-1]) ** 3) + 1
+        self.limit = np.array([target / (k + 1) ** (1.0 / 3.0) for k in range(rows)])
+        self.fract = np.array([1.0] + [coverage(self.limit[k]) for k in range(1, rows)])
+        self.population = populations(d_sorted, target, rows)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            self.adjusted = np.where(self.fract > 0, self.population / np.where(self.fract > 0, self.fract, 1), 0.0)
+
+    def __len__(self) -> int:
+        return len(self.limit)
+
+
+def method2(shells: Shells, hi_pass_count: int, ratio: float, res_outer: float | None) -> float:
+    """The d at which the shell population falls below ``1/ratio`` of the target (Method 2)."""
+    target_bins = max(MIN_BIN_COUNT, hi_pass_count // 20)
+    low = target_bins / ratio
+    pop, n = shells.population, len(shells)
+    if n > 2 and pop[1] > 2 * low and pop[1] > MIN_BIN_COUNT:
+        low = pop[1] / ratio
+    last = 0
+    for k in range(n - 1, -1, -1):
+        if pop[k] > low:
+            last = k
+            break
+    cut = low if low <= 20 else 20 + low // 5
+    flagged = [1 if pop[k] > cut else 0 for k in range(last + 1)]
+    run, x = 0, 0
+    for x in range(1, last + 1):
+        run = run + 1 if flagged[x] == 0 else 0
+        if run == VETTER_RUN:
+            break
+    kept = flagged[:x + 1]
+    last = max((k for k in range(len(kept)) if kept[k]), default=None)
+    if res_outer is not None:
+        for k in range(n):
+            if shells.limit[k] < res_outer and last < k:
+                last = k
+                break
+    while shells.fract[last] < 1.0 and last + 1 < n and shells.adjusted[last + 1] > low:
+        last += 1
+    value = float(shells.limit[last])
+    return max(value, res_outer) if res_outer is not None else value
+
+
+def missing_cone(limits: np.ndarray, wavelength: float) -> np.ndarray:
+    """Fraction of each shell's reciprocal volume recorded in a full rotation (missing cone excluded)."""
+    k = 1.0 / wavelength
+    out = np.empty(len(limits))
+    last_sphere = last_seen = 0.0
+    for i, limit in enumerate(limits):
+        r = 1.0 / limit
+        sphere = 4.0 / 3.0 * math.pi * r ** 3
+        seen = _observed_volume(r, k)
+        out[i] = (seen - last_seen) / (sphere - last_sphere)
+        last_sphere, last_seen = sphere, seen
+    return out
+
+
+def _observed_volume(r: float, k: float) -> float:
+    """Volume inside resolution r swept by the Ewald sphere in a rotation (Pappus, 100-step centroid)."""
+    theta = 4.0 * math.asin(r / (2.0 * k))
+    area_d = 0.5 * k * k * (theta - math.sin(theta))
+    phi = 2.0 * math.acos(r / (2.0 * k))
+    area_s = 0.5 * r * r * (phi - math.sin(phi))
+    v = r * r / (2.0 * k)
+    steps = 100
+    dz = r / steps
+    total = 0.0
+    for i in range(steps):
+        z = (2 * i + 1) * r / (2.0 * steps)
+        chord = 2.0 * math.sqrt(r * r - z * z) if z > v else 2.0 * math.sqrt(2.0 * k * z - z * z)
+        total += z * chord * dz
+    return (area_d + area_s) * 2.0 * math.pi * (total / (area_d + area_s))
