@@ -58,7 +58,8 @@ def assemble(pixels: np.ndarray, cls: Classification, maxima: np.ndarray, region
     """8-connected components of {Z > h} in the region that hold a maximum, as spots.
 
     libdistl grows each spot by flood fill from its first unvisited maximum and pushes it to the front of
-    its list, so spots come out in reverse scan order of their seeds.  ``border_on_ice(x, y)`` tells which
+    its list, so spots come out in reverse scan order of their seeds.  Its peak is the brightest maximum,
+    the last one in scan order among equals.  ``border_on_ice(x, y)`` tells which
     perimeter pixels lie on a pixel-level ice ring; a spot touching one is dropped.
     """
     inside = np.zeros(pixels.shape, dtype=bool)
@@ -82,7 +83,7 @@ def assemble(pixels: np.ndarray, cls: Classification, maxima: np.ndarray, region
         is_max = maxima[bx, by]
         mx, my = bx[is_max], by[is_max]
         values = pixels[mx, my]
-        peak = int(np.argmax(values))  # first of equal maxima in scan order
+        peak = len(values) - 1 - int(np.argmax(values[::-1]))  # the last of equal maxima in scan order
         px, py = int(mx[peak]), int(my[peak])
         records.append(((int(mx[0]), int(my[0])), px, py, bx, by, int(is_max.sum())))
     records.sort(key=lambda r: r[0], reverse=True)
