@@ -1,19 +1,22 @@
 """Reading a frame: miniCBF (PILATUS, EIGER converted to CBF), plain or .gz/.bz2, into pixels and geometry.
 
-The header is parsed the way DISTL's PILATUS reader does it (first 12288 bytes, ``#``-separated lines, one
+The file is read once; the header is parsed the way DISTL's PILATUS reader does it (first 12288 bytes, ``#``-separated lines, one
 token per keyword), so geometry agrees to the last digit.  Pixels are decoded by fabio.
 """
 from __future__ import annotations
 
+import base64
 import bz2
+import hashlib
 import gzip
+import io
 import math
 import os
 import re
 from dataclasses import dataclass
 
-import fabio
 import numpy as np
+from fabio.cbfimage import CbfImage
 
 HEADER_BYTES = 12288
 BINARY_MARKER = b"\x0c\x1a\x04\xd5"
@@ -133,11 +136,11 @@ def name_template(path: str) -> tuple[str, int | None, bool]:
     return base, None, False
 
 
-def read_head(path: str, size: int = HEADER_BYTES) -> bytes:
-    """The first bytes of the (decompressed) file."""
+def read_bytes(path: str) -> bytes:
+    """The whole (decompressed) file; FrameError with the cause when it cannot be read."""
     try:
         with _open(path) as fh:
-            return fh.read(size)
+            return fh.read()
     except FileNotFoundError:
         raise FrameError("no such file") from None
     except IsADirectoryError:
@@ -145,7 +148,7 @@ def read_head(path: str, size: int = HEADER_BYTES) -> bytes:
     except PermissionError:
         raise FrameError("permission denied") from None
     except (OSError, EOFError, ValueError) as exc:
-        raise FrameError("cannot read: %s" % exc) from None
+        raise FrameError("cannot read (corrupt compression?): %s" % exc) from None
 
 
 def parse_header(raw: bytes) -> dict[str, object]:
@@ -189,15 +192,29 @@ def binary_complete(path: str) -> bool:
     The watcher asks this before it dispatches a frame; a compressed file must also decompress cleanly.
     """
     try:
-        with _open(path) as fh:
-            data = fh.read()
-    except (OSError, EOFError, ValueError):
+        return _binary_present(read_bytes(path))
+    except FrameError:
         return False
+
+
+def _binary_present(data: bytes) -> bool:
     marker = data.find(BINARY_MARKER)
     if marker < 0:
         return False
     m = re.search(rb"X-Binary-Size:\s*(\d+)", data[:marker])
     return bool(m) and len(data) - (marker + len(BINARY_MARKER)) >= int(m.group(1))
+
+
+def _checksum_ok(data: bytes) -> bool:
+    """The binary section against the header's Content-MD5, where the header has one."""
+    marker = data.find(BINARY_MARKER)
+    m = re.search(rb"Content-MD5:\s*(\S+)", data[:marker])
+    size = re.search(rb"X-Binary-Size:\s*(\d+)", data[:marker])
+    if not m or not size:
+        return True
+    start = marker + len(BINARY_MARKER)
+    digest = base64.b64encode(hashlib.md5(data[start:start + int(size.group(1))]).digest())
+    return digest == m.group(1)
 
 
 def _mm(value: float, units: str | None, what: str) -> float:
@@ -248,24 +265,26 @@ def geometry_from_header(fields: dict, overrides: dict | None = None) -> Geometr
 
 def read_frame(path: str, overrides: dict | None = None) -> Frame:
     """Read a frame; FrameError with a one-line cause for anything that is not a complete miniCBF."""
-    if not os.path.exists(path):
-        raise FrameError("no such file")
     if os.path.isdir(path):
         raise FrameError("is a directory, not a frame")
-    head = read_head(path)
-    if not head:
+    data = read_bytes(path)
+    if not data:
         raise FrameError("empty file")
-    fields = parse_header(head)
+    fields = parse_header(data[:HEADER_BYTES])
     geometry = geometry_from_header(fields, overrides)
+    if not _binary_present(data):
+        raise FrameError("truncated: binary section shorter than X-Binary-Size")
+    if not _checksum_ok(data):
+        raise FrameError("corrupt binary section: Content-MD5 does not match")
     try:
-        image = fabio.open(path)
+        image = CbfImage()
+        image.read(io.BytesIO(data))
         pixels = np.ascontiguousarray(image.data, dtype=np.int32)
     except Exception as exc:  # fabio raises many types for corrupt input
-        raise FrameError("cannot decode pixels: %s" % (str(exc).splitlines()[0] if str(exc) else type(exc).__name__)) from None
+        text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise FrameError("corrupt binary section: %s" % text) from None
     if pixels.shape != (geometry.size_slow, geometry.size_fast):
-        raise FrameError("truncated or corrupt: decoded %s pixels, header says %dx%d"
+        raise FrameError("corrupt binary section: decoded %s pixels, header says %dx%d"
                          % ("x".join(map(str, pixels.shape)), geometry.size_fast, geometry.size_slow))
-    if not binary_complete(path):
-        raise FrameError("truncated: binary section shorter than X-Binary-Size")
     template, number, _ = name_template(path)
     return Frame(path=path, pixels=pixels, geometry=geometry, template=template, image_number=number)

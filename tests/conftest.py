@@ -1,0 +1,57 @@
+"""Shared fixtures: the shared real-data folder (skipped with a reason when absent) and simulated frames."""
+from __future__ import annotations
+
+import bz2
+import shutil
+from pathlib import Path
+
+import pytest
+
+from spotfinder.simulate import Scene, random_spots, write_cbf
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+REAL = SHARED / "data" / "real"
+REFERENCE = SHARED / "reference" / "distl"
+
+
+def need_real_data() -> Path:
+    if not REAL.is_dir() or not REFERENCE.is_dir():
+        pytest.skip("real frames and DISTL references live in ../shared (data/real, reference/distl); "
+                    "not present in this checkout")
+    return REAL
+
+
+@pytest.fixture(scope="session")
+def real_frames(tmp_path_factory) -> dict[str, Path]:
+    """Reference frame name -> a plain .cbf path, decompressed into a temporary folder where needed."""
+    need_real_data()
+    out = tmp_path_factory.mktemp("real")
+    frames: dict[str, Path] = {}
+    for path in sorted(REAL.rglob("*.cbf*")):
+        name = path.name
+        if name.endswith(".cbf"):
+            frames.setdefault(name, path)
+        elif name.endswith(".cbf.bz2") and name[:-4] not in frames:
+            target = out / name[:-4]
+            with bz2.open(path, "rb") as src, open(target, "wb") as dst:
+                shutil.copyfileobj(src, dst)
+            frames[name[:-4]] = target
+    return frames
+
+
+@pytest.fixture(scope="session")
+def simulated(tmp_path_factory) -> dict[str, object]:
+    """A few simulated PILATUS 300K frames with known content."""
+    out = tmp_path_factory.mktemp("sim")
+    spots = Scene(seed=11)
+    spots.spots = random_spots(spots, 40)
+    spots.saturated = [(150, 150)]
+    ice = Scene(seed=12, ice_ring_d=3.67, ice_ring_counts=30.0)
+    ice.spots = random_spots(ice, 40)
+    blank = Scene(seed=13)
+    scenes = {"spots": spots, "ice": ice, "blank": blank}
+    paths = {}
+    for name, scene in scenes.items():
+        paths[name] = out / ("%s_0001.cbf" % name)
+        write_cbf(str(paths[name]), scene)
+    return {"paths": paths, "scenes": scenes, "dir": out}

@@ -1,0 +1,94 @@
+"""The analysis on simulated frames: what it must find, and what it must not."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from spotfinder import analyse, parse_words, read_frame
+from spotfinder.report import format_body
+
+
+def test_spots_are_recovered_at_their_positions(simulated):
+    result = analyse(str(simulated["paths"]["spots"]))
+    assert result.status == "ok"
+    truth = simulated["scenes"]["spots"].spots
+    assert result.spot_total == len(truth)  # the saturated spot is screened out, as in DISTL
+    assert result.good_bragg_candidates >= 0.9 * len(truth)
+    assert result.image_number == 1 and result.file == "spots_0001.cbf"
+
+
+def test_found_spots_sit_on_the_simulated_ones(simulated):
+    from spotfinder import analysis, background, spots
+    from spotfinder.params import Params, effective_settings
+
+    frame = read_frame(str(simulated["paths"]["spots"]))
+    settings = effective_settings(Params(), frame.geometry.family)
+    region = background.Region.of(frame.geometry, settings.margin)
+    cls = background.classify(frame.pixels, frame.geometry, settings, region, analysis.UNDERLOAD)
+    maxima = spots.local_maxima(frame.pixels, cls.z, region, settings, analysis.UNDERLOAD, frame.geometry.saturation)
+    found = spots.assemble(frame.pixels, cls, maxima, region, settings)
+    truth = np.array([(x, y) for x, y, _ in simulated["scenes"]["spots"].spots])
+    for x, y in zip(found.peak_x, found.peak_y):
+        nearest = np.min(np.hypot(truth[:, 0] - x, truth[:, 1] - y))
+        assert nearest <= 1.5 or frame.pixels[x, y] >= frame.geometry.saturation
+
+
+def test_blank_frame_is_blank(simulated):
+    result = analyse(str(simulated["paths"]["blank"]))
+    assert result.spot_total == 0
+    assert result.method2_resolution is None and result.max_unit_cell is None
+    assert result.method1_resolution == 10.0
+    body = format_body(result)
+    assert " %Saturation, Top 0 Peaks :   0.00" in body
+    assert "Remove Ice : None" in body
+
+
+def test_ice_ring_is_detected(simulated):
+    result = analyse(str(simulated["paths"]["ice"]))
+    assert result.ice_rings >= 1
+    scene = simulated["scenes"]["ice"]
+    # spots on the ring are lost to it, the others survive
+    assert 0.8 * len(scene.spots) <= result.spot_total <= len(scene.spots)
+
+
+def test_res_outer_limits_method2_and_classification(simulated):
+    path = str(simulated["paths"]["spots"])
+    full = analyse(path)
+    limited = analyse(path, parse_words(["distl.res.outer=4.0"]))
+    assert limited.spot_total <= full.spot_total
+    if limited.method2_resolution is not None:
+        assert limited.method2_resolution >= 4.0
+
+
+def test_result_dict_has_the_schema_fields(simulated):
+    record = analyse(str(simulated["paths"]["spots"])).as_dict()
+    for name in ("file", "image_number", "spot_total", "remove_ice", "in_resolution_total", "good_bragg_candidates",
+                 "ice_rings", "method1_resolution", "method2_resolution", "max_unit_cell", "eccentricity",
+                 "saturation_top_peaks", "saturation_percent", "overloaded_spots", "total_integrated_signal",
+                 "focus_spots", "status", "error", "proc_ms"):
+        assert name in record
+    assert record["status"] == "ok" and record["error"] is None and record["proc_ms"] > 0
+
+
+def test_compressed_frames_give_the_same_result(simulated, tmp_path):
+    import bz2
+    import gzip
+
+    plain = simulated["paths"]["spots"]
+    data = plain.read_bytes()
+    (tmp_path / "spots_0001.cbf.gz").write_bytes(gzip.compress(data))
+    (tmp_path / "spots_0001.cbf.bz2").write_bytes(bz2.compress(data))
+    expected = analyse(str(plain)).as_dict()
+    for name in ("spots_0001.cbf.gz", "spots_0001.cbf.bz2"):
+        got = analyse(str(tmp_path / name)).as_dict()
+        for key in ("spot_total", "good_bragg_candidates", "method1_resolution", "method2_resolution"):
+            assert got[key] == expected[key]
+
+
+def test_any_file_name_is_accepted(simulated, tmp_path):
+    odd = tmp_path / "test.cbf"
+    odd.write_bytes(simulated["paths"]["spots"].read_bytes())
+    result = analyse(str(odd))
+    assert result.status == "ok" and result.spot_total > 0
+    assert not math.isnan(result.method1_resolution)

@@ -1,0 +1,99 @@
+"""Bad input: a clear one-line error, no traceback, nothing lost; and the parameter parser."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from spotfinder import ParameterError, analyse, parse_words
+from spotfinder.params import resolve_key
+
+
+def run(*args):
+    return subprocess.run([sys.executable, "-m", "daemon.cli", *args], capture_output=True, text=True, timeout=120)
+
+
+def run_distl(*args):
+    code = "import sys; from daemon.cli import distl_signal_strength; sys.exit(distl_signal_strength())"
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=120)
+
+
+@pytest.fixture()
+def bad_frames(simulated, tmp_path):
+    data = simulated["paths"]["spots"].read_bytes()
+    truncated = tmp_path / "truncated_0001.cbf"
+    truncated.write_bytes(data[: len(data) // 2])
+    not_cbf = tmp_path / "notes_0001.cbf"
+    not_cbf.write_text("this is not a frame\n")
+    no_distance = tmp_path / "nodist_0001.cbf"
+    no_distance.write_bytes(data.replace(b"# Detector_distance", b"# Detector_elsewhere"))
+    corrupt = tmp_path / "corrupt_0001.cbf"
+    marker = data.index(b"\x0c\x1a\x04\xd5") + 4
+    corrupt.write_bytes(data[:marker] + b"\x80" * 64 + data[marker + 64:])
+    empty = tmp_path / "empty_0001.cbf"
+    empty.write_bytes(b"")
+    return {"truncated": truncated, "not_cbf": not_cbf, "no_distance": no_distance, "corrupt": corrupt,
+            "empty": empty, "missing": tmp_path / "missing_0001.cbf"}
+
+
+@pytest.mark.parametrize("kind,cause", [("truncated", "truncated"), ("not_cbf", "not a miniCBF"),
+                                        ("no_distance", "Detector_distance"), ("corrupt", "Content-MD5"),
+                                        ("empty", "empty"), ("missing", "no such file")])
+def test_bad_frame_gives_error_result(bad_frames, kind, cause):
+    result = analyse(str(bad_frames[kind]))
+    assert result.status == "error"
+    assert cause in result.error and "\n" not in result.error
+
+
+def test_cli_reports_bad_frame_in_one_line(bad_frames):
+    proc = run_distl(str(bad_frames["truncated"]))
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip().count("\n") == 0 and "truncated_0001.cbf" in proc.stderr
+
+
+def test_find_goes_on_after_a_bad_frame(bad_frames, simulated):
+    proc = run("find", "--json", str(bad_frames["not_cbf"]), str(simulated["paths"]["spots"]))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    records = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert [r["status"] for r in records] == ["error", "ok"]
+    assert records[1]["spot_total"] > 0
+
+
+def test_find_table_output(simulated):
+    proc = run("find", str(simulated["paths"]["spots"]), str(simulated["paths"]["blank"]))
+    assert proc.returncode == 0
+    lines = proc.stdout.splitlines()
+    assert lines[0].split()[:3] == ["frame", "spots", "in-res"]
+    assert lines[1].startswith("spots_0001.cbf") and lines[2].startswith("blank_0001.cbf")
+
+
+def test_unknown_and_malformed_parameters(simulated):
+    proc = run_distl(str(simulated["paths"]["spots"]), "distl.nonsense=3")
+    assert proc.returncode == 2 and "Unknown file or keyword: distl.nonsense=3" in proc.stderr
+    proc = run_distl(str(simulated["paths"]["spots"]), "distl.res.outer=abc")
+    assert proc.returncode == 2 and "distl.res.outer" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_key_matching_follows_distl():
+    assert resolve_key("outer").path == "distl.res.outer"
+    assert resolve_key("res.outer").path == "distl.res.outer"
+    assert resolve_key("bins.verbose").path == "distl.bins.verbose"
+    assert resolve_key("verbose").path == "distl.verbose"  # the home scope decides on the command line
+    assert resolve_key("verbose", home_scope=None) is None  # ambiguous without it, as in DISTL's server
+    assert resolve_key("no_such_thing") is None
+
+
+def test_values_convert_like_distl():
+    params = parse_words(["distl.res.outer=2*1.5", "bins.verbose=true", "scanbox_windows=51,51,51"])
+    assert params["distl.res.outer"] == 3.0
+    assert params["distl.bins.verbose"] is True
+    assert params["distl.scanbox_windows"] == (51, 51, 51)
+    with pytest.raises(ParameterError) as err:
+        parse_words(["distl.scanbox_windows=5 5 5"])
+    assert not err.value.unknown
+    with pytest.raises(ParameterError) as err:
+        parse_words(["verbose=True"], home_scope=None)
+    assert err.value.unknown and str(err.value) == "Unknown file or keyword: verbose=True"
