@@ -70,8 +70,8 @@ def analyse_frame(frame: Frame, params: Params) -> Result:
     subsets = chain.subsets
     inliers = subsets["spots_inlier"]
     focus = subsets.get("lo_pass_resolution_spots", inliers)
-    wts_sum = np.array([float(np.sum(w, dtype=np.float64)) for w in final.wts])
-    wts_max = np.array([float(np.max(w)) if len(w) else 0.0 for w in final.wts])
+    wts_sum = final.signal
+    wts_max = final.peak_height
     maxcell = params["codecamp.maxcell"]
     if maxcell is None:
         maxcell = heuristics.max_unit_cell(chain.neighbours, pg)
@@ -110,12 +110,12 @@ def analyse_frame(frame: Frame, params: Params) -> Result:
 
 
 def _listing(found: spots.Spots, i: int, pixels: np.ndarray, wts_sum, wts_max) -> report.SpotListing:
-    bx, by = found.body[i]
+    bx, by, wts = found.body(i)
     px, py = int(found.peak_x[i]), int(found.peak_y[i])
     return report.SpotListing(
         area=int(found.area[i]), peak_wts=wts_max[i], signal=wts_sum[i], peak_z=float(found.intensity[i]),
         x=px, y=py, value=int(pixels[px, py]),
-        body=[(int(x), int(y), int(pixels[x, y]), float(w)) for x, y, w in zip(bx, by, found.wts[i])])
+        body=[(int(x), int(y), int(pixels[x, y]), float(w)) for x, y, w in zip(bx, by, wts)])
 
 
 TABLE_MESSAGES = (
@@ -155,6 +155,7 @@ def _bin_tables(frame, found, shape, chain, g, coverage, cls, params) -> list:
         size_rows[row].append(cls.window_sample[w])
     pxl = [float(np.mean(b)) if b else None for b in bkg_rows]
     wsz = [float(np.mean(s)) if s else None for s in size_rows]
+    signals, backgrounds = found.signal, found.background
     r = heuristics.spot_radius_mm(found, g)
     d_all = np.array([resolution.resolution_at_mm(g, v) for v in r])
     tables = []
@@ -171,9 +172,8 @@ def _bin_tables(frame, found, shape, chain, g, coverage, cls, params) -> list:
             index += pops[k]
             if len(members) == 0:
                 continue
-            signal = [float(np.sum(found.wts[i], dtype=np.float64)) for i in members]
-            bkg = [float(np.sum(found.bkg[i], dtype=np.float64)) for i in members]
-            cols["Integrated"][k] = sum(signal)
+            signal, bkg = signals[members], backgrounds[members]
+            cols["Integrated"][k] = float(np.sum(signal))
             cols["MeanI"][k] = float(np.mean(signal))
             cols["MeanBkg"][k] = float(np.mean(bkg))
             cols["MeanSz"][k] = float(np.mean(found.area[members]))
@@ -187,10 +187,8 @@ def _bin_tables(frame, found, shape, chain, g, coverage, cls, params) -> list:
                 continue
             ratios = []
             for i in subset[index:index + pops[k]]:
-                signal = float(np.sum(found.wts[i], dtype=np.float64))
-                bkg = float(np.sum(found.bkg[i], dtype=np.float64))
                 m = found.area[i]
-                ratios.append(signal / np.sqrt(signal + bkg + m * m / wsz[k] * pxl[k]))
+                ratios.append(signals[i] / np.sqrt(signals[i] + backgrounds[i] + m * m / wsz[k] * pxl[k]))
             index += pops[k]
             if ratios:
                 cols["MeanIsigI"][k] = float(np.mean(ratios))

@@ -68,7 +68,8 @@ def run(spots: Spots, shape: Shapes, g: Geometry, settings: Settings, rings: lis
     chain.target_bins = target
     if count >= target:
         sorted_d = d[order]
-        keep = _ring_finder_filter(sorted_d, target, coverage, chain)
+        keep, rings_found = ice.ring_finder(sorted_d, target, coverage)
+        chain.ice_rings += rings_found
         ice_free = order[keep]
         chain.subsets["ice_free_resolution_spots"] = ice_free
         chain.ice_free_attempted = True
@@ -95,71 +96,6 @@ def run(spots: Spots, shape: Shapes, g: Geometry, settings: Settings, rings: lis
     chain.subsets["spots_inlier"] = inliers
     chain.neighbours = neighbours
     return chain
-
-
-def _ring_finder_filter(sorted_d: np.ndarray, target: int, coverage, chain: Chain) -> np.ndarray:
-    """Spot-count ice rings (DISTL's RingFinder); returns the mask of spots outside every ring."""
-    t = sorted_d[target - 1]
-    while True:
-        shells = resolution.Shells(sorted_d, t, coverage)
-        intervals, force_finer = _intervals(shells)
-        if shells.adjusted.max() < 2.0 or sorted_d[0] <= t:
-            break
-        if not force_finer and len(shells) >= 0.25 * len(sorted_d):
-            break
-        t *= 2.0 ** (1.0 / 3.0)
-    keep = np.ones(len(sorted_d), dtype=bool)
-    for low_res, high_res in intervals:
-        inside = (sorted_d > high_res) & (sorted_d < low_res) & keep
-        if inside.sum() > 10:
-            chain.ice_rings += 1
-        keep &= ~inside
-    return keep
-
-
-def _intervals(shells: resolution.Shells) -> tuple[list[tuple[float, float]], bool]:
-    """Shells clearly more populated than their neighbours, as merged (low-res, high-res) d intervals."""
-    rows = len(shells)
-    intervals: list[tuple[float, float]] = []
-    force_finer = False
-    if rows < 10:
-        return intervals, force_finer
-    pop = shells.adjusted
-    for x in range(2, rows - 1):
-        first, last = x - 4, x + 4
-        if first < 0:
-            first, last = 0, last - first
-        if last >= rows:
-            first, last = first - (last - rows + 1), rows - 1
-        signal = pop[x - 1] + pop[x] + pop[x + 1]
-        background = pop[first:last + 1].sum() - signal
-        if signal / 3.0 > 2.0 * background / 6.0 and signal > 6.0 and \
-                (signal - math.sqrt(signal)) / 3.0 > 2.0 * (background + math.sqrt(max(background, 0.0))) / 6.0:
-            if x < 4:
-                force_finer = True
-            _add_interval(intervals, (float(shells.limit[x - 2]), float(shells.limit[x + 1])))
-    return intervals, force_finer
-
-
-def _add_interval(intervals: list[tuple[float, float]], new: tuple[float, float]) -> None:
-    """Insert a (low-res, high-res) interval, merging with overlapping ones so all stay disjoint."""
-    for i, old in enumerate(intervals):
-        if new[1] > old[0] or new[0] < old[1]:
-            continue
-        if new[0] < old[0] and new[1] > old[1]:
-            return
-        if new[0] > old[0] and new[1] < old[1]:
-            intervals[i] = new
-            return
-        if new[1] <= old[0] and new[0] > old[0]:
-            intervals.pop(i)
-            _add_interval(intervals, (new[0], old[1]))
-            return
-        if new[0] >= old[1]:
-            intervals.pop(i)
-            _add_interval(intervals, (old[0], new[1]))
-            return
-    intervals.append(new)
 
 
 def _saturation(chain: Chain, spots: Spots, subset: np.ndarray, pixels: np.ndarray, g: Geometry) -> None:

@@ -5,9 +5,11 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+from numba import njit
 
 from .background import Region, integer_beam, pixel_resolution
 from .image import Geometry
+from .resolution import Shells
 
 RING_WIDTH = 4  # pixels
 ICE_D_MAX = 8.0  # Angstrom: no ring is tested at lower resolution than this
@@ -23,7 +25,6 @@ class PixelRing:
     outer_r2: float
     inner_d: float
     outer_d: float
-    strength: float
 
 
 def pixel_rings(z: np.ndarray, geometry: Geometry, region: Region) -> list[PixelRing]:
@@ -38,35 +39,44 @@ def pixel_rings(z: np.ndarray, geometry: Geometry, region: Region) -> list[Pixel
     last = nrings - 2
     if last < first:
         return []
-    xs = np.arange(region.x0, region.x1 + 1, dtype=np.float64) - bx
-    ys = np.arange(region.y0, region.y1 + 1, dtype=np.float64) - by
-    r = np.sqrt(xs[:, None] ** 2 + ys[None, :] ** 2)
-    ring_index = (r / RING_WIDTH).astype(np.int64)
-    zr = z[region.x0:region.x1 + 1, region.y0:region.y1 + 1]
-    keep = (ring_index >= first) & (ring_index <= last)
-    index = ring_index[keep]
-    values = zr[keep]
-    order = np.lexsort((values, index))
-    index, values = index[order], values[order]
-    starts = np.searchsorted(index, np.arange(first, last + 2))
+    counts = _ring_counts(z, region.x0, region.x1, region.y0, region.y1, bx, by, first, last,
+                          MEDIAN_Z_MIN, UPPER_Z_MIN)
     rings: list[PixelRing] = []
     previous_iced = False
     for ring in range(first, last + 1):
-        ring_z = values[starts[ring - first]:starts[ring - first + 1]]
-        n = ring_z.size
-        iced = n > 0 and ring_z[int(n * 0.45)] >= MEDIAN_Z_MIN and ring_z[int(n * 0.80)] >= UPPER_Z_MIN
+        n, below_median, below_upper = counts[ring - first]
+        iced = n > 0 and below_median <= int(n * 0.45) and below_upper <= int(n * 0.80)
         if iced:
-            strength = float(ring_z[int(n * 0.20)])
-            inner_r, outer_r2 = ring * RING_WIDTH, (ring + 1) * RING_WIDTH
-            if previous_iced:
-                last_ring = rings[-1]
-                rings[-1] = PixelRing(last_ring.inner_r2, outer_r2 ** 2, last_ring.inner_d,
-                                      _d_at_r2(geometry, outer_r2 ** 2), max(last_ring.strength, strength))
+            inner_r, outer_r = ring * RING_WIDTH, (ring + 1) * RING_WIDTH
+            if previous_iced:  # consecutive ice annuli make one ring
+                rings[-1] = PixelRing(rings[-1].inner_r2, outer_r ** 2, rings[-1].inner_d, _d_at_r2(geometry, outer_r ** 2))
             else:
-                rings.append(PixelRing(inner_r ** 2, outer_r2 ** 2, _d_at_r2(geometry, inner_r ** 2),
-                                       _d_at_r2(geometry, outer_r2 ** 2), strength))
+                rings.append(PixelRing(inner_r ** 2, outer_r ** 2, _d_at_r2(geometry, inner_r ** 2),
+                                       _d_at_r2(geometry, outer_r ** 2)))
         previous_iced = iced
     return rings
+
+
+@njit(cache=True)
+def _ring_counts(z, x0, x1, y0, y1, bx, by, first, last, low, high):
+    """Per annulus first..last: its pixel count and how many of its z-scores lie below ``low`` and ``high``.
+
+    The sorted z at index k is >= t exactly when at most k values are below t, so the ice test needs
+    these counts only: one pass over the frame, no sort.
+    """
+    rings = last - first + 1
+    counts = np.zeros((rings, 3), dtype=np.int64)
+    for x in range(x0, x1 + 1):
+        for y in range(y0, y1 + 1):
+            k = int(np.sqrt(float(x - bx) ** 2 + float(y - by) ** 2) / RING_WIDTH) - first
+            if 0 <= k < rings:
+                counts[k, 0] += 1
+                v = z[x, y]
+                if v < low:
+                    counts[k, 1] += 1
+                if v < high:
+                    counts[k, 2] += 1
+    return counts
 
 
 def _radius_px(geometry: Geometry, d: float) -> float:
@@ -96,26 +106,70 @@ def on_ice(rings: list[PixelRing], d) -> np.ndarray:
 # --- ice rings from spot counts (RingFinder) --------------------------------------------------------
 
 
-def ring_intervals(limits: np.ndarray, adjusted: np.ndarray) -> list[tuple[float, float]]:
-    """(low-res edge, high-res edge) d intervals whose shells hold clearly more spots than their
-    neighbours; overlapping intervals merged.  Needs at least 10 shells."""
-    rows = len(adjusted)
+def ring_finder(sorted_d: np.ndarray, target: int, coverage) -> tuple[np.ndarray, int]:
+    """Spot-count ice rings (DISTL's RingFinder) over spots sorted by d, descending.
+
+    Shells are made finer (twice the reciprocal volume each time) until there are about four spots a shell.
+    Returns the mask of spots outside every ring and the number of rings that removed more than 10 spots.
+    """
+    t = sorted_d[target - 1]
+    while True:
+        shells = Shells(sorted_d, t, coverage)
+        intervals, force_finer = _intervals(shells)
+        if shells.adjusted.max() < 2.0 or sorted_d[0] <= t:
+            break
+        if not force_finer and len(shells) >= 0.25 * len(sorted_d):
+            break
+        t *= 2.0 ** (1.0 / 3.0)
+    keep = np.ones(len(sorted_d), dtype=bool)
+    counted = 0
+    for low_res, high_res in intervals:
+        inside = (sorted_d > high_res) & (sorted_d < low_res) & keep
+        counted += inside.sum() > 10
+        keep &= ~inside
+    return keep, counted
+
+
+def _intervals(shells: Shells) -> tuple[list[tuple[float, float]], bool]:
+    """Shells clearly more populated than their neighbours, as merged (low-res, high-res) d intervals."""
+    rows = len(shells)
     intervals: list[tuple[float, float]] = []
+    force_finer = False
     if rows < 10:
-        return intervals
+        return intervals, force_finer
+    pop = shells.adjusted
     for x in range(2, rows - 1):
-        s = adjusted[x - 1] + adjusted[x] + adjusted[x + 1]
-        lo = min(max(0, x - 4), rows - 9)
-        window = adjusted[lo:lo + 9].sum()
-        b = window - s
-        if s / 3.0 > 2.0 * b / 6.0 and s > 6 and (s - math.sqrt(s)) / 3.0 > 2.0 * (b + math.sqrt(max(b, 0.0))) / 6.0:
-            interval = (float(limits[x - 2]), float(limits[x + 1]))
-            merged = False
-            for i, (hi_d, lo_d) in enumerate(intervals):
-                if interval[1] < hi_d and interval[0] > lo_d:
-                    intervals[i] = (max(hi_d, interval[0]), min(lo_d, interval[1]))
-                    merged = True
-                    break
-            if not merged:
-                intervals.append(interval)
-    return intervals
+        first, last = x - 4, x + 4
+        if first < 0:
+            first, last = 0, last - first
+        if last >= rows:
+            first, last = first - (last - rows + 1), rows - 1
+        signal = pop[x - 1] + pop[x] + pop[x + 1]
+        background = pop[first:last + 1].sum() - signal
+        if signal / 3.0 > 2.0 * background / 6.0 and signal > 6.0 and \
+                (signal - math.sqrt(signal)) / 3.0 > 2.0 * (background + math.sqrt(max(background, 0.0))) / 6.0:
+            if x < 4:
+                force_finer = True
+            _add_interval(intervals, (float(shells.limit[x - 2]), float(shells.limit[x + 1])))
+    return intervals, force_finer
+
+
+def _add_interval(intervals: list[tuple[float, float]], new: tuple[float, float]) -> None:
+    """Insert a (low-res, high-res) interval, merging with overlapping ones so all stay disjoint."""
+    for i, old in enumerate(intervals):
+        if new[1] > old[0] or new[0] < old[1]:
+            continue
+        if new[0] < old[0] and new[1] > old[1]:
+            return
+        if new[0] > old[0] and new[1] < old[1]:
+            intervals[i] = new
+            return
+        if new[1] <= old[0] and new[0] > old[0]:
+            intervals.pop(i)
+            _add_interval(intervals, (new[0], old[1]))
+            return
+        if new[0] >= old[1]:
+            intervals.pop(i)
+            _add_interval(intervals, (old[0], new[1]))
+            return
+    intervals.append(new)

@@ -1,0 +1,153 @@
+"""Time per frame (decode + analysis) and peak memory, ours beside the real DISTL's in the same run.
+
+    python benchmarks/bench_frame.py [FRAME...] [--repeat N] [--stages] [distl.param=value ...]
+
+Without frames it uses the PILATUS 6M frames of ../shared/data/real (decompressed into a temporary folder,
+since DISTL cannot read .bz2).  Our figure is the median over ``--repeat`` runs of each frame in one warm
+process; DISTL's comes from ``../shared/peer/distl_batch`` on the same frames (imports excluded), when the
+peer is set up (../shared/peer/setup.sh).  Peak resident memory is measured for both processes.
+"""
+from __future__ import annotations
+
+import argparse
+import bz2
+import json
+import os
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+DEFAULT_FRAMES = SHARED / "data" / "real" / "thaumatin_grid_dls_i24_pilatus3_6m"
+PEER = SHARED / "peer" / "distl_batch"
+
+
+def plain_frames(items: list[str], workdir: Path) -> list[Path]:
+    paths = [Path(p) for p in items] or sorted(DEFAULT_FRAMES.glob("*.cbf.bz2"))
+    out = []
+    for path in paths:
+        if path.name.endswith(".bz2"):
+            target = workdir / path.name[:-4]
+            with bz2.open(path, "rb") as src, open(target, "wb") as dst:
+                shutil.copyfileobj(src, dst)
+            path = target
+        out.append(path)
+    return out
+
+
+def ours(frames: list[Path], words: list[str], repeat: int) -> dict:
+    """Run in a child process so its peak RSS is ours alone."""
+    code = r"""
+import json, resource, statistics, sys, time
+from spotfinder import analyse, parse_words
+frames, words, repeat = json.loads(sys.argv[1])
+params = parse_words(words)
+analyse(frames[0], params)  # warm-up: imports, caches
+per_frame = {}
+for path in frames:
+    times = []
+    for _ in range(repeat):
+        t = time.perf_counter(); r = analyse(path, params); times.append(time.perf_counter() - t)
+        assert r.status == "ok", r.error
+    per_frame[path] = statistics.median(times)
+print(json.dumps({"seconds": per_frame, "maxrss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))
+"""
+    out = subprocess.run([sys.executable, "-c", code, json.dumps([[str(f) for f in frames], words, repeat])],
+                         capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def stage_profile(path: Path, words: list[str]) -> dict[str, float]:
+    """ms per pipeline stage on one frame (median of 3), for the performance table."""
+    from spotfinder import analysis, background, heuristics, ice, read_frame, resolution, spots
+    from spotfinder.params import effective_settings, parse_words
+
+    params = parse_words(words)
+    timings: dict[str, list[float]] = {}
+
+    def clock(name, fn, *args):
+        t = time.perf_counter()
+        value = fn(*args)
+        timings.setdefault(name, []).append((time.perf_counter() - t) * 1000)
+        return value
+
+    for _ in range(3):
+        frame = clock("decode", read_frame, str(path))
+        g = frame.geometry
+        s = effective_settings(params, g.family)
+        region = background.Region.of(g, s.margin)
+        cls = clock("classify", background.classify, frame.pixels, g, s, region, analysis.UNDERLOAD)
+        rings = clock("ice rings", ice.pixel_rings, cls.z, g, region)
+        maxima = clock("maxima", spots.local_maxima, frame.pixels, cls.z, region, s, analysis.UNDERLOAD, g.saturation)
+        found = clock("assembly", spots.assemble, frame.pixels, cls, maxima, region, s, None)
+        screened = clock("screening", spots.screen, found, s)
+        clock("method 1", resolution.method1, screened.peak_x, screened.peak_y, g, region)
+        final = screened.take(screened.area > s.spot_area_min)
+        shape = clock("shapes", spots.shapes, final)
+        pg = analysis._python_geometry(g)
+        clock("heuristics", heuristics.run, final, shape, pg, s, rings, frame.pixels, resolution.DetectorCoverage(pg))
+    return {name: statistics.median(values) for name, values in timings.items()}
+
+
+def distl(frames: list[Path], words: list[str]) -> dict | None:
+    if not PEER.exists() or not (Path(os.environ.get("DISTL_PEER_VENV", Path.home() / ".distl-peer")) / "bin").exists():
+        return None
+    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    out = subprocess.run([str(PEER), *map(str, frames), *words], capture_output=True, text=True)
+    seconds = {}
+    for line in out.stdout.splitlines():
+        rec = json.loads(line)
+        seconds[rec["file"]] = rec["seconds"]
+    after = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    return {"seconds": seconds, "maxrss_kb": max(after, before)}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("items", nargs="*", metavar="FRAME|distl.param=value")
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--stages", action="store_true", help="also print ms per pipeline stage")
+    args = ap.parse_args(argv)
+    words = [w for w in args.items if "=" in w]
+    items = [w for w in args.items if "=" not in w]
+    with tempfile.TemporaryDirectory() as tmp:
+        frames = plain_frames(items, Path(tmp))
+        if not frames:
+            print("no frames: give FRAME arguments or provide %s" % DEFAULT_FRAMES)
+            return 2
+        theirs = distl(frames, words)  # first, so the children's peak RSS is DISTL's alone
+        mine = ours(frames, words, args.repeat)
+        print("%-22s %10s %10s %7s" % ("frame", "ours ms", "DISTL ms", "ratio"))
+        ratios = []
+        for f in frames:
+            a = mine["seconds"][str(f)] * 1000
+            b = theirs["seconds"].get(str(f)) * 1000 if theirs and str(f) in theirs["seconds"] else None
+            if b:
+                ratios.append(a / b)
+            print("%-22s %10.1f %10s %7s" % (f.name, a, "%.1f" % b if b else "-", "%.2f" % (a / b) if b else "-"))
+        total_ours = statistics.median(mine["seconds"].values()) * 1000
+        print()
+        print("median ms/frame: ours %.1f" % total_ours, end="")
+        if theirs:
+            total_theirs = statistics.median(theirs["seconds"].values()) * 1000
+            print(", DISTL %.1f, ratio %.2f (median of per-frame ratios %.2f)"
+                  % (total_theirs, total_ours / total_theirs, statistics.median(ratios)))
+        else:
+            print(" (real DISTL not set up: run ../shared/peer/setup.sh for the side-by-side figure)")
+        print("peak RSS: ours %.0f MB" % (mine["maxrss_kb"] / 1024), end="")
+        print(", DISTL %.0f MB" % (theirs["maxrss_kb"] / 1024) if theirs else "")
+        if args.stages:
+            print()
+            print("stage ms (median of 3, %s):" % frames[0].name)
+            for name, ms in stage_profile(frames[0], words).items():
+                print("  %-12s %8.1f" % (name, ms))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
