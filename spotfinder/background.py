@@ -139,7 +139,7 @@ def _count_background(background, x0, x1, y0, y1):
     return n
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def _fit_window(values, background, x0, y0, sx0, sx1, sy0, sy1):
     """Least-squares plane v = a*(x-x0) + b*(y-y0) + c through the window's stride-2 background sample,
     and the RMS residual about it (divided by n, as libdistl does)."""
@@ -179,7 +179,7 @@ def _fit_window(values, background, x0, y0, sx0, sx1, sy0, sy1):
     return abc[0], abc[1], abc[2], np.sqrt(squares / n), n
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")  # numpy semantics for x/0: no per-division check
 def _classify_cycle(values, background, z, local_mean, windows, size_x, size_y, centres, planes, samples):
     """One cycle over all windows; returns how many windows were done (fewer when one found too little
     background even widened to MAX_WINDOW, libdistl's "cannot distinguish signal/background")."""
@@ -197,10 +197,15 @@ def _classify_cycle(values, background, z, local_mean, windows, size_x, size_y, 
                 return i
         a, b, c, sigma, n = _fit_window(values, background, x0, y0, sx0, sx1, sy0, sy1)
         for x in range(x0, x1 + 1):
-            for y in range(y0, y1 + 1):
-                plane = a * (x - x0) + b * (y - y0) + c
-                z[x, y] = (values[x, y] - plane) / sigma if sigma > 0 else 0.0
-                local_mean[x, y] = plane
+            # row views indexed from 0 let the compiler drop negative-index checks and vectorise
+            row_plane = a * (x - x0)
+            z_row, value_row, mean_row = z[x, y0:y1 + 1], values[x, y0:y1 + 1], local_mean[x, y0:y1 + 1]
+            for j in range(h):
+                plane = row_plane + b * j + c
+                mean_row[j] = plane
+                z_row[j] = (value_row[j] - plane) / sigma
+            if sigma <= 0:
+                z_row[:] = 0.0
         cx = (x0 + x1) // 2
         cy = (y0 + y1) // 2
         centres[i, 0] = cx
