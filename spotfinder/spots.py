@@ -107,11 +107,20 @@ def local_maxima(pixels: np.ndarray, z: np.ndarray, region: Region, settings: Se
     return maxima
 
 
-@njit(cache=True)
-def _grow(z, maxima, seeds_x, seeds_y, h, x0, x1, y0, y1):
-    """Flood fill (8-connected, Z > h, inside the region) from each not yet visited maximum, in seed order.
+# libdistl's flood-fill neighbour order (fast offset 1, 0, -1; within each, slow offset 1, 0, -1).  It
+# decides which of two equally bright maxima becomes a spot's peak; this order reproduces every tie in
+# the reference frames.
+FILL_DX = np.array([1, 0, -1, 1, -1, 1, 0, -1])
+FILL_DY = np.array([1, 1, 1, 0, 0, -1, -1, -1])
 
-    Returns the body pixels spot after spot, the spot of each, and the seed that started each spot.
+
+@njit(cache=True)
+def _grow(z, pixels, maxima, seeds_x, seeds_y, h, x0, x1, y0, y1, fill_dx, fill_dy):
+    """Depth-first flood fill (8-connected, Z > h, inside the region) from each not yet visited maximum,
+    in the given seed order, pixels recorded as first visited.
+
+    Returns the body pixels spot after spot, the spot of each, and each spot's peak: the first visited of
+    its brightest maxima.
     """
     label = np.zeros(z.shape, dtype=np.int32)
     capacity = 1024
@@ -120,80 +129,82 @@ def _grow(z, maxima, seeds_x, seeds_y, h, x0, x1, y0, y1):
     out_spot = np.empty(capacity, dtype=np.int64)
     stack_x = np.empty(capacity, dtype=np.int64)
     stack_y = np.empty(capacity, dtype=np.int64)
-    seed_of = np.empty(len(seeds_x), dtype=np.int64)
+    stack_d = np.empty(capacity, dtype=np.int64)
+    peaks = np.empty(len(seeds_x), dtype=np.int64)
     n = 0
     spots = 0
     for i in range(len(seeds_x)):
-        if label[seeds_x[i], seeds_y[i]] != 0:
+        sx, sy = seeds_x[i], seeds_y[i]
+        if label[sx, sy] != 0:
             continue
-        seed_of[spots] = i
         spots += 1
-        label[seeds_x[i], seeds_y[i]] = spots
-        top = 0
-        stack_x[0], stack_y[0] = seeds_x[i], seeds_y[i]
+        label[sx, sy] = spots
+        best = pixels[sx, sy]
+        peaks[spots - 1] = n
+        if n == out_x.size:
+            out_x = np.concatenate((out_x, np.empty(n, dtype=np.int64)))
+            out_y = np.concatenate((out_y, np.empty(n, dtype=np.int64)))
+            out_spot = np.concatenate((out_spot, np.empty(n, dtype=np.int64)))
+        out_x[n], out_y[n], out_spot[n] = sx, sy, spots - 1
+        n += 1
+        stack_x[0], stack_y[0], stack_d[0] = sx, sy, 0
         top = 1
         while top > 0:
-            top -= 1
-            x, y = stack_x[top], stack_y[top]
+            d = stack_d[top - 1]
+            if d == 8:
+                top -= 1
+                continue
+            stack_d[top - 1] = d + 1
+            nx, ny = stack_x[top - 1] + fill_dx[d], stack_y[top - 1] + fill_dy[d]
+            if nx < x0 or nx > x1 or ny < y0 or ny > y1 or label[nx, ny] != 0:
+                continue
+            if not (z[nx, ny] > h or maxima[nx, ny]):
+                continue
+            label[nx, ny] = spots
             if n == out_x.size:
                 out_x = np.concatenate((out_x, np.empty(n, dtype=np.int64)))
                 out_y = np.concatenate((out_y, np.empty(n, dtype=np.int64)))
                 out_spot = np.concatenate((out_spot, np.empty(n, dtype=np.int64)))
-            out_x[n], out_y[n], out_spot[n] = x, y, spots - 1
+            out_x[n], out_y[n], out_spot[n] = nx, ny, spots - 1
+            if maxima[nx, ny] and pixels[nx, ny] > best:
+                best = pixels[nx, ny]
+                peaks[spots - 1] = n
             n += 1
-            for dx in range(-1, 2):
-                for dy in range(-1, 2):
-                    nx, ny = x + dx, y + dy
-                    if nx < x0 or nx > x1 or ny < y0 or ny > y1 or label[nx, ny] != 0:
-                        continue
-                    if z[nx, ny] > h or maxima[nx, ny]:
-                        label[nx, ny] = spots
-                        if top == stack_x.size:
-                            stack_x = np.concatenate((stack_x, np.empty(top, dtype=np.int64)))
-                            stack_y = np.concatenate((stack_y, np.empty(top, dtype=np.int64)))
-                        stack_x[top], stack_y[top] = nx, ny
-                        top += 1
-    return out_x[:n], out_y[:n], out_spot[:n], seed_of[:spots]
+            if top == stack_x.size:
+                stack_x = np.concatenate((stack_x, np.empty(top, dtype=np.int64)))
+                stack_y = np.concatenate((stack_y, np.empty(top, dtype=np.int64)))
+                stack_d = np.concatenate((stack_d, np.empty(top, dtype=np.int64)))
+            stack_x[top], stack_y[top], stack_d[top] = nx, ny, 0
+            top += 1
+    return out_x[:n], out_y[:n], out_spot[:n], peaks[:spots]
 
 
 def assemble(pixels: np.ndarray, cls: Classification, maxima: np.ndarray, region: Region, settings: Settings,
              border_on_ice=None) -> Spots:
     """8-connected components of {Z > h} in the region that hold a maximum, as spots.
 
-    libdistl grows each spot by flood fill from its first unvisited maximum and pushes it to the front of
-    its list, so spots come out in reverse scan order of their seeds.  Its peak is the brightest maximum,
-    the last one in scan order among equals.  ``border_on_ice(x, y)`` tells which perimeter pixels lie on a
-    pixel-level ice ring; a spot touching one is dropped.
+    libdistl visits the maxima in reverse scan order and grows a spot from each one not yet taken, so the
+    spots come out in that order, their body pixels in fill order.  ``border_on_ice(x, y)`` tells which
+    perimeter pixels lie on a pixel-level ice ring; a spot touching one is dropped.
     """
     seeds_x, seeds_y = np.nonzero(maxima)
-    bx, by, owner, seed_of = _grow(cls.z, maxima, seeds_x, seeds_y, settings.spot_height,
-                                   region.x0, region.x1, region.y0, region.y1)
-    count = len(seed_of)
-    # group body pixels by spot, in scan order within each spot
-    width = pixels.shape[1]
-    order = np.lexsort((bx * width + by, owner))
-    bx, by, owner = bx[order], by[order], owner[order]
+    bx, by, owner, peak = _grow(cls.z, pixels, maxima, seeds_x[::-1].copy(), seeds_y[::-1].copy(),
+                                settings.spot_height, region.x0, region.x1, region.y0, region.y1, FILL_DX, FILL_DY)
+    count = len(peak)
     area = np.bincount(owner, minlength=count)
     starts = np.concatenate(([0], np.cumsum(area))).astype(np.int64)
-    is_max = maxima[bx, by]
-    nmaxima = np.bincount(owner, weights=is_max, minlength=count).astype(int)
-    # peak: the brightest maximum, the last in scan order among equals
-    candidates = np.flatnonzero(is_max)
-    ranking = np.lexsort((candidates, pixels[bx[candidates], by[candidates]], owner[candidates]))
-    ranked = candidates[ranking]
-    last_of_spot = np.flatnonzero(np.diff(np.append(owner[ranked], count)) != 0)
-    peak = ranked[last_of_spot]
+    nmaxima = np.bincount(owner, weights=maxima[bx, by], minlength=count).astype(int)
     spots = Spots(peak_x=bx[peak], peak_y=by[peak], area=area, nmaxima=nmaxima,
                   intensity=cls.z[bx[peak], by[peak]].astype(np.float32), starts=starts, body_x=bx, body_y=by,
                   wts=(pixels[bx, by] - cls.local_mean[bx, by]).astype(np.float32), bkg=cls.local_mean[bx, by])
+    if border_on_ice is None:
+        return spots
     keep = np.ones(count, dtype=bool)
-    if border_on_ice is not None:
-        for i in range(count):
-            x, y, _ = spots.body(i)
-            rx, ry = _border(x, y)
-            keep[i] = not np.any(border_on_ice(rx, ry))
-    reverse_seed_order = np.argsort(-seed_of, kind="stable")
-    return spots.take(reverse_seed_order[keep[reverse_seed_order]])
+    for i in range(count):
+        x, y, _ = spots.body(i)
+        rx, ry = _border(x, y)
+        keep[i] = not np.any(border_on_ice(rx, ry))
+    return spots.take(keep)
 
 
 def _border(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

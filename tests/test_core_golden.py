@@ -60,3 +60,25 @@ def test_at_least_half_the_bodies_are_byte_identical(outcomes):
 def test_body_is_byte_identical(outcomes, frame, set_name):
     _, body, _, expected = outcomes[(frame, set_name)]
     assert body == expected
+
+
+PROBE = REFERENCE.parents[1] / "peer" / "probe"
+PROBE_CASES = {  # captured CLI output name -> frame number and parameters
+    "out_0319.txt": ("0319", []), "out_0319_bins.txt": ("0319", ["distl.bins.verbose=True"]),
+    "out_0319_res4.9.txt": ("0319", ["distl.res.outer=4.9"]),
+    "out_0319_verbose.txt": ("0319", ["distl.res.outer=4.9", "distl.verbose=True"]),
+    "out_0320.txt": ("0320", []), "out_0321.txt": ("0321", []), "out_0322_bins.txt": ("0322", ["distl.bins.verbose=True"]),
+}
+
+
+@pytest.mark.parametrize("capture", sorted(PROBE_CASES))
+def test_synthetic_probe_frames_match_the_captured_cli(capture):
+    """The stock CLI's captured output on synthetic 6M frames (ice ring, blank, 3604 spots, spot listing)."""
+    if not (PROBE / capture).exists():
+        pytest.skip("DISTL's captured outputs live in ../shared/peer/probe; not present in this checkout")
+    number, words = PROBE_CASES[capture]
+    frame = PROBE / ("raster_1_%s.cbf" % number)
+    text = (PROBE / capture).read_text().split("#phil __OFF__\n\n", 1)[1]
+    expected = "".join(line for line in text.splitlines(keepends=True) if not line.startswith("WALL_"))
+    result = analyse(str(frame), parse_words(words))
+    assert format_body(result).replace(str(frame.parent) + "/", "<DIR>/") == expected
