@@ -245,7 +245,7 @@ def classify(pixels: np.ndarray, geometry: Geometry, settings: Settings, region:
         if settings.res_outer is not None:
             windows = [w for w in windows if _window_reaches(geometry, w, settings.res_outer)]
         windows = np.array(windows, dtype=np.int64).reshape(-1, 4)
-        background = usable & (z < settings.signal_height)
+        background = usable & (z < np.float64(settings.signal_height))  # compared in double, as in C++
         centres = np.zeros((len(windows), 2), dtype=np.int64)
         planes = np.zeros(len(windows))
         samples = np.zeros(len(windows), dtype=np.int64)

@@ -1,7 +1,8 @@
 """Reading a frame: miniCBF (PILATUS, EIGER converted to CBF), plain or .gz/.bz2, into pixels and geometry.
 
-The file is read once; the header is parsed the way DISTL's PILATUS reader does it (first 12288 bytes, ``#``-separated lines, one
-token per keyword), so geometry agrees to the last digit.  Pixels are decoded by fabio.
+The file is read once; the header is parsed the way DISTL's PILATUS reader does it (first 12288 bytes,
+``#``-separated lines, one token per keyword), so geometry agrees to the last digit.  Pixels are decoded by fabio's byte-offset
+decoder, after the binary section is checked to be complete and to match its Content-MD5.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import re
 from dataclasses import dataclass
 
 import numpy as np
-from fabio.cbfimage import CbfImage
+from fabio.compression import decByteOffset
 
 HEADER_BYTES = 12288
 BINARY_MARKER = b"\x0c\x1a\x04\xd5"
@@ -186,35 +187,65 @@ def parse_header(raw: bytes) -> dict[str, object]:
     return fields
 
 
+@dataclass(frozen=True)
+class BinarySection:
+    """Where the compressed pixels lie in the file, and what its MIME header says of them."""
+
+    start: int
+    size: int  # X-Binary-Size, bytes
+    present: int  # bytes actually present after the marker
+    md5: bytes | None
+    byte_offset: bool
+
+    @property
+    def complete(self) -> bool:
+        return self.present >= self.size
+
+
+def binary_section(data: bytes) -> BinarySection | None:
+    """The binary section of a CBF, or None when there is no marker or no X-Binary-Size."""
+    marker = data.find(BINARY_MARKER)
+    if marker < 0:
+        return None
+    mime = data[max(0, data.rfind(b"--CIF-BINARY-FORMAT-SECTION--", 0, marker)):marker]
+    size = re.search(rb"X-Binary-Size:\s*(\d+)", mime)
+    if not size:
+        return None
+    md5 = re.search(rb"Content-MD5:\s*(\S+)", mime)
+    start = marker + len(BINARY_MARKER)
+    return BinarySection(start=start, size=int(size.group(1)), present=len(data) - start,
+                         md5=md5.group(1) if md5 else None, byte_offset=b"x-CBF_BYTE_OFFSET" in mime)
+
+
 def binary_complete(path: str) -> bool:
     """True when the whole binary section is present (X-Binary-Size bytes after the marker).
 
     The watcher asks this before it dispatches a frame; a compressed file must also decompress cleanly.
     """
     try:
-        return _binary_present(read_bytes(path))
+        section = binary_section(read_bytes(path))
     except FrameError:
         return False
+    return section is not None and section.complete
 
 
-def _binary_present(data: bytes) -> bool:
-    marker = data.find(BINARY_MARKER)
-    if marker < 0:
-        return False
-    m = re.search(rb"X-Binary-Size:\s*(\d+)", data[:marker])
-    return bool(m) and len(data) - (marker + len(BINARY_MARKER)) >= int(m.group(1))
-
-
-def _checksum_ok(data: bytes) -> bool:
-    """The binary section against the header's Content-MD5, where the header has one."""
-    marker = data.find(BINARY_MARKER)
-    m = re.search(rb"Content-MD5:\s*(\S+)", data[:marker])
-    size = re.search(rb"X-Binary-Size:\s*(\d+)", data[:marker])
-    if not m or not size:
-        return True
-    start = marker + len(BINARY_MARKER)
-    digest = base64.b64encode(hashlib.md5(data[start:start + int(size.group(1))]).digest())
-    return digest == m.group(1)
+def decode_pixels(data: bytes, section: BinarySection, shape: tuple[int, int]) -> np.ndarray:
+    """The int32 pixels of a byte-offset binary section, checked against its Content-MD5."""
+    if not section.complete:
+        raise FrameError("truncated: binary section shorter than X-Binary-Size")
+    stream = data[section.start:section.start + section.size]
+    if section.md5 is not None and base64.b64encode(hashlib.md5(stream).digest()) != section.md5:
+        raise FrameError("corrupt binary section: Content-MD5 does not match")
+    if not section.byte_offset:
+        raise FrameError("unsupported compression: only x-CBF_BYTE_OFFSET (miniCBF) frames are read")
+    try:
+        flat = np.asarray(decByteOffset(stream, shape[0] * shape[1], dtype="int32"))
+    except Exception as exc:  # the decoder raises several types on a corrupt stream
+        raise FrameError("corrupt binary section: %s" % (str(exc).splitlines()[0] or type(exc).__name__)) from None
+    if flat.size != shape[0] * shape[1]:
+        raise FrameError("corrupt binary section: decoded %d pixels, header says %dx%d"
+                         % (flat.size, shape[1], shape[0]))
+    return flat.reshape(shape)
 
 
 def _mm(value: float, units: str | None, what: str) -> float:
@@ -272,19 +303,9 @@ def read_frame(path: str, overrides: dict | None = None) -> Frame:
         raise FrameError("empty file")
     fields = parse_header(data[:HEADER_BYTES])
     geometry = geometry_from_header(fields, overrides)
-    if not _binary_present(data):
-        raise FrameError("truncated: binary section shorter than X-Binary-Size")
-    if not _checksum_ok(data):
-        raise FrameError("corrupt binary section: Content-MD5 does not match")
-    try:
-        image = CbfImage()
-        image.read(io.BytesIO(data))
-        pixels = np.ascontiguousarray(image.data, dtype=np.int32)
-    except Exception as exc:  # fabio raises many types for corrupt input
-        text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise FrameError("corrupt binary section: %s" % text) from None
-    if pixels.shape != (geometry.size_slow, geometry.size_fast):
-        raise FrameError("corrupt binary section: decoded %s pixels, header says %dx%d"
-                         % ("x".join(map(str, pixels.shape)), geometry.size_fast, geometry.size_slow))
+    section = binary_section(data)
+    if section is None:
+        raise FrameError("no binary section (marker or X-Binary-Size missing)")
+    pixels = decode_pixels(data, section, (geometry.size_slow, geometry.size_fast))
     template, number, _ = name_template(path)
     return Frame(path=path, pixels=pixels, geometry=geometry, template=template, image_number=number)

@@ -77,33 +77,40 @@ class Spots:
                      self.body_x[pixels], self.body_y[pixels], self.wts[pixels], self.bkg[pixels])
 
 
-NEIGHBOURS = ((-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 1), (1, -1), (1, 0), (1, 1))
-
-
 def local_maxima(pixels: np.ndarray, z: np.ndarray, region: Region, settings: Settings, underload: int,
                  saturation: int) -> np.ndarray:
     """Boolean map of spot maxima (libdistl's rules, one pixel inside the region).
 
     A maximum is a saturated pixel, or a strong pixel (Z > h) at least as bright as its 8 neighbours with
-    enough strong neighbours.  Strong pixels are sparse, so only they are examined.
+    more than ``min(4, area_min - 1) - 1`` strong neighbours.
     """
-    h = settings.spot_height
-    x0, x1, y0, y1 = region.x0 + 1, region.x1 - 1, region.y0 + 1, region.y1 - 1
-    sub_pixels = pixels[x0:x1 + 1, y0:y1 + 1]
-    strong = z > h
-    cx, cy = np.nonzero(strong[x0:x1 + 1, y0:y1 + 1] & (sub_pixels > underload))
-    cx, cy = cx + x0, cy + y0
-    value = pixels[cx, cy]
-    brightest = np.ones(len(cx), dtype=bool)
-    strong_neighbours = np.zeros(len(cx), dtype=int)
-    for dx, dy in NEIGHBOURS:
-        brightest &= value >= pixels[cx + dx, cy + dy]
-        strong_neighbours += strong[cx + dx, cy + dy]
     needed = min(4, settings.spot_area_min - 1) - 1
-    maxima = np.zeros(pixels.shape, dtype=bool)
-    keep = brightest & (strong_neighbours > needed)
-    maxima[cx[keep], cy[keep]] = True
-    maxima[x0:x1 + 1, y0:y1 + 1] |= sub_pixels >= saturation
+    return _maxima(pixels, z, region.x0 + 1, region.x1 - 1, region.y0 + 1, region.y1 - 1,
+                   float(settings.spot_height), underload, saturation, needed)
+
+
+@njit(cache=True)
+def _maxima(pixels, z, x0, x1, y0, y1, h, underload, saturation, needed):
+    maxima = np.zeros(pixels.shape, dtype=np.bool_)
+    for x in range(x0, x1 + 1):
+        for y in range(y0, y1 + 1):
+            value = pixels[x, y]
+            if value >= saturation:
+                maxima[x, y] = True
+                continue
+            if not (z[x, y] > h and value > underload):
+                continue
+            strong = 0
+            brightest = True
+            for dx in range(-1, 2):
+                for dy in range(-1, 2):
+                    if dx == 0 and dy == 0:
+                        continue
+                    if pixels[x + dx, y + dy] > value:
+                        brightest = False
+                    if z[x + dx, y + dy] > h:
+                        strong += 1
+            maxima[x, y] = brightest and strong > needed
     return maxima
 
 
