@@ -1,8 +1,11 @@
 """The one result schema: what the analysis of one frame produced, as JSON-ready fields."""
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
+
+import numpy as np
 
 # Field order of as_dict(); consumers (JSON lines, PUB messages, HTTP) rely on these names.
 FIELDS = (
@@ -11,6 +14,17 @@ FIELDS = (
     "eccentricity", "saturation_top_peaks", "saturation_percent", "overloaded_spots",
     "total_integrated_signal", "focus_spots", "proc_ms",
 )
+
+
+def _plain(value):
+    """numpy scalars as Python numbers, so results encode as standard JSON; NaN becomes None."""
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if isinstance(value, (int, np.integer)):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        return None if math.isnan(value) else float(value)
+    return value
 
 
 @dataclass
@@ -40,8 +54,9 @@ class Result:
     details: object = field(default=None, repr=False, compare=False)
 
     def as_dict(self) -> dict:
-        """JSON-ready fields; ``file`` is the path as given, ``None`` where DISTL prints None."""
-        out = {name: getattr(self, name) for name in FIELDS}
+        """JSON-ready fields (plain Python numbers); ``file`` is the path as given, ``None`` where DISTL
+        prints None."""
+        out = {name: _plain(getattr(self, name)) for name in FIELDS}
         out["file"] = self.path
         return out
 

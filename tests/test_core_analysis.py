@@ -92,3 +92,11 @@ def test_any_file_name_is_accepted(simulated, tmp_path):
     result = analyse(str(odd))
     assert result.status == "ok" and result.spot_total > 0
     assert not math.isnan(result.method1_resolution)
+
+
+def test_result_dict_is_plain_json(simulated):
+    import json
+
+    record = analyse(str(simulated["paths"]["spots"])).as_dict()
+    assert json.loads(json.dumps(record, allow_nan=False)) == record
+    assert all(type(v) in (int, float, str, bool, type(None)) for v in record.values())

@@ -1,0 +1,189 @@
+"""Pipeline benchmark: PILATUS 6M frames through `spotfinder serve` with 2 workers, beside the real DISTL.
+
+Two phases, both with `spotfinder replay` writing into the watched folder:
+  1. throughput: frames written as fast as possible; sustained frames/s = frames / (last result published
+     - first frame complete);
+  2. latency: frames written at a fraction of that throughput; latency = the result's arrival on the PUB
+     socket - the moment replay finished writing the file (p50/p99).
+Then the real DISTL (/work/shared/peer/distl_batch, one process) runs on the same frames in the same run,
+and its per-frame time is printed beside our per-frame analysis time (proc_ms).
+
+    /work/venv/bin/python benchmarks/bench_pipeline.py [--frames N] [--workers 2] [--json]
+"""
+from __future__ import annotations
+
+import argparse
+import bz2
+import glob
+import json
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import zmq
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO.parent / "shared" / "data" / "real" / "thaumatin_grid_dls_i24_pilatus3_6m"
+DISTL_BATCH = REPO.parent / "shared" / "peer" / "distl_batch"
+DISTL_VENV = Path(os.environ.get("DISTL_PEER_VENV", Path.home() / ".distl-peer"))
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def decompressed_frames(into: Path, limit: int) -> list[str]:
+    """The 6M frames as plain .cbf (DISTL refuses compressed names), one per frame number."""
+    sources = {}
+    for path in sorted(glob.glob(str(DATA / "thau_3_2_*.cbf*"))):
+        sources.setdefault(os.path.basename(path).split(".cbf")[0], path)
+    frames = []
+    for stem, source in sorted(sources.items())[:limit]:
+        target = into / (stem + ".cbf")
+        if source.endswith(".bz2"):
+            with bz2.open(source) as src, open(target, "wb") as dst:
+                shutil.copyfileobj(src, dst)
+        else:
+            shutil.copyfile(source, target)
+        frames.append(str(target))
+    return frames
+
+
+def percentile(values: list[float], fraction: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(fraction * (len(ordered) - 1)))]
+
+
+class Pipeline:
+    """A `spotfinder serve` process on free ports with a SUB socket connected to it."""
+
+    def __init__(self, work: Path, workers: int):
+        self.watch = work / "watch"
+        self.watch.mkdir()
+        self.http = free_port()
+        config = work / "bench.yaml"
+        self.pub = "tcp://127.0.0.1:%d" % free_port()
+        config.write_text("\n".join([
+            "watch: [%s]" % self.watch, "pub: %s" % self.pub, "http: 127.0.0.1:%d" % self.http,
+            "work_endpoint: tcp://127.0.0.1:%d" % free_port(), "results_endpoint: tcp://127.0.0.1:%d" % free_port(),
+            "workers: %d" % workers, "state_dir: %s" % (work / "state"), "log_level: warning", ""]))
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+        self.env = env
+        self.process = subprocess.Popen([sys.executable, "-m", "daemon.commands", "serve", "--config", str(config)],
+                                        env=env, start_new_session=True)
+        self.context = zmq.Context()
+        self.sub = self.context.socket(zmq.SUB)
+        self.sub.setsockopt(zmq.RCVHWM, 0)
+        self.sub.setsockopt_string(zmq.SUBSCRIBE, "spotfinder.v1.result.")
+        self.sub.connect(self.pub)
+        deadline = time.monotonic() + 60
+        while self._workers_alive() < workers:
+            if time.monotonic() > deadline or self.process.poll() is not None:
+                raise SystemExit("the service did not start with %d workers" % workers)
+            time.sleep(0.2)
+
+    def _workers_alive(self) -> int:
+        try:
+            with urllib.request.urlopen("http://127.0.0.1:%d/status" % self.http, timeout=2) as reply:
+                return json.loads(reply.read())["workers_alive"]
+        except OSError:
+            return -1
+
+    def run(self, frames: list[str], count: int, rate: float | None, template: str) -> dict:
+        """Replay ``count`` frames; per file, when it became complete and when its result arrived."""
+        command = [sys.executable, "-m", "daemon.commands", "replay", *frames, "--to", str(self.watch),
+                   "--count", str(count), "--template", template]
+        if rate:
+            command += ["--rate", "%g" % rate]
+        replay = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env=self.env)
+        arrived: dict[str, tuple[float, dict]] = {}
+        deadline = time.monotonic() + 120 + count * 5
+        while len(arrived) < count and time.monotonic() < deadline:
+            if self.sub.poll(200):
+                _topic, body = self.sub.recv_multipart()
+                message = json.loads(body)
+                arrived[message["file"]] = (time.time(), message)
+        written = {record["file"]: record["t_complete"] for record in map(json.loads, replay.communicate()[0].splitlines())}
+        missing = set(written) - set(arrived)
+        if missing:
+            raise SystemExit("%d results never arrived, e.g. %s" % (len(missing), sorted(missing)[0]))
+        latencies = [arrived[f][0] - written[f] for f in written]
+        span = max(t for t, _ in arrived.values()) - min(written.values())
+        return {"frames": count, "frames_per_s": count / span, "latency_p50_s": percentile(latencies, 0.5),
+                "latency_p99_s": percentile(latencies, 0.99),
+                "proc_ms_mean": statistics.mean(m["proc_ms"] for _, m in arrived.values()),
+                "errors": sum(m["status"] != "ok" for _, m in arrived.values())}
+
+    def close(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, 9)
+        self.sub.close(linger=0)
+        self.context.term()
+
+
+def run_distl(frames: list[str]) -> dict | None:
+    if not DISTL_VENV.is_dir() or not DISTL_BATCH.exists():
+        print("real DISTL skipped: %s is missing (run /work/shared/peer/setup.sh)" % DISTL_VENV, file=sys.stderr)
+        return None
+    done = subprocess.run([str(DISTL_BATCH), *frames], capture_output=True, text=True)
+    records = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    if not records:
+        print("real DISTL failed: %s" % done.stderr.strip().splitlines()[-1:], file=sys.stderr)
+        return None
+    seconds = [r["seconds"] for r in records]
+    return {"frames": len(records), "seconds_mean": statistics.mean(seconds), "seconds_median": statistics.median(seconds)}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--frames", type=int, default=19, help="distinct 6M frames to use (default 19)")
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--load", type=float, default=0.7, help="latency phase rate as a fraction of throughput")
+    parser.add_argument("--json", action="store_true", help="print the figures as one JSON object too")
+    args = parser.parse_args()
+    if not DATA.is_dir():
+        print("benchmark skipped: %s not found" % DATA, file=sys.stderr)
+        return 0
+    with tempfile.TemporaryDirectory(prefix="bench-pipeline-") as tmp:
+        work = Path(tmp)
+        (work / "frames").mkdir()
+        frames = decompressed_frames(work / "frames", args.frames)
+        pipeline = Pipeline(work, args.workers)
+        try:
+            throughput = pipeline.run(frames, len(frames), None, "burst_#####.cbf")
+            rate = throughput["frames_per_s"] * args.load
+            latency = pipeline.run(frames, len(frames), rate, "paced_#####.cbf")
+        finally:
+            pipeline.close()
+        distl = run_distl(frames)
+    ours_s = latency["proc_ms_mean"] / 1000.0
+    print("PILATUS 6M, %d frames, %d workers, %d cores" % (len(frames), args.workers, os.cpu_count()))
+    print("  throughput (burst):        %6.2f frames/s" % throughput["frames_per_s"])
+    print("  latency at %4.2f frames/s:  p50 %6.3f s   p99 %6.3f s   (file complete -> result on PUB)"
+          % (rate, latency["latency_p50_s"], latency["latency_p99_s"]))
+    print("  analysis per frame (ours): %6.3f s mean proc_ms" % ours_s)
+    if distl:
+        print("  real DISTL per frame:      %6.3f s mean (%d frames, one process)" % (distl["seconds_mean"], distl["frames"]))
+        print("  ours / DISTL per frame:    %6.2f x" % (ours_s / distl["seconds_mean"]))
+        print("  pipeline frames/s vs DISTL 1 process: %.2f x" % (throughput["frames_per_s"] * distl["seconds_mean"]))
+    if throughput["errors"] or latency["errors"]:
+        print("  WARNING: %d error results" % (throughput["errors"] + latency["errors"]))
+    if args.json:
+        print(json.dumps({"throughput": throughput, "latency": latency, "latency_rate": rate, "distl": distl}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,77 @@
+"""The Dispatcher decides *where* a queued frame goes and *when* it is sent again.
+
+It binds a PUSH socket with the lowest high-water mark; workers connect with PULL (RCVHWM 1).  PUSH
+round-robins over connected workers, so the dispatcher also keeps at most ``CREDIT_PER_WORKER`` frames
+in flight per live worker: frames wait in the ledger's queue, not in some worker's socket buffer.
+
+A dispatched frame that no worker started within ``dispatch_timeout_s`` (lost in a dead worker's buffer)
+goes back to the queue free of charge; one whose worker died or overran ``frame_timeout_s`` goes back
+with a try counted against it, and after ``max_tries`` it is failed instead of looping.
+"""
+from __future__ import annotations
+
+import logging
+import time
+
+import zmq
+
+from .ledger import Frame, Ledger
+
+log = logging.getLogger("spotfinder.dispatcher")
+
+CREDIT_PER_WORKER = 2  # one being analysed, one waiting at the worker
+
+
+class Dispatcher:
+    def __init__(self, context: zmq.Context, endpoint: str, ledger: Ledger, params: dict,
+                 dispatch_timeout_s: float, max_tries: int):
+        self.socket = context.socket(zmq.PUSH)
+        self.socket.setsockopt(zmq.SNDHWM, 1)
+        self.socket.setsockopt(zmq.LINGER, 0)  # unsent jobs stay queued in the ledger anyway
+        self.socket.bind(endpoint)
+        self.ledger = ledger
+        self.params = params
+        self.dispatch_timeout_s = dispatch_timeout_s
+        self.max_tries = max_tries
+
+    def dispatch(self, workers_alive: int) -> int:
+        """Send queued frames while live workers have room; how many were sent."""
+        in_flight = self.ledger.counts()["dispatched"]
+        room = workers_alive * CREDIT_PER_WORKER - in_flight
+        sent = 0
+        for frame in self.ledger.queued(room):
+            try:
+                self.socket.send_json({"id": frame.id, "path": frame.path, "params": self.params}, zmq.NOBLOCK)
+            except zmq.Again:  # every worker's pipe is full: try again on the next pass
+                break
+            now = time.time()
+            self.ledger.mark_dispatched(frame.id, now, now + self.dispatch_timeout_s)
+            sent += 1
+        return sent
+
+    def expire(self, now: float) -> list[tuple[Frame, str]]:
+        """Re-queue overdue frames; the (frame, reason) pairs that used up their tries and must be failed."""
+        exhausted = []
+        for frame in self.ledger.overdue(now):
+            if frame.worker is None:
+                log.warning("frame %s was not taken by any worker within %.0f s; queued again",
+                            frame.path, self.dispatch_timeout_s)
+                self.ledger.release(frame.id, charge=False, max_tries=self.max_tries)
+            elif not self.ledger.release(frame.id, charge=True, max_tries=self.max_tries):
+                exhausted.append((frame, "gave up after %d tries: no worker finished the frame in time" % self.max_tries))
+            else:
+                log.warning("worker %s overran the frame timeout on %s; queued again", frame.worker, frame.path)
+        return exhausted
+
+    def worker_lost(self, worker_id: str, charge: bool) -> list[tuple[Frame, str]]:
+        """Re-queue the frames a dead or departed worker held; the ones that used up their tries."""
+        exhausted = []
+        for frame in self.ledger.held_by(worker_id):
+            if self.ledger.release(frame.id, charge=charge, max_tries=self.max_tries):
+                log.warning("frame %s queued again: its worker %s is gone", frame.path, worker_id)
+            else:
+                exhausted.append((frame, "failed: its worker died on it %d times" % self.max_tries))
+        return exhausted
+
+    def close(self) -> None:
+        self.socket.close()

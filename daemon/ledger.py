@@ -1,0 +1,237 @@
+"""The in-flight ledger: the single record of every frame's state, in SQLite (WAL) under the state folder.
+
+States: ``seen`` (file noticed, not yet complete) → ``queued`` → ``dispatched`` (sent; ``worker`` is set
+once a worker says it started) → ``done`` | ``failed``.  A frame leaves the ledger's in-flight states only by
+:meth:`Ledger.finish`, which assigns the publication ``seq`` and stores the message in the same transaction:
+a restart can neither lose nor renumber a result.  Only the service's main thread writes; the HTTP
+threads read through :func:`read_messages` on their own connections.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+from collections.abc import Callable
+from dataclasses import dataclass
+
+FILE_NAME = "ledger.sqlite3"
+IN_FLIGHT = ("queued", "dispatched")
+FINAL = ("done", "failed")
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS frames (
+    id INTEGER PRIMARY KEY,
+    path TEXT NOT NULL UNIQUE,
+    collection TEXT NOT NULL,
+    state TEXT NOT NULL,
+    t_seen REAL NOT NULL,
+    t_complete REAL,
+    t_dispatched REAL,
+    t_started REAL,
+    t_done REAL,
+    worker TEXT,
+    deadline REAL,
+    tries INTEGER NOT NULL DEFAULT 0,
+    seq INTEGER UNIQUE
+);
+CREATE INDEX IF NOT EXISTS frames_state ON frames (state, id);
+CREATE TABLE IF NOT EXISTS messages (
+    seq INTEGER PRIMARY KEY,
+    type TEXT NOT NULL,
+    topic TEXT NOT NULL,
+    body TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
+INSERT OR IGNORE INTO counters VALUES ('seq', 0);
+"""
+
+
+@dataclass(frozen=True)
+class Frame:
+    id: int
+    path: str
+    collection: str
+    state: str
+    t_seen: float
+    t_complete: float | None
+    t_dispatched: float | None
+    t_started: float | None
+    t_done: float | None
+    worker: str | None
+    deadline: float | None
+    tries: int
+    seq: int | None
+
+
+_COLUMNS = "id, path, collection, state, t_seen, t_complete, t_dispatched, t_started, t_done, worker, deadline, tries, seq"
+
+# compose(seq, frame) -> (topic, body): the publisher's message for a frame's final state.
+Compose = Callable[[int, Frame], tuple[str, dict]]
+
+
+def connect(db_path: str) -> sqlite3.Connection:
+    db = sqlite3.connect(db_path, timeout=10.0, isolation_level=None)
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute("PRAGMA synchronous=NORMAL")  # in WAL mode a commit survives a killed process
+    return db
+
+
+class Ledger:
+    def __init__(self, state_dir: str):
+        os.makedirs(state_dir, exist_ok=True)
+        self.path = os.path.join(state_dir, FILE_NAME)
+        self.db = connect(self.path)
+        self.db.executescript(SCHEMA)
+
+    def close(self) -> None:
+        self.db.close()
+
+    def _transaction(self):
+        return _Transaction(self.db)
+
+    def _frames(self, where: str, args: tuple = (), limit: int = -1) -> list[Frame]:
+        rows = self.db.execute("SELECT %s FROM frames WHERE %s ORDER BY id LIMIT %d" % (_COLUMNS, where, limit), args)
+        return [Frame(*row) for row in rows]
+
+    def get(self, frame_id: int) -> Frame | None:
+        found = self._frames("id = ?", (frame_id,))
+        return found[0] if found else None
+
+    def see(self, path: str, collection: str, t_seen: float) -> bool:
+        """Record a frame file noticed; False when it was already known."""
+        with self._transaction():
+            cursor = self.db.execute("INSERT OR IGNORE INTO frames (path, collection, state, t_seen) VALUES (?, ?, 'seen', ?)",
+                                     (path, collection, t_seen))
+        return cursor.rowcount == 1
+
+    def enqueue(self, path: str, collection: str, t_seen: float, t_complete: float) -> bool:
+        """A complete frame becomes ready for dispatch; False when it was already queued or beyond."""
+        with self._transaction():
+            self.db.execute("INSERT OR IGNORE INTO frames (path, collection, state, t_seen) VALUES (?, ?, 'seen', ?)",
+                            (path, collection, t_seen))
+            cursor = self.db.execute("UPDATE frames SET state = 'queued', t_complete = ? WHERE path = ? AND state = 'seen'",
+                                     (t_complete, path))
+        return cursor.rowcount == 1
+
+    def queued(self, limit: int) -> list[Frame]:
+        return self._frames("state = 'queued'", limit=max(0, int(limit)))
+
+    def mark_dispatched(self, frame_id: int, now: float, deadline: float) -> None:
+        with self._transaction():
+            self.db.execute("UPDATE frames SET state = 'dispatched', t_dispatched = ?, deadline = ?, worker = NULL "
+                            "WHERE id = ? AND state = 'queued'", (now, deadline, frame_id))
+
+    def mark_started(self, frame_id: int, worker: str, now: float, deadline: float) -> bool:
+        """A worker took the frame; a late start of a re-queued frame claims it so it is not sent twice."""
+        with self._transaction():
+            cursor = self.db.execute("UPDATE frames SET state = 'dispatched', worker = ?, t_started = ?, deadline = ? "
+                                     "WHERE id = ? AND state IN ('queued', 'dispatched')", (worker, now, deadline, frame_id))
+        return cursor.rowcount == 1
+
+    def overdue(self, now: float) -> list[Frame]:
+        return self._frames("state = 'dispatched' AND deadline < ?", (now,))
+
+    def held_by(self, worker: str) -> list[Frame]:
+        return self._frames("state = 'dispatched' AND worker = ?", (worker,))
+
+    def release(self, frame_id: int, charge: bool, max_tries: int) -> bool:
+        """Put a dispatched frame back in the queue; ``charge`` counts a try against it (its worker died or hung).
+
+        False when the frame has used up its tries: it stays dispatched and the caller must fail it.
+        """
+        with self._transaction():
+            row = self.db.execute("SELECT tries FROM frames WHERE id = ? AND state = 'dispatched'", (frame_id,)).fetchone()
+            if row is None:
+                return True
+            tries = row[0] + (1 if charge else 0)
+            if tries >= max_tries:
+                self.db.execute("UPDATE frames SET tries = ? WHERE id = ?", (tries, frame_id))
+                return False
+            self.db.execute("UPDATE frames SET state = 'queued', tries = ?, worker = NULL, deadline = NULL WHERE id = ?",
+                            (tries, frame_id))
+        return True
+
+    def requeue_in_flight(self) -> int:
+        """After a restart nothing is in any worker's hands: every dispatched frame goes back to the queue."""
+        with self._transaction():
+            cursor = self.db.execute("UPDATE frames SET state = 'queued', worker = NULL, deadline = NULL "
+                                     "WHERE state = 'dispatched'")
+        return cursor.rowcount
+
+    def seen_only(self) -> list[Frame]:
+        return self._frames("state = 'seen'")
+
+    def find(self, path: str) -> Frame | None:
+        found = self._frames("path = ?", (path,))
+        return found[0] if found else None
+
+    def known(self, path: str) -> bool:
+        return self.db.execute("SELECT 1 FROM frames WHERE path = ?", (path,)).fetchone() is not None
+
+    def _next_seq(self) -> int:
+        self.db.execute("UPDATE counters SET value = value + 1 WHERE name = 'seq'")
+        return self.db.execute("SELECT value FROM counters WHERE name = 'seq'").fetchone()[0]
+
+    def next_seq(self) -> int:
+        """A sequence number for a message that is not stored (heartbeats)."""
+        with self._transaction():
+            return self._next_seq()
+
+    def finish(self, frame_id: int, state: str, now: float, compose: Compose) -> dict | None:
+        """The frame's final state, its seq and its message in one transaction; None if it was already final."""
+        assert state in FINAL
+        with self._transaction():
+            found = self._frames("id = ? AND state NOT IN ('done', 'failed')", (frame_id,))
+            if not found:
+                return None
+            seq = self._next_seq()
+            self.db.execute("UPDATE frames SET state = ?, t_done = ?, seq = ? WHERE id = ?", (state, now, seq, frame_id))
+            topic, body = compose(seq, self.get(frame_id))
+            self.db.execute("INSERT INTO messages VALUES (?, ?, ?, ?)", (seq, body["type"], topic, json.dumps(body)))
+        return {"topic": topic, "body": body}
+
+    def record(self, compose: Callable[[int], tuple[str, dict]]) -> dict:
+        """Store a message that concerns no single frame's outcome (service errors)."""
+        with self._transaction():
+            seq = self._next_seq()
+            topic, body = compose(seq)
+            self.db.execute("INSERT INTO messages VALUES (?, ?, ?, ?)", (seq, body["type"], topic, json.dumps(body)))
+        return {"topic": topic, "body": body}
+
+    def counts(self) -> dict[str, int]:
+        counts = dict.fromkeys(("seen", "queued", "dispatched", "done", "failed"), 0)
+        counts.update(self.db.execute("SELECT state, COUNT(*) FROM frames GROUP BY state"))
+        return counts
+
+    def last_seq(self) -> int:
+        return self.db.execute("SELECT value FROM counters WHERE name = 'seq'").fetchone()[0]
+
+
+class _Transaction:
+    """BEGIN IMMEDIATE … COMMIT, rolled back on an exception (the connection runs in autocommit mode)."""
+
+    def __init__(self, db: sqlite3.Connection):
+        self.db = db
+
+    def __enter__(self):
+        self.db.execute("BEGIN IMMEDIATE")
+
+    def __exit__(self, exc_type, exc, tb):
+        self.db.execute("ROLLBACK" if exc_type else "COMMIT")
+        return False
+
+
+def read_messages(state_dir: str, since: int, limit: int = 1000) -> tuple[list[dict], int]:
+    """Stored messages (results, errors) with seq > since, oldest first, and the last seq issued.
+
+    For late subscribers; it opens its own read-only connection, so any thread may call it.
+    """
+    path = os.path.join(state_dir, FILE_NAME)
+    db = sqlite3.connect("file:%s?mode=ro" % path, uri=True, timeout=10.0, isolation_level=None)
+    try:
+        db.execute("BEGIN")  # one read snapshot: the rows and the last seq agree
+        rows = db.execute("SELECT body FROM messages WHERE seq > ? ORDER BY seq LIMIT ?", (since, limit)).fetchall()
+        last = db.execute("SELECT value FROM counters WHERE name = 'seq'").fetchone()[0]
+    finally:
+        db.close()
+    return [json.loads(body) for (body,) in rows], last

@@ -1,0 +1,87 @@
+"""The published messages and the PUB socket that sends them.
+
+Every message is two frames: the topic ``spotfinder.v1.<type>.<collection>`` (general to specific, so SUB
+prefix filters work) and a JSON body.  Field names are an API: consumers parse them.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from datetime import datetime, timezone
+
+import zmq
+
+from spotfinder.image import name_template
+from spotfinder.result import FIELDS, Result
+
+SCHEMA = "spotfinder.v1"
+SERVICE_COLLECTION = "service"  # the collection of messages that concern no collection (heartbeats)
+HOST = socket.gethostname()
+
+
+def collection_of(path: str) -> str:
+    """Folder + file template, e.g. ``/data/visit/thau_3_2_####.cbf``: all frames of one sweep or grid."""
+    return os.path.join(os.path.dirname(path), name_template(path)[0])
+
+
+def topic(kind: str, collection: str) -> str:
+    return "%s.%s.%s" % (SCHEMA, kind, collection)
+
+
+def envelope(kind: str, seq: int, collection: str | None) -> dict:
+    now = time.time()
+    return {"schema": SCHEMA, "type": kind, "seq": seq,
+            "time": datetime.fromtimestamp(now, timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+            "host": HOST, "collection": collection}
+
+
+def frame_message(seq: int, frame, result: dict, worker: str | None, t_start: float | None) -> tuple[str, dict]:
+    """The ``result`` message of a frame (``frame`` is the ledger's record, ``result`` a Result.as_dict())."""
+    body = envelope("result", seq, frame.collection)
+    body.update({name: result.get(name) for name in FIELDS})
+    body["file"] = frame.path
+    t_done = frame.t_done
+    queue_ms = None
+    if t_start is not None and frame.t_complete is not None:
+        queue_ms = round(max(0.0, t_start - frame.t_complete) * 1000.0, 3)
+    body.update({"t_seen": frame.t_seen, "t_complete": frame.t_complete, "t_done": t_done,
+                 "queue_ms": queue_ms, "proc_ms": result.get("proc_ms"), "worker": worker, "tries": frame.tries})
+    return topic("result", frame.collection), body
+
+
+def failure_message(seq: int, frame, reason: str) -> tuple[str, dict]:
+    """A frame the service gave up on (never complete, vanished, killed its workers): an error result."""
+    failed = Result.failure(frame.path, reason)
+    failed.image_number = name_template(frame.path)[1]
+    return frame_message(seq, frame, failed.as_dict(), None, None)
+
+
+def error_message(seq: int, text: str, collection: str | None = None, **fields) -> tuple[str, dict]:
+    """A service-level error (a worker died, a frame was re-sent) that is not a frame's result."""
+    body = envelope("error", seq, collection)
+    body.update({"error": text, **fields})
+    return topic("error", collection or SERVICE_COLLECTION), body
+
+
+def heartbeat_message(seq: int, **fields) -> tuple[str, dict]:
+    body = envelope("heartbeat", seq, None)
+    body.update(fields)
+    return topic("heartbeat", SERVICE_COLLECTION), body
+
+
+class Publisher:
+    """One PUB socket; a high send HWM so slow subscribers never block the pipeline (PUB drops instead)."""
+
+    def __init__(self, context: zmq.Context, endpoint: str):
+        self.socket = context.socket(zmq.PUB)
+        self.socket.setsockopt(zmq.SNDHWM, 100_000)
+        self.socket.setsockopt(zmq.LINGER, 2000)  # close() flushes what is queued, for at most 2 s
+        self.socket.bind(endpoint)
+
+    def send(self, message: dict) -> None:
+        self.socket.send_multipart([message["topic"].encode(), json.dumps(message["body"]).encode()])
+
+    def close(self) -> None:
+        self.socket.close()

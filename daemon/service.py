@@ -1,0 +1,303 @@
+"""The service: wires watcher → ledger → dispatcher → workers → collector → PUB, and runs the one main loop.
+
+The main thread owns the ledger and every ZeroMQ socket.  Other threads (watchdog, the completeness
+checker, HTTP) only hand events in through the watcher's queue or read a status snapshot and the ledger
+on their own connections.  SIGTERM/SIGINT stop watching, let the frames in flight finish (or leave them in
+the ledger for the next start), flush the PUB socket and return 0.
+"""
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import signal
+import threading
+import time
+
+import zmq
+
+from . import ledger as ledger_module
+from .collector import Collector
+from .config import Settings, connect_endpoint
+from .dispatcher import Dispatcher
+from .http import HttpServer, Request, Response, error_response, json_response
+from .ledger import Ledger
+from .notify import Notifier
+from .pool import WorkerPool
+from .publisher import Publisher, collection_of
+from .watcher import Watcher
+
+log = logging.getLogger("spotfinder.service")
+
+PID_FILE = "spotfinder.pid"
+TICK_S = 0.05
+SUPERVISE_EVERY_S = 0.2
+RESULTS_LIMIT = 1000
+
+
+class ServiceError(RuntimeError):
+    """The service cannot start (a socket cannot bind, the state folder is in use); message for the user."""
+
+
+class Service:
+    def __init__(self, settings: Settings, notifier: Notifier | None = None):
+        self.settings = settings
+        self.notifier = notifier or Notifier()
+        self.stop_requested = threading.Event()
+        self.toggle_pause = threading.Event()
+        self.started = time.monotonic()
+        self.progress_mark = self.started
+        self.ready_sent = False
+        self._counts = dict.fromkeys(("seen", "queued", "dispatched", "done", "failed"), 0)
+        self._snapshot: dict = {}
+        self._snapshot_lock = threading.Lock()
+        self._lock_file = None
+
+    # ----- start -------------------------------------------------------------------------------------------
+    def _lock_state_dir(self) -> None:
+        os.makedirs(self.settings.state_dir, exist_ok=True)
+        path = os.path.join(self.settings.state_dir, PID_FILE)
+        handle = open(path, "a+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            other = handle.read().strip() or "?"
+            handle.close()
+            raise ServiceError("state folder %s is in use by another service (pid %s)"
+                               % (self.settings.state_dir, other)) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write("%d\n" % os.getpid())
+        handle.flush()
+        self._lock_file = handle
+
+    def _bind(self, what: str, endpoint: str, make):
+        try:
+            return make()
+        except zmq.ZMQError as exc:
+            raise ServiceError("cannot bind %s endpoint %s: %s" % (what, endpoint, exc.strerror)) from None
+
+    def start(self) -> None:
+        s = self.settings
+        self._lock_state_dir()
+        self.ledger = Ledger(s.state_dir)
+        self.context = zmq.Context()
+        self.publisher = self._bind("pub", s.pub, lambda: Publisher(self.context, s.pub))
+        self.collector = self._bind("results", s.results_endpoint, lambda: Collector(
+            self.context, s.results_endpoint, self.ledger, self.publisher, s.frame_timeout_s))
+        self.dispatcher = self._bind("work", s.work_endpoint, lambda: Dispatcher(
+            self.context, s.work_endpoint, self.ledger, s.params().explicit(), s.dispatch_timeout_s, s.max_tries))
+        try:
+            self.http = HttpServer(*s.http_address)
+        except OSError as exc:
+            raise ServiceError("cannot listen for HTTP on %s: %s" % (s.http, exc.strerror or exc)) from None
+        self.http.route("GET", "/status", self._http_status)
+        self.http.route("GET", "/results", self._http_results)
+        self.publish_from = time.monotonic() + s.pub_settle_s  # let subscribers (re)connect first
+        requeued = self.ledger.requeue_in_flight()
+        if requeued:
+            log.info("re-queued %d frames that were in flight when the service stopped", requeued)
+        self.watcher = Watcher(s.watch, s.polling, s.poll_interval_s, s.incomplete_timeout_s)
+        self.watcher.start()
+        for frame in self.ledger.seen_only():
+            self.watcher.notice(frame.path, hinted=True, t_seen=frame.t_seen)
+        caught_up = self.watcher.catch_up(self.ledger.known)
+        if caught_up:
+            log.info("catching up on %d frame files that arrived while the service was down", caught_up)
+        self.pool = WorkerPool(s.worker_count, connect_endpoint(s.work_endpoint),
+                               connect_endpoint(s.results_endpoint), s.heartbeat_interval_s, s.log_level)
+        self.pool.start()
+        self._refresh_snapshot()
+        self.http.start()
+        log.info("serving: pub %s, http %s, work %s, results %s, %d local workers, state %s",
+                 s.pub, s.http, s.work_endpoint, s.results_endpoint, s.worker_count, s.state_dir)
+
+    # ----- main loop ---------------------------------------------------------------------------------------
+    def run(self) -> int:
+        poller = zmq.Poller()
+        poller.register(self.collector.socket, zmq.POLLIN)
+        poller.register(self.watcher.fileno(), zmq.POLLIN)
+        next_supervise = next_heartbeat = next_watchdog = 0.0
+        while not self.stop_requested.is_set():
+            poller.poll(TICK_S * 1000)
+            self.collector.receive_all()
+            self._take_watcher_events()
+            now = time.monotonic()
+            if self.toggle_pause.is_set():
+                self.toggle_pause.clear()
+                self.pool.pause(not self.pool.paused)
+                log.warning("local workers %s", "paused (maintenance)" if self.pool.paused else "resumed")
+            if now >= next_supervise:
+                next_supervise = now + SUPERVISE_EVERY_S
+                self._supervise()
+                self._refresh_snapshot()
+            if now >= self.publish_from:
+                self.dispatcher.dispatch(len(self.collector.workers))
+                if now >= next_heartbeat:
+                    next_heartbeat = now + self.settings.heartbeat_interval_s
+                    self.collector.heartbeat(**self._heartbeat_fields())
+            healthy, why = self.health()
+            if not self.ready_sent and healthy and now >= self.publish_from:
+                self.ready_sent = True
+                self.notifier.ready(self._status_line())
+                log.info("ready")
+            interval = self.notifier.watchdog_interval_s
+            if interval and self.ready_sent and now >= next_watchdog:
+                next_watchdog = now + interval
+                if healthy:
+                    self.notifier.send(WATCHDOG=1, STATUS=self._status_line())
+                else:
+                    self.notifier.status("unhealthy: %s" % why)
+        return self._shutdown()
+
+    def _take_watcher_events(self) -> None:
+        for event in self.watcher.drain():
+            if event.kind == "seen":
+                if self.ledger.see(event.path, collection_of(event.path), event.t_seen):
+                    log.debug("seen %s", event.path)
+            elif event.kind == "complete":
+                if self.ledger.enqueue(event.path, collection_of(event.path), event.t_seen, event.t_complete):
+                    log.info("queued %s", event.path)
+            else:
+                frame = self.ledger.find(event.path)
+                if frame is not None and frame.state == "seen":
+                    self.collector.fail(frame, event.reason)
+
+    def _supervise(self) -> None:
+        """Replace dead workers, settle the frames they held, re-send overdue frames."""
+        local_pids = set(self.pool.pids())
+        for pid, code in self.pool.reap():
+            worker_id = self.pool.worker_id(pid)
+            held = [f.path for f in self.ledger.held_by(worker_id)]
+            self.collector.drop_worker(worker_id)
+            self._settle(self.dispatcher.worker_lost(worker_id, charge=True))
+            if code != 0 and not self.pool.paused:
+                self.collector.service_error("worker %s exited with code %s%s" % (
+                    worker_id, code, "; its frame was queued again" if held else ""), worker=worker_id, frames=held)
+        for worker_id in self.collector.silent_workers(self.settings.worker_liveness_s):
+            log.warning("worker %s silent for %.0f s: presumed dead", worker_id, self.settings.worker_liveness_s)
+            pid = int(worker_id.rpartition(":")[2])
+            if pid in local_pids and self.pool.worker_id(pid) == worker_id:
+                os.kill(pid, signal.SIGKILL)  # hung: the pool starts a fresh one
+            self._settle(self.dispatcher.worker_lost(worker_id, charge=True))
+        while self.collector.departed:
+            self._settle(self.dispatcher.worker_lost(self.collector.departed.pop(), charge=False))
+        self._settle(self.dispatcher.expire(time.time()))
+        self._counts = self.ledger.counts()
+        if self._counts["queued"] + self._counts["dispatched"] == 0 or self.collector.last_done > self.progress_mark:
+            self.progress_mark = time.monotonic()
+
+    def _settle(self, exhausted) -> None:
+        for frame, reason in exhausted:
+            self.collector.fail(frame, reason)
+
+    # ----- health and status -------------------------------------------------------------------------------
+    def health(self) -> tuple[bool, str]:
+        """Healthy = some worker alive when work can arrive, and the queue drains."""
+        if not self.collector.workers and (self.pool.count > 0 or self._counts["queued"]):
+            return False, "no live workers"
+        stall_s = self.settings.dispatch_timeout_s + self.settings.frame_timeout_s
+        if time.monotonic() - self.progress_mark > stall_s:
+            return False, "queue not draining for %.0f s" % stall_s
+        return True, "ok"
+
+    def _status_line(self) -> str:
+        snap = self._snapshot
+        return "%d workers, queue %d, done %d, failed %d, %.1f frames/s" % (
+            snap["workers_alive"], snap["queue_depth"], snap["frames_done"], snap["frames_failed"], snap["frames_per_s"])
+
+    def _refresh_snapshot(self) -> None:
+        counts = self.ledger.counts()
+        now = time.time()
+        registered = dict(self.collector.workers)
+        workers = []
+        for pid in self.pool.pids():
+            info = registered.pop(self.pool.worker_id(pid), None)
+            workers.append(self._worker_status(info, pid, local=True, now=now))
+        workers.extend(self._worker_status(info, info.pid, local=False, now=now) for info in registered.values())
+        snapshot = {
+            "uptime_s": round(time.monotonic() - self.started, 3),
+            "workers": workers,
+            "workers_alive": len(self.collector.workers),
+            "workers_paused": self.pool.paused,
+            "queue_depth": counts["queued"],
+            "in_flight": counts["dispatched"],
+            "waiting_complete": counts["seen"],
+            "frames_done": counts["done"],
+            "frames_failed": counts["failed"],
+            "frames_per_s": self.collector.frames_per_s(),
+            "last_seq": self.ledger.last_seq(),
+            "watch": list(self.settings.watch),
+            "pub": self.settings.pub,
+        }
+        snapshot["healthy"], snapshot["health"] = self.health()
+        with self._snapshot_lock:
+            self._snapshot = snapshot
+
+    @staticmethod
+    def _worker_status(info, pid, local: bool, now: float) -> dict:
+        return {"id": info.id if info else None, "pid": pid, "host": info.host if info else None, "local": local,
+                "alive": info is not None, "busy": info.busy if info else None,
+                "frames_done": info.frames_done if info else 0,
+                "last_seen_s": round(now - info.last_seen, 3) if info else None}
+
+    def _heartbeat_fields(self) -> dict:
+        snap = self._snapshot
+        return {key: snap[key] for key in ("queue_depth", "in_flight", "workers_alive", "frames_per_s",
+                                           "frames_done", "frames_failed", "uptime_s", "healthy")}
+
+    def _http_status(self, request: Request) -> Response:
+        with self._snapshot_lock:
+            return json_response(self._snapshot)
+
+    def _http_results(self, request: Request) -> Response:
+        try:
+            since = int(request.arg("since", "0"))
+            limit = min(int(request.arg("limit", str(RESULTS_LIMIT))), RESULTS_LIMIT)
+        except ValueError:
+            return error_response(400, "since and limit must be integers")
+        messages, last_seq = ledger_module.read_messages(self.settings.state_dir, since, limit)
+        return json_response({"since": since, "last_seq": last_seq, "results": messages})
+
+    # ----- stop --------------------------------------------------------------------------------------------
+    def request_stop(self, *_signal_args) -> None:
+        self.stop_requested.set()
+
+    def _shutdown(self) -> int:
+        self.notifier.stopping("stopping: finishing frames in flight")
+        log.info("stopping: no longer watching; finishing frames in flight")
+        self.watcher.stop()
+        self._take_watcher_events()
+        deadline = time.monotonic() + self.settings.drain_timeout_s
+        while self.ledger.counts()["dispatched"] and time.monotonic() < deadline and self.collector.workers:
+            if self.collector.socket.poll(TICK_S * 1000):
+                self.collector.receive_all()
+            self._supervise()
+        left = self.ledger.counts()
+        self.pool.stop(timeout=self.settings.drain_timeout_s)
+        self.collector.receive_all()
+        log.info("stopped: %d frames handed back to the ledger for the next start (%d queued, %d in flight)",
+                 left["queued"] + left["dispatched"], left["queued"], left["dispatched"])
+        self.http.stop()
+        self.dispatcher.close()
+        self.collector.close()
+        self.publisher.close()  # LINGER flushes what is still queued for subscribers
+        self.context.term()
+        self.ledger.close()
+        self._lock_file.close()
+        return 0
+
+
+def serve(settings: Settings) -> int:
+    """Run the service until SIGTERM/SIGINT; the exit code."""
+    service = Service(settings)
+    signal.signal(signal.SIGTERM, service.request_stop)  # a stop during start-up is honoured by run()
+    signal.signal(signal.SIGINT, service.request_stop)
+    signal.signal(signal.SIGUSR2, lambda *_: service.toggle_pause.set())
+    service.start()
+    try:
+        return service.run()
+    except Exception:  # a bug: one clear log line; the ledger keeps every frame for the next start
+        log.critical("internal error, service stops", exc_info=True)
+        return 1

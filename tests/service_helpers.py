@@ -1,0 +1,218 @@
+"""Helpers for the service tests: real frames, free ports, a service process, a PUB subscriber.
+
+Everything runs for real on 127.0.0.1: the service is ``python -m daemon.commands serve`` in its own
+process group (killed as a group at teardown), the subscriber a real SUB socket.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+import zmq
+
+REPO = Path(__file__).resolve().parents[1]
+REAL_DATA = REPO.parent / "shared" / "data" / "real"
+SMALL_FRAMES = ("small_molecule_dls_i19_pilatus_300k/ximg2700_00001.cbf",
+                "small_molecule_dls_i19_pilatus_300k/ximg2701_00001.cbf",
+                "blank_dls_i19_pilatus_300k/omega_scan.cbf",
+                "blank_dls_i19_pilatus_300k/phi_scan_001.cbf")
+
+
+def real_frames() -> list[str]:
+    """The four PILATUS 300K frames of the shared data set; the test is skipped without them."""
+    paths = [REAL_DATA / name for name in SMALL_FRAMES]
+    missing = [str(p) for p in paths if not p.is_file()]
+    if missing:
+        pytest.skip("real PILATUS 300K frames not found under %s (missing %s)" % (REAL_DATA, missing[0]))
+    return [str(p) for p in paths]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for(predicate, timeout: float, what: str, interval: float = 0.05):
+    """Poll ``predicate`` until it returns something truthy; fail the test after ``timeout`` seconds."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError("timed out after %.0f s waiting for %s" % (timeout, what))
+
+
+def python_command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "daemon.commands", *args]
+
+
+def child_env(**extra: str) -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    env.pop("NOTIFY_SOCKET", None)
+    env.pop("WATCHDOG_USEC", None)
+    env.update(extra)
+    return env
+
+
+class ServiceProcess:
+    """``spotfinder serve`` with its own ports, state folder and config file, in its own process group."""
+
+    def __init__(self, tmp: Path, watch: Path, **settings):
+        self.tmp = tmp
+        self.watch = watch
+        self.pub_port, self.http_port = free_port(), free_port()
+        self.settings = {"pub": "tcp://127.0.0.1:%d" % self.pub_port, "http": "127.0.0.1:%d" % self.http_port,
+                         "work_endpoint": "tcp://127.0.0.1:%d" % free_port(),
+                         "results_endpoint": "tcp://127.0.0.1:%d" % free_port(),
+                         "workers": 2, "watch": [str(watch)], "state_dir": str(tmp / "state"),
+                         "incomplete_timeout_s": 2.0, "dispatch_timeout_s": 2.0, "frame_timeout_s": 20.0,
+                         "worker_liveness_s": 3.0, "drain_timeout_s": 10.0, "pub_settle_s": 0.3,
+                         "log_level": "debug"}
+        self.settings.update(settings)
+        self.config = tmp / "spotfinder-test.yaml"
+        self.config.write_text(yaml.safe_dump(self.settings))
+        self.process: subprocess.Popen | None = None
+        self.runs = 0
+
+    @property
+    def pub(self) -> str:
+        return self.settings["pub"]
+
+    def start(self, env: dict | None = None, wait_workers: int | None = None) -> ServiceProcess:
+        self.runs += 1
+        self.log = self.tmp / ("serve-%d.log" % self.runs)
+        with open(self.log, "wb") as log:
+            self.process = subprocess.Popen(python_command("serve", "--config", str(self.config)), stdout=log,
+                                            stderr=subprocess.STDOUT, env=env or child_env(), start_new_session=True)
+        wanted = self.settings["workers"] if wait_workers is None else wait_workers
+        wait_for(lambda: self._alive_workers() >= wanted, 30, "the service and %d workers" % wanted)
+        return self
+
+    def _alive_workers(self) -> int:
+        if self.process.poll() is not None:
+            raise AssertionError("service exited with %s:\n%s" % (self.process.returncode, self.log.read_text()))
+        try:
+            return self.status()["workers_alive"]
+        except OSError:
+            return -1
+
+    def get(self, path: str) -> dict:
+        with urllib.request.urlopen("http://127.0.0.1:%d%s" % (self.http_port, path), timeout=5) as reply:
+            return json.loads(reply.read())
+
+    def status(self) -> dict:
+        return self.get("/status")
+
+    def wait_status(self, predicate, timeout: float = 10, what: str = "a status") -> dict:
+        """The first /status that satisfies ``predicate`` (the snapshot is refreshed every 0.2 s)."""
+        return wait_for(lambda: (lambda status: status if predicate(status) else None)(self.status()), timeout, what)
+
+    def signal(self, signum: int) -> None:
+        self.process.send_signal(signum)
+
+    def wait(self, timeout: float = 30) -> int:
+        return self.process.wait(timeout)
+
+    def kill_group(self) -> None:
+        """Teardown: the service and every worker it started, whatever state they are in."""
+        if self.process is None:
+            return
+        try:
+            os.killpg(self.process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.process.wait(10)
+
+
+class Subscriber:
+    """A SUB socket on a thread, collecting every message body; survives service restarts (reconnects)."""
+
+    def __init__(self, endpoint: str, topic: str = "spotfinder.v1."):
+        self.messages: list[dict] = []
+        self.topics: list[str] = []
+        self._stop = threading.Event()
+        self._context = zmq.Context()
+        self._socket = self._context.socket(zmq.SUB)
+        self._socket.setsockopt(zmq.RCVHWM, 0)
+        self._socket.setsockopt(zmq.RECONNECT_IVL, 50)
+        self._socket.setsockopt(zmq.RECONNECT_IVL_MAX, 100)
+        self._socket.setsockopt_string(zmq.SUBSCRIBE, topic)
+        self._socket.connect(endpoint)
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            if self._socket.poll(50):
+                topic, body = self._socket.recv_multipart()
+                self.topics.append(topic.decode())
+                self.messages.append(json.loads(body))
+
+    def results(self) -> list[dict]:
+        return [m for m in list(self.messages) if m["type"] == "result"]
+
+    def wait_results(self, count: int, timeout: float) -> list[dict]:
+        wait_for(lambda: len(self.results()) >= count, timeout, "%d results" % count)
+        time.sleep(0.3)  # anything extra (a duplicate) would arrive now
+        return self.results()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self._socket.close(linger=0)
+        self._context.term()
+
+
+def assert_exactly_once(results: list[dict], files: list[str]) -> None:
+    published = [r["file"] for r in results]
+    duplicates = sorted({f for f in published if published.count(f) > 1})
+    assert not duplicates, "published more than once: %s" % duplicates
+    assert sorted(published) == sorted(files), "missing: %s" % sorted(set(files) - set(published))
+
+
+def assert_seq_increasing(messages: list[dict]) -> None:
+    seqs = [m["seq"] for m in messages]
+    assert all(b > a for a, b in zip(seqs, seqs[1:])), "seq not strictly increasing: %s" % seqs
+
+
+@pytest.fixture
+def make_service(tmp_path):
+    """Factory of ServiceProcess objects (not started) whose process groups are killed at teardown."""
+    made: list[ServiceProcess] = []
+    watch = tmp_path / "watch"
+    watch.mkdir()
+
+    def make(**settings) -> ServiceProcess:
+        made.append(ServiceProcess(tmp_path, watch, **settings))
+        return made[-1]
+
+    yield make
+    for service in made:
+        service.kill_group()
+
+
+@pytest.fixture
+def subscribe():
+    """Factory of Subscriber objects, closed at teardown."""
+    made: list[Subscriber] = []
+
+    def make(endpoint: str, topic: str = "spotfinder.v1.") -> Subscriber:
+        made.append(Subscriber(endpoint, topic))
+        return made[-1]
+
+    yield make
+    for subscriber in made:
+        subscriber.close()

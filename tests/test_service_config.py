@@ -1,0 +1,79 @@
+"""Settings: defaults, file, flags; and configuration errors that stop the start with one clear line."""
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+
+from daemon.config import ConfigError, load, validate
+from service_helpers import REPO, child_env, free_port, python_command
+
+
+def test_defaults_need_no_file_and_flags_override_the_file(tmp_path):
+    defaults = validate({})
+    assert defaults.pub == "tcp://127.0.0.1:5601" and defaults.http == "127.0.0.1:8125"
+    assert defaults.worker_count >= 1 and defaults.watch == ()
+    config = tmp_path / "c.yaml"
+    config.write_text("workers: 3\npub: tcp://127.0.0.1:7000\nparameters: {distl.res.outer: 4.9}\n")
+    settings = load(str(config), {"workers": 1, "watch": [str(tmp_path)], "pub": None})
+    assert settings.workers == 1 and settings.pub == "tcp://127.0.0.1:7000"
+    assert settings.watch == (str(tmp_path),)
+    assert settings.params()["distl.res.outer"] == 4.9
+
+
+def test_the_documented_example_config_is_valid(tmp_path):
+    settings = load(str(REPO / "config" / "spotfinder.yaml"), {"watch": [str(tmp_path)]})
+    assert settings.pub == validate({}).pub
+
+
+@pytest.mark.parametrize("raw, message", [
+    ({"wacth": ["/tmp"]}, "unknown setting 'wacth'"),
+    ({"pub": "tcp://localhost"}, "pub: bad ZeroMQ endpoint"),
+    ({"pub": "tcp://127.0.0.1:70000"}, "pub: bad ZeroMQ endpoint"),
+    ({"http": "8125"}, "http: expected HOST:PORT"),
+    ({"watch": ["/no/such/folder"]}, "folder /no/such/folder does not exist"),
+    ({"workers": -1}, "workers: must be at least 0"),
+    ({"parameters": ["distl.res.outr=4"]}, "parameters: Unknown file or keyword"),
+    ({"work_endpoint": "tcp://127.0.0.1:5601"}, "three different endpoints"),
+])
+def test_bad_settings_are_refused_with_a_clear_message(raw, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
+        validate(raw)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--watch", "/no/such/folder"], "watch: folder /no/such/folder does not exist"),
+    (["--pub", "udp://x"], "pub: bad ZeroMQ endpoint"),
+    (["--config", "/no/such.yaml"], "cannot read config file /no/such.yaml"),
+])
+def test_serve_stops_with_one_line_and_exit_2_on_configuration_errors(tmp_path, args, message):
+    done = subprocess.run(python_command("serve", "--state-dir", str(tmp_path), *args), capture_output=True,
+                          text=True, env=child_env(), timeout=30)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == ["spotfinder: error: " + done.stderr.strip().split("error: ", 1)[1]]
+    assert message in done.stderr and "Traceback" not in done.stderr
+
+
+def test_serve_reports_an_endpoint_in_use_in_one_line(tmp_path):
+    import socket
+    port = free_port()
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", port))
+        taken.listen()
+        done = subprocess.run(python_command("serve", "--state-dir", str(tmp_path), "--workers", "0",
+                                             "--pub", "tcp://127.0.0.1:%d" % port, "--http", "127.0.0.1:%d" % free_port()),
+                              capture_output=True, text=True, env=child_env(), timeout=30)
+    assert done.returncode == 1
+    assert "cannot bind pub endpoint tcp://127.0.0.1:%d" % port in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_the_example_config_documents_every_setting_with_its_default():
+    import yaml
+    from dataclasses import fields
+    from daemon.config import Settings
+    documented = yaml.safe_load((REPO / "config" / "spotfinder.yaml").read_text())
+    assert sorted(documented) == sorted(f.name for f in fields(Settings))
+    for f in fields(Settings):
+        value = documented[f.name]
+        assert (tuple(value) if isinstance(value, list) else value) == f.default, f.name

@@ -1,0 +1,71 @@
+"""sd_notify over a real datagram socket, alone and from the running service's main loop."""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import time
+import uuid
+
+from daemon.notify import Notifier
+from service_helpers import child_env, make_service, real_frames, wait_for
+
+__all__ = ["make_service"]
+
+
+def receiver(address: str) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(address)
+    sock.settimeout(0.1)
+    return sock
+
+
+def received(sock: socket.socket) -> list[str]:
+    out = []
+    while True:
+        try:
+            out.append(sock.recv(4096).decode())
+        except (TimeoutError, BlockingIOError):
+            return out
+
+
+def test_notifier_paths_abstract_sockets_and_absence(tmp_path):
+    assert not Notifier({}).enabled and Notifier({}).send(READY=1) is False
+    path = str(tmp_path / "notify")
+    sock = receiver(path)
+    assert Notifier({"NOTIFY_SOCKET": path}).ready("up")
+    assert received(sock) == ["READY=1\nSTATUS=up"]
+    name = "spotfinder-test-%s" % uuid.uuid4().hex
+    abstract = receiver("\0" + name)
+    assert Notifier({"NOTIFY_SOCKET": "@" + name}).watchdog()
+    assert received(abstract) == ["WATCHDOG=1"]
+    assert Notifier({"WATCHDOG_USEC": "4000000"}).watchdog_interval_s == 2.0
+    assert Notifier({"WATCHDOG_USEC": "4000000", "WATCHDOG_PID": "1"}).watchdog_interval_s is None
+
+
+def test_service_notifies_ready_watchdog_only_while_healthy_and_stopping(make_service, tmp_path):
+    real_frames()
+    path = str(tmp_path / "notify")
+    sock = receiver(path)
+    service = make_service()
+    service.start(env=child_env(NOTIFY_SOCKET=path, WATCHDOG_USEC="400000"))
+    messages = []
+    wait_for(lambda: messages.extend(received(sock)) or sum("WATCHDOG=1" in m for m in messages) >= 2, 10,
+             "watchdog pings")
+    assert any(m.startswith("READY=1") for m in messages)
+    assert messages.index(next(m for m in messages if m.startswith("READY=1"))) < \
+        messages.index(next(m for m in messages if "WATCHDOG=1" in m))
+
+    service.signal(signal.SIGUSR2)  # test hook: stop all local workers -> unhealthy -> no more WATCHDOG=1
+    service.wait_status(lambda s: s["workers_alive"] == 0 and not s["healthy"], 10, "paused workers")
+    received(sock)
+    time.sleep(1.0)
+    quiet = received(sock)
+    assert quiet and not any("WATCHDOG=1" in m for m in quiet), quiet
+    assert any("unhealthy: no live workers" in m for m in quiet)
+
+    service.signal(signal.SIGUSR2)
+    wait_for(lambda: any("WATCHDOG=1" in m for m in received(sock)), 15, "watchdog pings after resuming")
+    service.signal(signal.SIGTERM)
+    assert service.wait(30) == 0
+    assert any(m.startswith("STOPPING=1") for m in received(sock))
