@@ -53,11 +53,7 @@ def analyse_frame(frame: Frame, params: Params) -> Result:
     cls = background.classify(pixels, g, settings, region, UNDERLOAD)
     rings = ice.pixel_rings(cls.z, g, region)
     maxima = spots.local_maxima(pixels, cls.z, region, settings, UNDERLOAD, g.saturation)
-    border_on_ice = None
-    if rings:
-        def border_on_ice(x, y):
-            return ice.on_ice(rings, background.pixel_resolution(g, x, y))
-    found = spots.assemble(pixels, cls, maxima, region, settings, border_on_ice)
+    found = spots.assemble(pixels, cls, maxima, region, settings, ice.IceTest.of(rings, g) if rings else None)
     screened = spots.screen(found, settings)
     method1 = resolution.method1(screened.peak_x, screened.peak_y, g, region)
     final = screened.take(screened.area > settings.spot_area_min)

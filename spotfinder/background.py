@@ -91,13 +91,28 @@ def integer_beam(geometry: Geometry) -> tuple[int, int]:
 
 
 def pixel_resolution(geometry: Geometry, x, y):
-    """libdistl's d (Angstrom) of pixel (x, y): from the integer beam, 1e9 at the beam itself."""
+    """libdistl's d (Angstrom) of pixels (x, y): from the integer beam, 1e9 at the beam itself."""
     bx, by = integer_beam(geometry)
     k = (geometry.pixel_size / geometry.distance) ** 2
-    r2 = (np.asarray(x, dtype=float) - bx) ** 2 + (np.asarray(y, dtype=float) - by) ** 2
+    xs, ys = np.broadcast_arrays(np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64))
+    out = _resolutions(xs.ravel(), ys.ravel(), bx, by, k, geometry.wavelength)
+    return out.reshape(xs.shape) if xs.ndim else float(out[0])
+
+
+@njit(cache=True)
+def pixel_d(x, y, bx, by, k, wavelength):
+    """d = wavelength / sqrt(2 - 2 / sqrt(1 + k r^2)) with k = (pixel / distance)^2; 1e9 near the beam."""
+    r2 = (x - bx) ** 2 + (y - by) ** 2
     denominator = np.sqrt(2.0 - 2.0 / np.sqrt(1.0 + k * r2))
-    with np.errstate(divide="ignore"):
-        return np.where(denominator < 1e-7, 1e9, geometry.wavelength / np.maximum(denominator, 1e-300))
+    return 1e9 if denominator < 1e-7 else wavelength / denominator
+
+
+@njit(cache=True)
+def _resolutions(xs, ys, bx, by, k, wavelength):
+    out = np.empty(xs.size)
+    for i in range(xs.size):
+        out[i] = pixel_d(xs[i], ys[i], bx, by, k, wavelength)
+    return out
 
 
 @njit(cache=True)
@@ -180,9 +195,14 @@ def _fit_window(values, background, x0, y0, sx0, sx1, sy0, sy1):
 
 
 @njit(cache=True, error_model="numpy")  # numpy semantics for x/0: no per-division check
-def _classify_cycle(values, background, z, local_mean, windows, size_x, size_y, centres, planes, samples):
+def _classify_cycle(values, background, usable, z, local_mean, next_background, threshold, store, mark, windows,
+                    size_x, size_y, centres, planes, samples):
     """One cycle over all windows; returns how many windows were done (fewer when one found too little
-    background even widened to MAX_WINDOW, libdistl's "cannot distinguish signal/background")."""
+    background even widened to MAX_WINDOW, libdistl's "cannot distinguish signal/background").
+
+    ``store`` writes z and the local background; ``mark`` writes the next cycle's background sample
+    (usable and z below ``threshold``, z rounded to float32 first as libdistl stores it).
+    """
     for i in range(windows.shape[0]):
         x0, x1, y0, y1 = windows[i, 0], windows[i, 1], windows[i, 2], windows[i, 3]
         w = x1 - x0 + 1
@@ -196,16 +216,22 @@ def _classify_cycle(values, background, z, local_mean, windows, size_x, size_y, 
             if sx1 - sx0 + 1 > MAX_WINDOW or sy1 - sy0 + 1 > MAX_WINDOW:
                 return i
         a, b, c, sigma, n = _fit_window(values, background, x0, y0, sx0, sx1, sy0, sy1)
+        scale = sigma if sigma > 0 else np.inf  # z = 0 when sigma is 0, as libdistl has it
         for x in range(x0, x1 + 1):
             # row views indexed from 0 let the compiler drop negative-index checks and vectorise
             row_plane = a * (x - x0)
-            z_row, value_row, mean_row = z[x, y0:y1 + 1], values[x, y0:y1 + 1], local_mean[x, y0:y1 + 1]
-            for j in range(h):
-                plane = row_plane + b * j + c
-                mean_row[j] = plane
-                z_row[j] = (value_row[j] - plane) / sigma
-            if sigma <= 0:
-                z_row[:] = 0.0
+            value_row = values[x, y0:y1 + 1]
+            if store:
+                z_row, mean_row = z[x, y0:y1 + 1], local_mean[x, y0:y1 + 1]
+                for j in range(h):
+                    plane = row_plane + b * j + c
+                    mean_row[j] = plane
+                    z_row[j] = (value_row[j] - plane) / scale
+            if mark:
+                usable_row, next_row = usable[x, y0:y1 + 1], next_background[x, y0:y1 + 1]
+                for j in range(h):
+                    zj = np.float32((value_row[j] - (row_plane + b * j + c)) / scale)
+                    next_row[j] = usable_row[j] and zj < threshold
         cx = (x0 + x1) // 2
         cy = (y0 + y1) // 2
         centres[i, 0] = cx
@@ -232,33 +258,65 @@ def _widen_axis(lo, hi, grow, size):
 def classify(pixels: np.ndarray, geometry: Geometry, settings: Settings, region: Region,
              underload: int) -> Classification:
     """Run the three classification cycles; later cycles refine the sample with earlier z-scores."""
+    cycles = [scanbox_windows(geometry, region, box) for box in settings.scanbox_windows]
+    if settings.res_outer is not None:
+        cycles = [[w for w in windows if _window_reaches(geometry, w, settings.res_outer)] for windows in cycles]
+    # When every cycle covers the same pixels, the last one rewrites all z-scores, so the earlier ones
+    # only need to mark the next cycle's background sample: a byte per pixel instead of two floats.
+    if all(_coverage(w) == _coverage(cycles[0]) for w in cycles):
+        result = _run_cycles(pixels, geometry, settings, underload, cycles, mark_only=True)
+        if result.error is None:
+            return result
+    # with res.outer windows differ between cycles, and a stopped cycle leaves earlier z-scores in place
+    return _run_cycles(pixels, geometry, settings, underload, cycles, mark_only=False)
+
+
+def _run_cycles(pixels, geometry, settings, underload, cycles, mark_only) -> Classification:
     z = np.zeros(pixels.shape, dtype=np.float32)
     local_mean = np.zeros(pixels.shape, dtype=np.float32)
+    threshold = float(settings.signal_height)
     usable = pixels > underload
     if not settings.report_overloads:
         usable &= pixels < geometry.saturation
+    background = usable & (0.0 < threshold)  # z starts at 0 everywhere
     centres = np.zeros((0, 2), dtype=np.int64)
     planes = samples = np.zeros(0)
     error = None
-    for box in settings.scanbox_windows:
-        windows = scanbox_windows(geometry, region, box)
-        if settings.res_outer is not None:
-            windows = [w for w in windows if _window_reaches(geometry, w, settings.res_outer)]
+    for number, windows in enumerate(cycles):
+        last = number == len(cycles) - 1
         windows = np.array(windows, dtype=np.int64).reshape(-1, 4)
-        background = usable & (z < np.float64(settings.signal_height))  # compared in double, as in C++
         centres = np.zeros((len(windows), 2), dtype=np.int64)
         planes = np.zeros(len(windows))
         samples = np.zeros(len(windows), dtype=np.int64)
-        # the background sample is fixed from the previous cycle's z, so z can be rewritten in place
-        done = _classify_cycle(pixels, background, z, local_mean, windows, pixels.shape[0],
-                               pixels.shape[1], centres, planes, samples)
+        mark = mark_only and not last
+        next_background = background.copy() if mark else background
+        # the sample is fixed from the previous cycle, so z can be rewritten in place
+        done = _classify_cycle(pixels, background, usable, z, local_mean, next_background, threshold,
+                               not mark, mark, windows, pixels.shape[0], pixels.shape[1], centres, planes, samples)
         if done < len(windows):
             # libdistl stops classifying at that window; the DISTL pipeline prints the message and goes on
             error = "cannot distinguish signal/background"
             centres, planes, samples = centres[:done], planes[:done], samples[:done]
             break
+        if not last:
+            background = next_background if mark else usable & (z < np.float64(threshold))
     return Classification(z=z, local_mean=local_mean, window_centres=centres, window_background=planes,
                           window_sample=samples, error=error)
+
+
+def _coverage(windows: list[tuple[int, int, int, int]]) -> tuple[tuple, tuple]:
+    """The slow and fast pixel ranges a cycle's windows cover, as merged intervals."""
+
+    def merged(spans):
+        out: list[list[int]] = []
+        for lo, hi in sorted(set(spans)):
+            if out and lo <= out[-1][1] + 1:
+                out[-1][1] = max(out[-1][1], hi)
+            else:
+                out.append([lo, hi])
+        return tuple(map(tuple, out))
+
+    return merged((w[0], w[1]) for w in windows), merged((w[2], w[3]) for w in windows)
 
 
 def _window_reaches(geometry: Geometry, window: tuple[int, int, int, int], res_outer: float) -> bool:

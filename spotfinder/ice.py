@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 from numba import njit
 
-from .background import Region, integer_beam, pixel_resolution
+from .background import Region, integer_beam, pixel_d, pixel_resolution
 from .image import Geometry
 from .resolution import Shells
 
@@ -65,18 +65,18 @@ def _ring_counts(z, x0, x1, y0, y1, bx, by, first, last, low, high):
     these counts only: one pass over the frame, no sort.
     """
     rings = last - first + 1
-    counts = np.zeros((rings, 3), dtype=np.int64)
+    counts = np.zeros((rings + 2, 3), dtype=np.int64)  # rows 0 and rings + 1 collect what lies outside
     for x in range(x0, x1 + 1):
+        dx2 = float(x - bx) ** 2
+        z_row = z[x]
         for y in range(y0, y1 + 1):
-            k = int(np.sqrt(float(x - bx) ** 2 + float(y - by) ** 2) / RING_WIDTH) - first
-            if 0 <= k < rings:
-                counts[k, 0] += 1
-                v = z[x, y]
-                if v < low:
-                    counts[k, 1] += 1
-                if v < high:
-                    counts[k, 2] += 1
-    return counts
+            k = int(np.sqrt(dx2 + float(y - by) ** 2) / RING_WIDTH) - first
+            k = min(max(k, -1), rings) + 1  # branch-free: the loop vectorises
+            v = z_row[y]
+            counts[k, 0] += 1
+            counts[k, 1] += v < low
+            counts[k, 2] += v < high
+    return counts[1:rings + 1]
 
 
 def _radius_px(geometry: Geometry, d: float) -> float:
@@ -91,16 +91,34 @@ def _d_at_r2(geometry: Geometry, r2: float) -> float:
     return float(pixel_resolution(geometry, bx + math.sqrt(r2), integer_beam(geometry)[1]))
 
 
-def on_ice(rings: list[PixelRing], d) -> np.ndarray:
-    """Whether pixels of resolution d lie on a pixel-level ice ring (libdistl's walk, vectorised)."""
-    d = np.asarray(d, dtype=float)
-    result = np.zeros(d.shape, dtype=bool)
-    decided = np.zeros(d.shape, dtype=bool)
-    for ring in rings:
-        here = ~decided & (ring.outer_d <= d)
-        result[here] = d[here] <= ring.inner_d
-        decided |= here
-    return result
+@dataclass(frozen=True)
+class IceTest:
+    """The pixel-level rings as plain numbers, for the spot-growth kernel to test perimeter pixels."""
+
+    bx: int
+    by: int
+    k: float  # (pixel / distance)^2
+    wavelength: float
+    inner_d: np.ndarray  # d at each ring's inner edge, rings from the beam outwards
+    outer_d: np.ndarray
+
+    @classmethod
+    def of(cls, rings: list[PixelRing], geometry: Geometry) -> IceTest:
+        bx, by = integer_beam(geometry)
+        return cls(bx, by, (geometry.pixel_size / geometry.distance) ** 2, geometry.wavelength,
+                   np.array([r.inner_d for r in rings], dtype=np.float64),
+                   np.array([r.outer_d for r in rings], dtype=np.float64))
+
+
+@njit(cache=True)
+def pixel_on_ice(x, y, bx, by, k, wavelength, inner_d, outer_d):
+    """libdistl's walk: the first ring (inner to outer) whose outer edge d <= the pixel's d decides, by
+    whether the pixel's d is also <= its inner edge d."""
+    d = pixel_d(float(x), float(y), bx, by, k, wavelength)
+    for i in range(inner_d.size):
+        if outer_d[i] <= d:
+            return d <= inner_d[i]
+    return False
 
 
 # --- ice rings from spot counts (RingFinder) --------------------------------------------------------

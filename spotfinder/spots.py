@@ -5,13 +5,10 @@ from dataclasses import dataclass
 
 import numpy as np
 from numba import njit
-from scipy import ndimage
 
 from .background import Classification, Region
+from .ice import IceTest, pixel_on_ice
 from .params import Settings
-
-EIGHT = np.ones((3, 3), dtype=bool)
-
 
 @dataclass
 class Spots:
@@ -77,41 +74,59 @@ class Spots:
                      self.body_x[pixels], self.body_y[pixels], self.wts[pixels], self.bkg[pixels])
 
 
+@dataclass
+class Maxima:
+    """Spot maxima: a map of the frame, and their coordinates in scan order."""
+
+    map: np.ndarray
+    x: np.ndarray
+    y: np.ndarray
+
+
 def local_maxima(pixels: np.ndarray, z: np.ndarray, region: Region, settings: Settings, underload: int,
-                 saturation: int) -> np.ndarray:
-    """Boolean map of spot maxima (libdistl's rules, one pixel inside the region).
+                 saturation: int) -> Maxima:
+    """Spot maxima (libdistl's rules, one pixel inside the region).
 
     A maximum is a saturated pixel, or a strong pixel (Z > h) at least as bright as its 8 neighbours with
     more than ``min(4, area_min - 1) - 1`` strong neighbours.
     """
     needed = min(4, settings.spot_area_min - 1) - 1
-    return _maxima(pixels, z, region.x0 + 1, region.x1 - 1, region.y0 + 1, region.y1 - 1,
-                   float(settings.spot_height), underload, saturation, needed)
+    found = np.zeros(pixels.shape, dtype=np.bool_)
+    xs, ys = _maxima(pixels, z, found, region.x0 + 1, region.x1 - 1, region.y0 + 1, region.y1 - 1,
+                     float(settings.spot_height), underload, saturation, needed)
+    return Maxima(found, xs, ys)
 
 
 @njit(cache=True)
-def _maxima(pixels, z, x0, x1, y0, y1, h, underload, saturation, needed):
-    maxima = np.zeros(pixels.shape, dtype=np.bool_)
+def _maxima(pixels, z, found, x0, x1, y0, y1, h, underload, saturation, needed):
+    xs = np.empty(1024, dtype=np.int64)
+    ys = np.empty(1024, dtype=np.int64)
+    n = 0
     for x in range(x0, x1 + 1):
         for y in range(y0, y1 + 1):
             value = pixels[x, y]
-            if value >= saturation:
-                maxima[x, y] = True
-                continue
-            if not (z[x, y] > h and value > underload):
-                continue
-            strong = 0
-            brightest = True
-            for dx in range(-1, 2):
-                for dy in range(-1, 2):
-                    if dx == 0 and dy == 0:
-                        continue
-                    if pixels[x + dx, y + dy] > value:
-                        brightest = False
-                    if z[x + dx, y + dy] > h:
-                        strong += 1
-            maxima[x, y] = brightest and strong > needed
-    return maxima
+            if value < saturation:
+                if not (z[x, y] > h and value > underload):
+                    continue
+                strong = 0
+                brightest = True
+                for dx in range(-1, 2):
+                    for dy in range(-1, 2):
+                        if dx == 0 and dy == 0:
+                            continue
+                        if pixels[x + dx, y + dy] > value:
+                            brightest = False
+                        if z[x + dx, y + dy] > h:
+                            strong += 1
+                if not (brightest and strong > needed):
+                    continue
+            found[x, y] = True
+            if n == xs.size:
+                xs = np.concatenate((xs, np.empty(n, dtype=np.int64)))
+                ys = np.concatenate((ys, np.empty(n, dtype=np.int64)))
+            xs[n], ys[n] = x, y
+            n += 1
+    return xs[:n], ys[:n]
 
 
 # libdistl's flood-fill neighbour order (fast offset 1, 0, -1; within each, slow offset 1, 0, -1).  It
@@ -122,14 +137,16 @@ FILL_DY = np.array([1, 1, 1, 0, 0, -1, -1, -1])
 
 
 @njit(cache=True)
-def _grow(z, pixels, maxima, seeds_x, seeds_y, h, x0, x1, y0, y1, fill_dx, fill_dy):
+def _grow(z, pixels, maxima, visited, seeds_x, seeds_y, h, x0, x1, y0, y1, fill_dx, fill_dy, ice):
     """Depth-first flood fill (8-connected, Z > h, inside the region) from each not yet visited maximum,
     in the given seed order, pixels recorded as first visited.
 
-    Returns the body pixels spot after spot, the spot of each, and each spot's peak: the first visited of
-    its brightest maxima.
+    Returns the body pixels spot after spot, the spot of each, each spot's peak (the first visited of its
+    brightest maxima), and whether a perimeter pixel (a neighbour that failed the test) lies on an ice
+    ring.  ``ice`` is (bx, by, k, wavelength, inner_d, outer_d) of the pixel-level rings.  ``visited``
+    starts all False; a visited neighbour that passes the test can only be of the spot being grown.
     """
-    label = np.zeros(z.shape, dtype=np.int32)
+    bx, by, k, wavelength, inner_d, outer_d = ice
     capacity = 1024
     out_x = np.empty(capacity, dtype=np.int64)
     out_y = np.empty(capacity, dtype=np.int64)
@@ -138,14 +155,15 @@ def _grow(z, pixels, maxima, seeds_x, seeds_y, h, x0, x1, y0, y1, fill_dx, fill_
     stack_y = np.empty(capacity, dtype=np.int64)
     stack_d = np.empty(capacity, dtype=np.int64)
     peaks = np.empty(len(seeds_x), dtype=np.int64)
+    on_ice = np.zeros(len(seeds_x), dtype=np.bool_)
     n = 0
     spots = 0
     for i in range(len(seeds_x)):
         sx, sy = seeds_x[i], seeds_y[i]
-        if label[sx, sy] != 0:
+        if visited[sx, sy]:
             continue
         spots += 1
-        label[sx, sy] = spots
+        visited[sx, sy] = True
         best = pixels[sx, sy]
         peaks[spots - 1] = n
         if n == out_x.size:
@@ -163,11 +181,13 @@ def _grow(z, pixels, maxima, seeds_x, seeds_y, h, x0, x1, y0, y1, fill_dx, fill_
                 continue
             stack_d[top - 1] = d + 1
             nx, ny = stack_x[top - 1] + fill_dx[d], stack_y[top - 1] + fill_dy[d]
-            if nx < x0 or nx > x1 or ny < y0 or ny > y1 or label[nx, ny] != 0:
+            if not (x0 <= nx <= x1 and y0 <= ny <= y1 and (z[nx, ny] > h or maxima[nx, ny])):
+                if inner_d.size and not on_ice[spots - 1]:
+                    on_ice[spots - 1] = pixel_on_ice(nx, ny, bx, by, k, wavelength, inner_d, outer_d)
                 continue
-            if not (z[nx, ny] > h or maxima[nx, ny]):
+            if visited[nx, ny]:
                 continue
-            label[nx, ny] = spots
+            visited[nx, ny] = True
             if n == out_x.size:
                 out_x = np.concatenate((out_x, np.empty(n, dtype=np.int64)))
                 out_y = np.concatenate((out_y, np.empty(n, dtype=np.int64)))
@@ -183,44 +203,31 @@ def _grow(z, pixels, maxima, seeds_x, seeds_y, h, x0, x1, y0, y1, fill_dx, fill_
                 stack_d = np.concatenate((stack_d, np.empty(top, dtype=np.int64)))
             stack_x[top], stack_y[top], stack_d[top] = nx, ny, 0
             top += 1
-    return out_x[:n], out_y[:n], out_spot[:n], peaks[:spots]
+    return out_x[:n], out_y[:n], out_spot[:n], peaks[:spots], on_ice[:spots]
 
 
-def assemble(pixels: np.ndarray, cls: Classification, maxima: np.ndarray, region: Region, settings: Settings,
-             border_on_ice=None) -> Spots:
+def assemble(pixels: np.ndarray, cls: Classification, maxima: Maxima, region: Region, settings: Settings,
+             ice: IceTest | None = None) -> Spots:
     """8-connected components of {Z > h} in the region that hold a maximum, as spots.
 
     libdistl visits the maxima in reverse scan order and grows a spot from each one not yet taken, so the
-    spots come out in that order, their body pixels in fill order.  ``border_on_ice(x, y)`` tells which
-    perimeter pixels lie on a pixel-level ice ring; a spot touching one is dropped.
+    spots come out in that order, their body pixels in fill order.  A spot with a perimeter pixel on a
+    pixel-level ice ring is dropped.
     """
-    seeds_x, seeds_y = np.nonzero(maxima)
-    bx, by, owner, peak = _grow(cls.z, pixels, maxima, seeds_x[::-1].copy(), seeds_y[::-1].copy(),
-                                settings.spot_height, region.x0, region.x1, region.y0, region.y1, FILL_DX, FILL_DY)
+    rings = (0, 0, 0.0, 1.0, np.zeros(0), np.zeros(0)) if ice is None else \
+        (ice.bx, ice.by, ice.k, ice.wavelength, ice.inner_d, ice.outer_d)
+    visited = np.zeros(pixels.shape, dtype=np.bool_)
+    bx, by, owner, peak, on_ice = _grow(cls.z, pixels, maxima.map, visited, maxima.x[::-1].copy(),
+                                        maxima.y[::-1].copy(), settings.spot_height, region.x0, region.x1,
+                                        region.y0, region.y1, FILL_DX, FILL_DY, rings)
     count = len(peak)
     area = np.bincount(owner, minlength=count)
     starts = np.concatenate(([0], np.cumsum(area))).astype(np.int64)
-    nmaxima = np.bincount(owner, weights=maxima[bx, by], minlength=count).astype(int)
+    nmaxima = np.bincount(owner, weights=maxima.map[bx, by], minlength=count).astype(int)
     spots = Spots(peak_x=bx[peak], peak_y=by[peak], area=area, nmaxima=nmaxima,
                   intensity=cls.z[bx[peak], by[peak]].astype(np.float32), starts=starts, body_x=bx, body_y=by,
                   wts=(pixels[bx, by] - cls.local_mean[bx, by]).astype(np.float32), bkg=cls.local_mean[bx, by])
-    if border_on_ice is None:
-        return spots
-    keep = np.ones(count, dtype=bool)
-    for i in range(count):
-        x, y, _ = spots.body(i)
-        rx, ry = _border(x, y)
-        keep[i] = not np.any(border_on_ice(rx, ry))
-    return spots.take(keep)
-
-
-def _border(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The 8-neighbours of a body that are not in it: libdistl's perimeter pixels."""
-    box = np.zeros((x.max() - x.min() + 3, y.max() - y.min() + 3), dtype=bool)
-    box[x - x.min() + 1, y - y.min() + 1] = True
-    ring = ndimage.binary_dilation(box, structure=EIGHT) & ~box
-    rx, ry = np.nonzero(ring)
-    return rx + x.min() - 1, ry + y.min() - 1
+    return spots.take(~on_ice) if on_ice.any() else spots
 
 
 def percentile_index(n: int, p: float) -> int:
