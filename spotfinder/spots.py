@@ -76,11 +76,13 @@ class Spots:
 
 @dataclass
 class Maxima:
-    """Spot maxima: a map of the frame, and their coordinates in scan order."""
+    """Spot maxima: a map of the frame, their coordinates in scan order, and how many strong pixels
+    (Z > h) there are, which bounds what spot growth can collect."""
 
     map: np.ndarray
     x: np.ndarray
     y: np.ndarray
+    strong: int
 
 
 def local_maxima(pixels: np.ndarray, z: np.ndarray, region: Region, settings: Settings, underload: int,
@@ -92,19 +94,24 @@ def local_maxima(pixels: np.ndarray, z: np.ndarray, region: Region, settings: Se
     """
     needed = min(4, settings.spot_area_min - 1) - 1
     found = np.zeros(pixels.shape, dtype=np.bool_)
-    xs, ys = _maxima(pixels, z, found, region.x0 + 1, region.x1 - 1, region.y0 + 1, region.y1 - 1,
-                     float(settings.spot_height), underload, saturation, needed)
-    return Maxima(found, xs, ys)
+    xs, ys, strong = _maxima(pixels, z, found, region.x0 + 1, region.x1 - 1, region.y0 + 1, region.y1 - 1,
+                             float(settings.spot_height), underload, saturation, needed)
+    # maxima are looked for one pixel inside the region, spots grow up to its edge: add that edge's pixels
+    edge = 2 * (region.x1 - region.x0 + region.y1 - region.y0 + 2)
+    return Maxima(found, xs, ys, strong + edge)
 
 
 @njit(cache=True)
 def _maxima(pixels, z, found, x0, x1, y0, y1, h, underload, saturation, needed):
-    xs = np.empty(1024, dtype=np.int64)
-    ys = np.empty(1024, dtype=np.int64)
+    # room for every pixel: untouched pages of np.empty cost nothing, and fixed arrays keep the loop fast
+    xs = np.empty((x1 - x0 + 1) * (y1 - y0 + 1), dtype=np.int64)
+    ys = np.empty_like(xs)
     n = 0
+    strong_pixels = 0
     for x in range(x0, x1 + 1):
         for y in range(y0, y1 + 1):
             value = pixels[x, y]
+            strong_pixels += z[x, y] > h
             if value < saturation:
                 if not (z[x, y] > h and value > underload):
                     continue
@@ -121,12 +128,9 @@ def _maxima(pixels, z, found, x0, x1, y0, y1, h, underload, saturation, needed):
                 if not (brightest and strong > needed):
                     continue
             found[x, y] = True
-            if n == xs.size:
-                xs = np.concatenate((xs, np.empty(n, dtype=np.int64)))
-                ys = np.concatenate((ys, np.empty(n, dtype=np.int64)))
             xs[n], ys[n] = x, y
             n += 1
-    return xs[:n], ys[:n]
+    return xs[:n].copy(), ys[:n].copy(), strong_pixels
 
 
 # libdistl's flood-fill neighbour order (fast offset 1, 0, -1; within each, slow offset 1, 0, -1).  It
@@ -137,7 +141,7 @@ FILL_DY = np.array([1, 1, 1, 0, 0, -1, -1, -1])
 
 
 @njit(cache=True)
-def _grow(z, pixels, maxima, visited, seeds_x, seeds_y, h, x0, x1, y0, y1, fill_dx, fill_dy, ice):
+def _grow(z, pixels, maxima, visited, seeds_x, seeds_y, capacity, h, x0, x1, y0, y1, fill_dx, fill_dy, ice):
     """Depth-first flood fill (8-connected, Z > h, inside the region) from each not yet visited maximum,
     in the given seed order, pixels recorded as first visited.
 
@@ -147,7 +151,7 @@ def _grow(z, pixels, maxima, visited, seeds_x, seeds_y, h, x0, x1, y0, y1, fill_
     starts all False; a visited neighbour that passes the test can only be of the spot being grown.
     """
     bx, by, k, wavelength, inner_d, outer_d = ice
-    capacity = 1024
+    capacity = capacity + len(seeds_x)  # every body pixel is strong or a seed
     out_x = np.empty(capacity, dtype=np.int64)
     out_y = np.empty(capacity, dtype=np.int64)
     out_spot = np.empty(capacity, dtype=np.int64)
@@ -166,10 +170,6 @@ def _grow(z, pixels, maxima, visited, seeds_x, seeds_y, h, x0, x1, y0, y1, fill_
         visited[sx, sy] = True
         best = pixels[sx, sy]
         peaks[spots - 1] = n
-        if n == out_x.size:
-            out_x = np.concatenate((out_x, np.empty(n, dtype=np.int64)))
-            out_y = np.concatenate((out_y, np.empty(n, dtype=np.int64)))
-            out_spot = np.concatenate((out_spot, np.empty(n, dtype=np.int64)))
         out_x[n], out_y[n], out_spot[n] = sx, sy, spots - 1
         n += 1
         stack_x[0], stack_y[0], stack_d[0] = sx, sy, 0
@@ -188,19 +188,11 @@ def _grow(z, pixels, maxima, visited, seeds_x, seeds_y, h, x0, x1, y0, y1, fill_
             if visited[nx, ny]:
                 continue
             visited[nx, ny] = True
-            if n == out_x.size:
-                out_x = np.concatenate((out_x, np.empty(n, dtype=np.int64)))
-                out_y = np.concatenate((out_y, np.empty(n, dtype=np.int64)))
-                out_spot = np.concatenate((out_spot, np.empty(n, dtype=np.int64)))
             out_x[n], out_y[n], out_spot[n] = nx, ny, spots - 1
             if maxima[nx, ny] and pixels[nx, ny] > best:
                 best = pixels[nx, ny]
                 peaks[spots - 1] = n
             n += 1
-            if top == stack_x.size:
-                stack_x = np.concatenate((stack_x, np.empty(top, dtype=np.int64)))
-                stack_y = np.concatenate((stack_y, np.empty(top, dtype=np.int64)))
-                stack_d = np.concatenate((stack_d, np.empty(top, dtype=np.int64)))
             stack_x[top], stack_y[top], stack_d[top] = nx, ny, 0
             top += 1
     return out_x[:n], out_y[:n], out_spot[:n], peaks[:spots], on_ice[:spots]
@@ -218,8 +210,8 @@ def assemble(pixels: np.ndarray, cls: Classification, maxima: Maxima, region: Re
         (ice.bx, ice.by, ice.k, ice.wavelength, ice.inner_d, ice.outer_d)
     visited = np.zeros(pixels.shape, dtype=np.bool_)
     bx, by, owner, peak, on_ice = _grow(cls.z, pixels, maxima.map, visited, maxima.x[::-1].copy(),
-                                        maxima.y[::-1].copy(), settings.spot_height, region.x0, region.x1,
-                                        region.y0, region.y1, FILL_DX, FILL_DY, rings)
+                                        maxima.y[::-1].copy(), maxima.strong, settings.spot_height, region.x0,
+                                        region.x1, region.y0, region.y1, FILL_DX, FILL_DY, rings)
     count = len(peak)
     area = np.bincount(owner, minlength=count)
     starts = np.concatenate(([0], np.cumsum(area))).astype(np.int64)
