@@ -192,3 +192,21 @@ def _bin_tables(frame, found, shape, chain, g, coverage, cls, params) -> list:
                    "Fract": fract, "PxlBkgrd": pxl, "MnWndwSz": wsz, **cols}
         tables.append(report.BinTable(message=message % frame.path, columns=columns, legend=not tables))
     return tables
+
+
+def warm_up() -> float:
+    """Compile (or load from numba's cache) every kernel by analysing a small simulated frame, so that a
+    worker's first real frame is as fast as the rest; returns the seconds it took."""
+    import os
+    import tempfile
+
+    from .simulate import Scene, random_spots, write_cbf
+
+    start = time.perf_counter()
+    scene = Scene(seed=7, ice_ring_d=3.67, ice_ring_counts=30.0)
+    scene.spots = random_spots(scene, 40)
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, "warm_up_0001.cbf")
+        write_cbf(path, scene)
+        analyse(path, Params({"distl.bins.verbose": True}))
+    return time.perf_counter() - start

@@ -148,49 +148,50 @@ def _solve3(m, r):
 def _count_background(background, x0, x1, y0, y1):
     n = 0
     for x in range(x0, x1 + 1, 2):
-        for y in range(y0, y1 + 1, 2):
-            if background[x, y]:
-                n += 1
+        row = background[x, y0:y1 + 1:2]
+        for j in range(row.size):
+            n += row[j]
     return n
 
 
 @njit(cache=True, error_model="numpy")
 def _fit_window(values, background, x0, y0, sx0, sx1, sy0, sy1):
     """Least-squares plane v = a*(x-x0) + b*(y-y0) + c through the window's stride-2 background sample,
-    and the RMS residual about it (divided by n, as libdistl does)."""
-    m = np.zeros((3, 3))
-    r = np.zeros(3)
+    and the RMS residual about it (divided by n, as libdistl does).
+
+    The sums are branch-free (a sample weight of 0 or 1) and, being sums of integers, exact in any order.
+    """
+    sxx = sxy = sx = syy = sy = sxv = syv = sv = 0.0
     n = 0
     for x in range(sx0, sx1 + 1, 2):
         dx = float(x - x0)
-        for y in range(sy0, sy1 + 1, 2):
-            if background[x, y]:
-                dy = float(y - y0)
-                v = float(values[x, y])
-                m[0, 0] += dx * dx
-                m[0, 1] += dx * dy
-                m[0, 2] += dx
-                m[1, 1] += dy * dy
-                m[1, 2] += dy
-                r[0] += dx * v
-                r[1] += dy * v
-                r[2] += v
-                n += 1
-    m[1, 0] = m[0, 1]
-    m[2, 0] = m[0, 2]
-    m[2, 1] = m[1, 2]
-    m[2, 2] = n
-    ok, abc = _solve3(m, r)
+        value_row, sample_row = values[x, sy0:sy1 + 1:2], background[x, sy0:sy1 + 1:2]
+        for j in range(value_row.size):
+            w = 1.0 if sample_row[j] else 0.0
+            dy = float(sy0 + 2 * j - y0)
+            v = float(value_row[j]) * w
+            sxx += w * dx * dx
+            sxy += w * dx * dy
+            sx += w * dx
+            syy += w * dy * dy
+            sy += w * dy
+            sxv += dx * v
+            syv += dy * v
+            sv += v
+            n += sample_row[j]
+    m = np.array([[sxx, sxy, sx], [sxy, syy, sy], [sx, sy, float(n)]])
+    ok, abc = _solve3(m, np.array([sxv, syv, sv]))
     if not ok:
         abc[0] = 0.0
         abc[1] = 0.0
-        abc[2] = r[2] / n
+        abc[2] = sv / n
     squares = 0.0
     for x in range(sx0, sx1 + 1, 2):
-        for y in range(sy0, sy1 + 1, 2):
-            if background[x, y]:
-                e = float(values[x, y]) - (abc[0] * (x - x0) + abc[1] * (y - y0) + abc[2])
-                squares += e * e
+        row_plane = abc[0] * (x - x0)
+        value_row, sample_row = values[x, sy0:sy1 + 1:2], background[x, sy0:sy1 + 1:2]
+        for j in range(value_row.size):
+            e = float(value_row[j]) - (row_plane + abc[1] * (sy0 + 2 * j - y0) + abc[2])
+            squares += e * e if sample_row[j] else 0.0
     return abc[0], abc[1], abc[2], np.sqrt(squares / n), n
 
 

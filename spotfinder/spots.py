@@ -76,13 +76,13 @@ class Spots:
 
 @dataclass
 class Maxima:
-    """Spot maxima: a map of the frame, their coordinates in scan order, and how many strong pixels
-    (Z > h) there are, which bounds what spot growth can collect."""
+    """Spot maxima: a map of the frame, their coordinates in scan order, and a bound on how many pixels
+    spot growth can collect (the strong or saturated pixels)."""
 
     map: np.ndarray
     x: np.ndarray
     y: np.ndarray
-    strong: int
+    growth_bound: int
 
 
 def local_maxima(pixels: np.ndarray, z: np.ndarray, region: Region, settings: Settings, underload: int,
@@ -94,26 +94,36 @@ def local_maxima(pixels: np.ndarray, z: np.ndarray, region: Region, settings: Se
     """
     needed = min(4, settings.spot_area_min - 1) - 1
     found = np.zeros(pixels.shape, dtype=np.bool_)
-    xs, ys, strong = _maxima(pixels, z, found, region.x0 + 1, region.x1 - 1, region.y0 + 1, region.y1 - 1,
+    xs, ys, flagged = _maxima(pixels, z, found, region.x0 + 1, region.x1 - 1, region.y0 + 1, region.y1 - 1,
                              float(settings.spot_height), underload, saturation, needed)
     # maxima are looked for one pixel inside the region, spots grow up to its edge: add that edge's pixels
     edge = 2 * (region.x1 - region.x0 + region.y1 - region.y0 + 2)
-    return Maxima(found, xs, ys, strong + edge)
+    return Maxima(found, xs, ys, flagged + edge)
 
 
 @njit(cache=True)
 def _maxima(pixels, z, found, x0, x1, y0, y1, h, underload, saturation, needed):
+    """Each row is first flagged branch-free (strong or saturated, which the compiler vectorises), then
+    only the few flagged pixels get the full test.  Also counts the flagged pixels: a bound on how many
+    pixels spot growth can collect."""
     # room for every pixel: untouched pages of np.empty cost nothing, and fixed arrays keep the loop fast
     xs = np.empty((x1 - x0 + 1) * (y1 - y0 + 1), dtype=np.int64)
     ys = np.empty_like(xs)
+    flags = np.empty(y1 - y0 + 1, dtype=np.bool_)
     n = 0
-    strong_pixels = 0
+    flagged = 0
     for x in range(x0, x1 + 1):
-        for y in range(y0, y1 + 1):
-            value = pixels[x, y]
-            strong_pixels += z[x, y] > h
+        z_row, value_row = z[x, y0:y1 + 1], pixels[x, y0:y1 + 1]
+        for j in range(flags.size):
+            flags[j] = (z_row[j] > h) | (value_row[j] >= saturation)
+        for j in range(flags.size):
+            if not flags[j]:
+                continue
+            flagged += 1
+            y = y0 + j
+            value = value_row[j]
             if value < saturation:
-                if not (z[x, y] > h and value > underload):
+                if not (z_row[j] > h and value > underload):
                     continue
                 strong = 0
                 brightest = True
@@ -130,7 +140,7 @@ def _maxima(pixels, z, found, x0, x1, y0, y1, h, underload, saturation, needed):
             found[x, y] = True
             xs[n], ys[n] = x, y
             n += 1
-    return xs[:n].copy(), ys[:n].copy(), strong_pixels
+    return xs[:n].copy(), ys[:n].copy(), flagged
 
 
 # libdistl's flood-fill neighbour order (fast offset 1, 0, -1; within each, slow offset 1, 0, -1).  It
@@ -210,7 +220,7 @@ def assemble(pixels: np.ndarray, cls: Classification, maxima: Maxima, region: Re
         (ice.bx, ice.by, ice.k, ice.wavelength, ice.inner_d, ice.outer_d)
     visited = np.zeros(pixels.shape, dtype=np.bool_)
     bx, by, owner, peak, on_ice = _grow(cls.z, pixels, maxima.map, visited, maxima.x[::-1].copy(),
-                                        maxima.y[::-1].copy(), maxima.strong, settings.spot_height, region.x0,
+                                        maxima.y[::-1].copy(), maxima.growth_bound, settings.spot_height, region.x0,
                                         region.x1, region.y0, region.y1, FILL_DX, FILL_DY, rings)
     count = len(peak)
     area = np.bincount(owner, minlength=count)
