@@ -13,7 +13,6 @@ import argparse
 import bz2
 import gzip
 import json
-import os
 import shutil
 import sys
 import tempfile

@@ -7,7 +7,7 @@ import numpy as np
 
 from . import background, heuristics, ice, report, resolution, spots
 from .image import Frame, FrameError, Geometry, name_template, read_frame
-from .params import Params, Settings, effective_settings
+from .params import Params, effective_settings
 from .result import Result
 
 UNDERLOAD = -1  # PILATUS and EIGER: gap (-1) and bad (-2) pixels are unusable
@@ -115,7 +115,8 @@ def _listing(found: spots.Spots, i: int, pixels: np.ndarray, wts_sum, wts_max) -
 
 
 TABLE_MESSAGES = (
-    ("ice_free_resolution_spots", "Analysis of spots after ice removal, but prior to resolution cutoff, for image \n%s"),
+    ("ice_free_resolution_spots",
+     "Analysis of spots after ice removal, but prior to resolution cutoff, for image \n%s"),
     ("lo_pass_resolution_spots",
      "Analysis of spots after resolution filtering, but prior to spot quality heuristics, for image \n%s"),
     ("spots_inlier", "Analysis of good Bragg spots after quality heuristics, for image \n%s"),

@@ -1,10 +1,11 @@
 """Background and pixel classification: scanbox tiling and DISTL's three plane-fitted cycles.
 
 Each cycle fits a plane to the background sample of every scanbox window and turns every pixel of the window
-into a z-score against that plane.  The per-window loop is a numba kernel: it is the largest cost of the
-analysis, and compiled it takes milliseconds instead of the hundreds numpy needs per 6M frame.  The sample of a cycle excludes pixels the previous cycle found to be
-signal, so spots do not lift their own background.  Z and the local background are kept as float32, as
-libdistl keeps them: thresholds are then compared on the same numbers.
+into a z-score against that plane.  The sample of a cycle excludes pixels the previous cycle found to be
+signal, so spots do not lift their own background.  The per-window loop is a numba kernel: it is the
+largest cost of the analysis, and compiled it takes milliseconds where numpy needs hundreds per 6M frame.
+Z and the local background are kept as float32, as libdistl keeps them, and compared with thresholds in
+double precision, as its C++ does: thresholds then fall on the same pixels.
 """
 from __future__ import annotations
 

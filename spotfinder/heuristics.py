@@ -179,13 +179,11 @@ def _neighbour_vector_maxima(tree: cKDTree, data: np.ndarray, ave_area: float, n
         for y in range(-limit + 1, limit):
             if not (y > 0 or (y == 0 and x > 0)):
                 continue
-            c = plot[x + limit, y + limit]
-
-            def at(dx, dy):
-                return plot[x + dx + limit, y + dy + limit]
-
-            if c > 0.2 * highest and c > 0.05 * n_current and c >= at(0, 1) and c >= at(1, 1) and c >= at(1, 0) \
-                    and c >= at(1, -1) and c > at(0, -1) and c > at(-1, -1) and c > at(-1, 0) and c > at(-1, 1):
+            hood = plot[x + limit - 1:x + limit + 2, y + limit - 1:y + limit + 2]  # hood[1 + dx, 1 + dy]
+            c = hood[1, 1]
+            ahead = (hood[1, 2], hood[2, 2], hood[2, 1], hood[2, 0])  # (0,+1) (+1,+1) (+1,0) (+1,-1): ties allowed
+            behind = (hood[1, 0], hood[0, 0], hood[0, 1], hood[0, 2])  # (0,-1) (-1,-1) (-1,0) (-1,+1): strictly less
+            if c > 0.2 * highest and c > 0.05 * n_current and all(c >= v for v in ahead) and all(c > v for v in behind):
                 found.append((x, y))
     return found
 

@@ -49,7 +49,8 @@ def pixel_rings(z: np.ndarray, geometry: Geometry, region: Region) -> list[Pixel
         if iced:
             inner_r, outer_r = ring * RING_WIDTH, (ring + 1) * RING_WIDTH
             if previous_iced:  # consecutive ice annuli make one ring
-                rings[-1] = PixelRing(rings[-1].inner_r2, outer_r ** 2, rings[-1].inner_d, _d_at_r2(geometry, outer_r ** 2))
+                rings[-1] = PixelRing(rings[-1].inner_r2, outer_r ** 2, rings[-1].inner_d,
+                                      _d_at_r2(geometry, outer_r ** 2))
             else:
                 rings.append(PixelRing(inner_r ** 2, outer_r ** 2, _d_at_r2(geometry, inner_r ** 2),
                                        _d_at_r2(geometry, outer_r ** 2)))

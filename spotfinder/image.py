@@ -1,8 +1,8 @@
 """Reading a frame: miniCBF (PILATUS, EIGER converted to CBF), plain or .gz/.bz2, into pixels and geometry.
 
 The file is read once; the header is parsed the way DISTL's PILATUS reader does it (first 12288 bytes,
-``#``-separated lines, one token per keyword), so geometry agrees to the last digit.  Pixels are decoded by fabio's byte-offset
-decoder, after the binary section is checked to be complete and to match its Content-MD5.
+``#``-separated lines, one token per keyword), so geometry agrees to the last digit.  Pixels are decoded by
+fabio's byte-offset decoder, after the binary section is checked to be complete and to match its Content-MD5.
 """
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ import base64
 import bz2
 import hashlib
 import gzip
-import io
 import math
 import os
 import re

@@ -141,8 +141,8 @@ def format_body(result: Result) -> str:
     out.append("Number of focus spots on image #%d within the input resolution range: %d"
                % (number, result.focus_spots))
     for i, spot in enumerate(det.listing or ()):
-        out.append("%2d: Area in pixels=%d Peak=%.1f, Total integrated signal=%.1f (in pixel-ADC units above background)"
-                   % (i, spot.area, spot.peak_wts, spot.signal))
+        out.append("%2d: Area in pixels=%d Peak=%.1f, Total integrated signal=%.1f "
+                   "(in pixel-ADC units above background)" % (i, spot.area, spot.peak_wts, spot.signal))
         out.append("    Peak signal-to-noise=%.1f" % spot.peak_z)
         out.append("    Peak position x=%4d y=%4d (pixels); pixel value=%5d" % (spot.x, spot.y, spot.value))
         for x, y, value, height in spot.body:
@@ -178,6 +178,7 @@ def format_post(result: Result) -> str:
               row("Method 1 Resolution", "%7.2f" % result.method1_resolution),
               row("Method 2 Resolution", _value("%7.2f", result.method2_resolution)),
               row("Maximum unit cell", _value("%7.1f", result.max_unit_cell)),
-              row("Saturation, Top %d Peaks" % result.saturation_top_peaks, "%5s %%" % ("%.1f" % result.saturation_percent)),
+              row("Saturation, Top %d Peaks" % result.saturation_top_peaks,
+                  "%5s %%" % ("%.1f" % result.saturation_percent)),
               row("In-resolution overloaded spots", "%7s" % result.overloaded_spots)]
     return "\n".join(lines) + "\n"

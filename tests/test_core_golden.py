@@ -67,7 +67,8 @@ PROBE_CASES = {  # captured CLI output name -> frame number and parameters
     "out_0319.txt": ("0319", []), "out_0319_bins.txt": ("0319", ["distl.bins.verbose=True"]),
     "out_0319_res4.9.txt": ("0319", ["distl.res.outer=4.9"]),
     "out_0319_verbose.txt": ("0319", ["distl.res.outer=4.9", "distl.verbose=True"]),
-    "out_0320.txt": ("0320", []), "out_0321.txt": ("0321", []), "out_0322_bins.txt": ("0322", ["distl.bins.verbose=True"]),
+    "out_0320.txt": ("0320", []), "out_0321.txt": ("0321", []),
+    "out_0322_bins.txt": ("0322", ["distl.bins.verbose=True"]),
 }
 
 
