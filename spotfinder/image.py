@@ -13,12 +13,13 @@ import gzip
 import math
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from fabio.compression import decByteOffset
 
 HEADER_BYTES = 12288
+MIME_HEADER_BYTES = 65536  # the CIF and MIME headers of a miniCBF end well before this
 BINARY_MARKER = b"\x0c\x1a\x04\xd5"
 
 # (slow, fast) sizes → DISTL vendortype; the vendortype picks the scanbox tiling.
@@ -219,11 +220,20 @@ def binary_section(data: bytes) -> BinarySection | None:
 def binary_complete(path: str) -> bool:
     """True when the whole binary section is present (X-Binary-Size bytes after the marker).
 
-    The watcher asks this before it dispatches a frame; a compressed file must also decompress cleanly.
+    The watcher asks this before it dispatches a frame.  A plain CBF needs only its header and its size on
+    disk; a compressed one must decompress cleanly to the end.
     """
     try:
-        section = binary_section(read_bytes(path))
-    except FrameError:
+        if path.endswith((".gz", ".bz2")):
+            section = binary_section(read_bytes(path))
+        else:
+            with open(path, "rb") as fh:
+                head = fh.read(MIME_HEADER_BYTES)
+                size = os.fstat(fh.fileno()).st_size
+            section = binary_section(head)
+            if section is not None:
+                section = replace(section, present=size - section.start)
+    except (FrameError, OSError):
         return False
     return section is not None and section.complete
 

@@ -97,3 +97,26 @@ def test_values_convert_like_distl():
     with pytest.raises(ParameterError) as err:
         parse_words(["verbose=True"], home_scope=None)
     assert err.value.unknown and str(err.value) == "Unknown file or keyword: verbose=True"
+
+
+def test_binary_complete_follows_the_bytes_on_disk(simulated, tmp_path):
+    import bz2
+
+    from spotfinder.image import binary_complete, binary_section
+
+    data = simulated["paths"]["spots"].read_bytes()
+    section = binary_section(data)
+    frame = tmp_path / "growing_0001.cbf"
+    frame.write_bytes(data[:1000])  # header not even finished
+    assert not binary_complete(str(frame))
+    frame.write_bytes(data[:section.start + section.size - 1])  # one byte short of X-Binary-Size
+    assert not binary_complete(str(frame))
+    frame.write_bytes(data)
+    assert binary_complete(str(frame))
+    packed = tmp_path / "packed_0001.cbf.bz2"
+    whole = bz2.compress(data)
+    packed.write_bytes(whole[: len(whole) // 2])
+    assert not binary_complete(str(packed))
+    packed.write_bytes(whole)
+    assert binary_complete(str(packed))
+    assert not binary_complete(str(tmp_path / "absent_0001.cbf"))
