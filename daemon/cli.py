@@ -110,6 +110,20 @@ def find(args: argparse.Namespace) -> int:
     return EXIT_USAGE if failed else EXIT_OK
 
 
+def distl_thin_client(argv: list[str] | None = None) -> int:
+    """``distl.thin_client FRAME|EXIT HOST PORT``: DISTL's client of the old server's POST protocol."""
+    from daemon.legacy import thin_client
+
+    return thin_client(sys.argv[1:] if argv is None else argv)
+
+
+def distl_mp_spotfinder_server_read_file(argv: list[str] | None = None) -> int:
+    """``distl.mp_spotfinder_server_read_file distl.port=P distl.processors=N ...``: the service, the old way."""
+    from daemon.legacy import mp_spotfinder_server_read_file
+
+    return mp_spotfinder_server_read_file(sys.argv[1:] if argv is None else argv)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="spotfinder", description="DISTL-compatible spot finding service")
     commands = parser.add_subparsers(dest="command", required=True)

@@ -4,6 +4,9 @@ It binds the PULL socket workers push to, keeps the roll of workers from their `
 messages, records ``started`` jobs in the ledger, and turns every result or failure into a ledger
 transition plus one PUB message.  A result for a frame that is already final (a re-sent frame finished
 twice) is dropped here, which is what makes publication exactly-once.
+
+Results of on-demand jobs (HTTP queries) go to the waiting query through the lane instead: they are
+not frames of a collection, so they are neither recorded nor published, only counted in the metrics.
 """
 from __future__ import annotations
 
@@ -16,6 +19,8 @@ import zmq
 
 from . import publisher as messages
 from .ledger import Frame, Ledger
+from .metrics import Metrics
+from .ondemand import Lane
 from .publisher import Publisher
 
 log = logging.getLogger("spotfinder.collector")
@@ -36,13 +41,15 @@ class WorkerInfo:
 
 class Collector:
     def __init__(self, context: zmq.Context, endpoint: str, ledger: Ledger, publisher: Publisher,
-                 frame_timeout_s: float):
+                 frame_timeout_s: float, lane: Lane, metrics: Metrics):
         self.socket = context.socket(zmq.PULL)
         self.socket.setsockopt(zmq.LINGER, 0)
         self.socket.bind(endpoint)
         self.ledger = ledger
         self.publisher = publisher
         self.frame_timeout_s = frame_timeout_s
+        self.lane = lane
+        self.metrics = metrics
         self.workers: dict[str, WorkerInfo] = {}
         self.departed: list[str] = []  # workers that said goodbye, for the service to settle their frames
         self.dead: set[str] = set()  # workers known dead: their queued messages must not bring them back
@@ -72,7 +79,7 @@ class Collector:
         info = self.workers.get(worker_id)
         if worker_id in self.dead:
             if kind == "result":  # finished before it died: still a good result
-                self._publish_result(message, worker_id)
+                self._take_result(message, worker_id)
             return
         if kind == "bye":
             if info is not None:
@@ -88,11 +95,21 @@ class Collector:
             info.busy = message.get("busy")
         elif kind == "started":
             info.busy = message["id"]
-            self.ledger.mark_started(message["id"], worker_id, now, now + self.frame_timeout_s)
+            if self.lane.owns(message["id"]):
+                self.lane.started(message["id"], worker_id, now)
+            else:
+                self.ledger.mark_started(message["id"], worker_id, now, now + self.frame_timeout_s)
         elif kind == "result":
             info.busy = None
             info.frames_done += 1
+            self._take_result(message, worker_id)
+
+    def _take_result(self, message: dict, worker_id: str) -> None:
+        if not self.lane.owns(message["id"]):
             self._publish_result(message, worker_id)
+        elif self.lane.finished(message["id"], message["result"], message.get("text")) is not None:
+            self.metrics.frame("ondemand", message["result"])
+            self._count_done()
 
     def _publish_result(self, message: dict, worker_id: str) -> None:
         result, t_start = message["result"], message.get("t_start")
@@ -103,6 +120,7 @@ class Collector:
             log.info("duplicate result for frame %s from %s dropped", message["id"], worker_id)
             return
         self._count_done()
+        self.metrics.frame("watch", result)
         self.publisher.send(published)
         body = published["body"]
         log.debug("result seq %d %s: %s", body["seq"], body["file"], body["status"])
@@ -119,11 +137,13 @@ class Collector:
         if published is not None:
             log.error("frame %s failed: %s", frame.path, reason)
             self._count_done()
+            self.metrics.frame("watch", None)
             self.publisher.send(published)
 
     def service_error(self, text: str, collection: str | None = None, **fields) -> None:
         """Publish (and store) an error that is not a frame's result."""
         log.warning("%s", text)
+        self.metrics.error("service")
         self.publisher.send(self.ledger.record(lambda seq: messages.error_message(seq, text, collection, **fields)))
 
     def heartbeat(self, **fields) -> None:

@@ -25,8 +25,6 @@ def _fail(message: str, code: int) -> int:
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    from .service import ServiceError, serve  # imports numpy & co. only for the commands that need them
-
     try:
         settings = config.load(args.config, {
             "watch": args.watch, "pub": args.pub, "http": args.http, "workers": args.workers,
@@ -34,6 +32,13 @@ def run_serve(args: argparse.Namespace) -> int:
             "polling": True if args.polling else None})
     except ConfigError as exc:
         return _fail(str(exc), 2)
+    return serve_settings(settings)
+
+
+def serve_settings(settings: Settings) -> int:
+    """Run the service with validated settings (``spotfinder serve`` and the DISTL-style start); exit code."""
+    from .service import ServiceError, serve  # imports numpy & co. only for the commands that need them
+
     setup_logging(settings.log_level)
     try:
         return serve(settings)
@@ -141,7 +146,9 @@ def add_service_commands(subparsers) -> None:
     serve.add_argument("--http", metavar="HOST:PORT", help="HTTP address (default %s)" % DEFAULTS.http)
     serve.add_argument("--workers", metavar="N", type=int, help="local worker processes (default: number of cores)")
     serve.add_argument("--state-dir", metavar="DIR", help="folder of the ledger (default %s)" % config.default_state_dir())
-    serve.add_argument("--data-root", metavar="DIR", action="append", help="folder frames must lie under (repeatable)")
+    serve.add_argument("--data-root", metavar="DIR", action="append",
+                       help="folder watched and queried frames must lie under (repeatable; default for HTTP "
+                            "queries: the watched folders)")
     serve.add_argument("--polling", action="store_true", help="poll the folders (NFS/GPFS) instead of inotify")
     serve.add_argument("--log-level", choices=config.LOG_LEVELS, help="default info")
     serve.set_defaults(func=run_serve)
@@ -189,7 +196,9 @@ def add_service_commands(subparsers) -> None:
     replay.set_defaults(func=run_replay)
 
     stop = subparsers.add_parser("stop", help="stop a running service (SIGTERM) and wait for it to exit",
-                                 description="Send SIGTERM to the service that owns the state folder, and wait.")
+                                 description="Send SIGTERM to the service that owns the state folder, and wait. "
+                                             "(A service started by distl.mp_spotfinder_server_read_file keeps its "
+                                             "state in <default state folder>/distl-PORT.)")
     stop.add_argument("--config", metavar="FILE", help="YAML settings file (for its state_dir)")
     stop.add_argument("--state-dir", metavar="DIR", help="the service's state folder")
     stop.add_argument("--timeout", type=float, default=60.0, metavar="S", help="seconds to wait (default 60)")

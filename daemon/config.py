@@ -50,11 +50,25 @@ class Settings:
     heartbeat_interval_s: float = 1.0
     drain_timeout_s: float = 30.0
     pub_settle_s: float = 0.5
+    ondemand_queue: int | None = None
+    ondemand_timeout_s: float = 120.0
+    http_timeout_s: float = 10.0
+    http_max_connections: int = 128
     log_level: str = "info"
 
     @property
     def worker_count(self) -> int:
         return (os.cpu_count() or 1) if self.workers is None else self.workers
+
+    @property
+    def ondemand_capacity(self) -> int:
+        """How many HTTP queries may wait for a worker before more are refused with 503."""
+        return 2 * max(self.worker_count, 1) + 8 if self.ondemand_queue is None else self.ondemand_queue
+
+    @property
+    def ondemand_roots(self) -> tuple[str, ...]:
+        """The folders HTTP queries may name frames in: the data roots, else the watched folders."""
+        return self.data_root or self.watch
 
     @property
     def http_address(self) -> tuple[str, int]:
@@ -117,9 +131,12 @@ def validate(raw: dict) -> Settings:
     if not isinstance(values["polling"], bool):
         raise ConfigError("polling: expected true or false, got %r" % values["polling"])
     for key in ("poll_interval_s", "incomplete_timeout_s", "dispatch_timeout_s", "frame_timeout_s",
-                "worker_liveness_s", "heartbeat_interval_s", "drain_timeout_s", "pub_settle_s"):
+                "worker_liveness_s", "heartbeat_interval_s", "drain_timeout_s", "pub_settle_s", "ondemand_timeout_s",
+                "http_timeout_s"):
         values[key] = _number(key, values[key], minimum=0.01 if key != "pub_settle_s" else 0.0)
     values["workers"] = _number("workers", values["workers"], int, 0, allow_none=True)
+    values["ondemand_queue"] = _number("ondemand_queue", values["ondemand_queue"], int, 1, allow_none=True)
+    values["http_max_connections"] = _number("http_max_connections", values["http_max_connections"], int, 1)
     values["max_tries"] = _number("max_tries", values["max_tries"], int, 1)
     for key in ("pub", "work_endpoint", "results_endpoint"):
         check_endpoint(key, values[key])

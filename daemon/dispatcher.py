@@ -7,6 +7,10 @@ in flight per live worker: frames wait in the ledger's queue, not in some worker
 A dispatched frame that no worker started within ``dispatch_timeout_s`` (lost in a dead worker's buffer)
 goes back to the queue free of charge; one whose worker died or overran ``frame_timeout_s`` goes back
 with a try counted against it, and after ``max_tries`` it is failed instead of looping.
+
+On-demand jobs (HTTP queries, :mod:`daemon.ondemand`) share the same credit and go first: a query waits
+at most for the frames its worker already holds, never for the watcher's backlog.  The lane keeps its
+own resend rules; the dispatcher only tells it when time passes and workers are lost.
 """
 from __future__ import annotations
 
@@ -16,6 +20,7 @@ import time
 import zmq
 
 from .ledger import Frame, Ledger
+from .ondemand import Lane
 
 log = logging.getLogger("spotfinder.dispatcher")
 
@@ -24,7 +29,7 @@ CREDIT_PER_WORKER = 2  # one being analysed, one waiting at the worker
 
 class Dispatcher:
     def __init__(self, context: zmq.Context, endpoint: str, ledger: Ledger, params: dict,
-                 dispatch_timeout_s: float, max_tries: int):
+                 dispatch_timeout_s: float, max_tries: int, lane: Lane):
         self.socket = context.socket(zmq.PUSH)
         self.socket.setsockopt(zmq.SNDHWM, 1)
         self.socket.setsockopt(zmq.LINGER, 0)  # unsent jobs stay queued in the ledger anyway
@@ -33,13 +38,24 @@ class Dispatcher:
         self.params = params
         self.dispatch_timeout_s = dispatch_timeout_s
         self.max_tries = max_tries
+        self.lane = lane
 
     def dispatch(self, workers_alive: int) -> int:
-        """Send queued frames while live workers have room; how many were sent."""
-        in_flight = self.ledger.counts()["dispatched"]
+        """Send on-demand jobs, then queued frames, while live workers have room; how many were sent."""
+        in_flight = self.ledger.counts()["dispatched"] + self.lane.in_flight()
         room = workers_alive * CREDIT_PER_WORKER - in_flight
         sent = 0
-        for frame in self.ledger.queued(room):
+        jobs = self.lane.take(room)
+        for n, job in enumerate(jobs):
+            try:
+                self.socket.send_json(job.message(), zmq.NOBLOCK)
+            except zmq.Again:
+                for unsent in reversed(jobs[n:]):
+                    self.lane.put_back(unsent)
+                return sent
+            self.lane.dispatched(job, time.time())
+            sent += 1
+        for frame in self.ledger.queued(room - sent):
             try:
                 self.socket.send_json({"id": frame.id, "path": frame.path, "params": self.params}, zmq.NOBLOCK)
             except zmq.Again:  # every worker's pipe is full: try again on the next pass
@@ -50,7 +66,8 @@ class Dispatcher:
         return sent
 
     def expire(self, now: float) -> list[tuple[Frame, str]]:
-        """Re-queue overdue frames; the (frame, reason) pairs that used up their tries and must be failed."""
+        """Re-queue overdue frames and jobs; the (frame, reason) pairs that used up their tries and must be
+        failed (the lane answers its own exhausted jobs)."""
         exhausted = []
         for frame in self.ledger.overdue(now):
             if frame.worker is None:
@@ -61,16 +78,18 @@ class Dispatcher:
                 exhausted.append((frame, "gave up after %d tries: no worker finished the frame in time" % self.max_tries))
             else:
                 log.warning("worker %s overran the frame timeout on %s; queued again", frame.worker, frame.path)
+        self.lane.expire(now)
         return exhausted
 
     def worker_lost(self, worker_id: str, charge: bool) -> list[tuple[Frame, str]]:
-        """Re-queue the frames a dead or departed worker held; the ones that used up their tries."""
+        """Re-queue the frames and jobs a dead or departed worker held; the frames that used up their tries."""
         exhausted = []
         for frame in self.ledger.held_by(worker_id):
             if self.ledger.release(frame.id, charge=charge, max_tries=self.max_tries):
                 log.warning("frame %s queued again: its worker %s is gone", frame.path, worker_id)
             else:
                 exhausted.append((frame, "failed: its worker died on it %d times" % self.max_tries))
+        self.lane.worker_lost(worker_id)
         return exhausted
 
     def close(self) -> None:

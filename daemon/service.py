@@ -1,9 +1,10 @@
 """The service: wires watcher → ledger → dispatcher → workers → collector → PUB, and runs the one main loop.
 
 The main thread owns the ledger and every ZeroMQ socket.  Other threads (watchdog, the completeness
-checker, HTTP) only hand events in through the watcher's queue or read a status snapshot and the ledger
-on their own connections.  SIGTERM/SIGINT stop watching, let the frames in flight finish (or leave them in
-the ledger for the next start), flush the PUB socket and return 0.
+checker, HTTP) only hand events in through the watcher's queue or the on-demand lane, or read a status
+snapshot and the ledger on their own connections.  SIGTERM/SIGINT (or an EXIT POST from this host) stop
+watching and listening, let the frames and queries in flight finish (frames not finished stay in the
+ledger for the next start), flush the PUB socket and return 0.
 """
 from __future__ import annotations
 
@@ -22,9 +23,12 @@ from .config import Settings, connect_endpoint
 from .dispatcher import Dispatcher
 from .http import HttpServer, Request, Response, error_response, json_response
 from .ledger import Ledger
+from .metrics import Metrics
 from .notify import Notifier
+from .ondemand import Lane
 from .pool import WorkerPool
 from .publisher import Publisher, collection_of
+from .queries import DataRoots, Queries
 from .watcher import Watcher
 
 log = logging.getLogger("spotfinder.service")
@@ -82,18 +86,28 @@ class Service:
         s = self.settings
         self._lock_state_dir()
         self.ledger = Ledger(s.state_dir)
+        self.metrics = Metrics()
+        self.lane = Lane(s.ondemand_capacity, s.dispatch_timeout_s, s.frame_timeout_s)
+        self.metrics.watch_lane(self.lane.depth, self.lane.in_flight)
         self.context = zmq.Context()
         self.publisher = self._bind("pub", s.pub, lambda: Publisher(self.context, s.pub))
         self.collector = self._bind("results", s.results_endpoint, lambda: Collector(
-            self.context, s.results_endpoint, self.ledger, self.publisher, s.frame_timeout_s))
+            self.context, s.results_endpoint, self.ledger, self.publisher, s.frame_timeout_s, self.lane, self.metrics))
         self.dispatcher = self._bind("work", s.work_endpoint, lambda: Dispatcher(
-            self.context, s.work_endpoint, self.ledger, s.params().explicit(), s.dispatch_timeout_s, s.max_tries))
+            self.context, s.work_endpoint, self.ledger, s.params().explicit(), s.dispatch_timeout_s, s.max_tries,
+            self.lane))
         try:
-            self.http = HttpServer(*s.http_address)
+            self.http = HttpServer(*s.http_address, timeout_s=s.http_timeout_s, max_connections=s.http_max_connections)
         except OSError as exc:
             raise ServiceError("cannot listen for HTTP on %s: %s" % (s.http, exc.strerror or exc)) from None
+        self.http.observe(self.metrics.request)
         self.http.route("GET", "/status", self._http_status)
         self.http.route("GET", "/results", self._http_results)
+        self.http.route("GET", "/metrics", self._http_metrics)
+        Queries(self.lane, s.params(), DataRoots(s.ondemand_roots), s.ondemand_timeout_s, self.request_stop,
+                self.metrics.error).register(self.http)
+        if not s.ondemand_roots:
+            log.warning("no data_root and no watched folder: every on-demand query will be refused (set --data-root)")
         self.publish_from = time.monotonic() + s.pub_settle_s  # let subscribers (re)connect first
         requeued = self.ledger.requeue_in_flight()
         if requeued:
@@ -118,6 +132,7 @@ class Service:
         poller = zmq.Poller()
         poller.register(self.collector.socket, zmq.POLLIN)
         poller.register(self.watcher.fileno(), zmq.POLLIN)
+        poller.register(self.lane.fileno(), zmq.POLLIN)
         next_supervise = next_heartbeat = next_watchdog = 0.0
         while not self.stop_requested.is_set():
             poller.poll(TICK_S * 1000)
@@ -227,11 +242,16 @@ class Service:
             "frames_done": counts["done"],
             "frames_failed": counts["failed"],
             "frames_per_s": self.collector.frames_per_s(),
+            "ondemand_queue": self.lane.depth(),
+            "ondemand_in_flight": self.lane.in_flight(),
             "last_seq": self.ledger.last_seq(),
             "watch": list(self.settings.watch),
             "pub": self.settings.pub,
         }
         snapshot["healthy"], snapshot["health"] = self.health()
+        self.metrics.queue.set(counts["queued"])
+        self.metrics.in_flight.set(counts["dispatched"])
+        self.metrics.workers.set(snapshot["workers_alive"])
         with self._snapshot_lock:
             self._snapshot = snapshot
 
@@ -260,26 +280,34 @@ class Service:
         messages, last_seq = ledger_module.read_messages(self.settings.state_dir, since, limit)
         return json_response({"since": since, "last_seq": last_seq, "results": messages})
 
+    def _http_metrics(self, request: Request) -> Response:
+        body, content_type = self.metrics.render()
+        return Response(200, body, content_type)
+
     # ----- stop --------------------------------------------------------------------------------------------
     def request_stop(self, *_signal_args) -> None:
         self.stop_requested.set()
 
     def _shutdown(self) -> int:
         self.notifier.stopping("stopping: finishing frames in flight")
-        log.info("stopping: no longer watching; finishing frames in flight")
+        log.info("stopping: no longer watching or listening; finishing frames and queries in flight")
         self.watcher.stop()
+        self.http.stop_listening()
+        self.lane.close("the service is stopping", queued_only=True)
         self._take_watcher_events()
         deadline = time.monotonic() + self.settings.drain_timeout_s
-        while self.ledger.counts()["dispatched"] and time.monotonic() < deadline and self.collector.workers:
+        while ((self.ledger.counts()["dispatched"] or self.lane.in_flight()) and time.monotonic() < deadline
+               and self.collector.workers):
             if self.collector.socket.poll(TICK_S * 1000):
                 self.collector.receive_all()
             self._supervise()
         left = self.ledger.counts()
         self.pool.stop(timeout=self.settings.drain_timeout_s)
         self.collector.receive_all()
+        self.lane.close("the service stopped before the analysis finished")
         log.info("stopped: %d frames handed back to the ledger for the next start (%d queued, %d in flight)",
                  left["queued"] + left["dispatched"], left["queued"], left["dispatched"])
-        self.http.stop()
+        self.http.stop()  # after the last queries were answered
         self.dispatcher.close()
         self.collector.close()
         self.publisher.close()  # LINGER flushes what is still queued for subscribers

@@ -4,6 +4,9 @@ Messages to the collector (JSON, one frame each): ``ready`` once, ``started`` wh
 service knows who holds which frame), ``result``, and a ``heartbeat`` every second from a thread with its
 own socket, so a long frame does not make the worker look dead.
 
+A job may ask for DISTL's text as well (``reply``: ``body`` for the GET text, ``post`` for the short POST
+text, used by on-demand HTTP queries): it is formatted here, where the live Result with its details is.
+
 Run by the service (``python -m daemon.worker``) or on other hosts by ``spotfinder worker --connect HOST``.
 """
 from __future__ import annotations
@@ -22,6 +25,8 @@ import time
 import zmq
 
 from spotfinder import Params, Result, analyse
+from spotfinder.analysis import warm_up
+from spotfinder.report import format_body, format_post
 
 from .logs import setup_logging
 
@@ -43,15 +48,21 @@ def encode(message: dict) -> bytes:
     return json.dumps(message, default=_plain).encode()
 
 
-def analyse_job(job: dict) -> dict:
-    """The result of one job; any exception becomes an error result for that frame."""
+FORMATTERS = {"body": format_body, "post": format_post}
+
+
+def analyse_job(job: dict) -> tuple[dict, str | None]:
+    """The result of one job, and its text if the job asks for one; any exception becomes an error result."""
     path = job["path"]
+    formatter = FORMATTERS.get(job.get("reply"))
     try:
         params = Params({k: tuple(v) if isinstance(v, list) else v for k, v in (job.get("params") or {}).items()})
-        return analyse(path, params).as_dict()
+        result = analyse(path, params)
+        return result.as_dict(), formatter(result) if formatter else None
     except Exception as exc:  # a bug or a bad parameter must cost one frame, not the worker
         log.error("analysis of %s raised %s: %s", path, type(exc).__name__, exc)
-        return Result.failure(path, "analysis raised %s: %s" % (type(exc).__name__, exc)).as_dict()
+        result = Result.failure(path, "analysis raised %s: %s" % (type(exc).__name__, exc))
+        return result.as_dict(), formatter(result) if formatter else None
 
 
 class Worker:
@@ -102,6 +113,10 @@ class Worker:
         pull.setsockopt(zmq.LINGER, 0)
         pull.connect(self.work_endpoint)
         results = self._results_socket()
+        try:  # compile the kernels before saying ready, so no query waits for the first frame's compilation
+            log.debug("kernels ready in %.2f s", warm_up())
+        except Exception as exc:
+            log.warning("warm-up failed (%s: %s); the first frame will compile the kernels", type(exc).__name__, exc)
         self._send(results, "ready")
         threading.Thread(target=self._heartbeats, name="heartbeat", daemon=True).start()
         crash_pattern = os.environ.get(CRASH_HOOK)
@@ -116,8 +131,9 @@ class Worker:
                 self._send(results, "started", id=job["id"], t_start=t_start)
                 if crash_pattern and fnmatch.fnmatch(os.path.basename(job["path"]), crash_pattern):
                     os._exit(86)
-                result = analyse_job(job)
-                self._send(results, "result", id=job["id"], t_start=t_start, result=result)
+                result, text = analyse_job(job)
+                extra = {} if text is None else {"text": text}
+                self._send(results, "result", id=job["id"], t_start=t_start, result=result, **extra)
                 self.busy = None
         finally:
             self.stopping.set()

@@ -1,0 +1,142 @@
+"""On-demand HTTP benchmark: DISTL's legacy GET on PILATUS 6M frames through `spotfinder serve`, beside the real DISTL.
+
+A service with N workers (default 2) and the decompressed thaumatin frames as its data root answers
+`GET /spotfinder/distl.signal_strength?distl.image=FRAME` at a few client concurrencies; for each, the
+requests/s and the p50/p99 latency (request sent -> whole reply read).  Then the real DISTL
+(/work/shared/peer/distl_batch, one process) runs on the same frames in the same run, and its per-frame
+time is printed beside ours.
+
+    /work/venv/bin/python benchmarks/bench_http.py [--frames N] [--requests N] [--concurrency 1 2 8] [--json]
+"""
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from urllib.parse import quote
+
+from bench_pipeline import DATA, REPO, decompressed_frames, free_port, percentile, run_distl
+
+WARM_UP_REQUESTS = 4  # the first frame in each worker compiles the numba kernels
+
+
+class Service:
+    """A `spotfinder serve` process on free ports whose data root is ``frames``; it watches nothing."""
+
+    def __init__(self, work: Path, frames: Path, workers: int, queue: int):
+        self.port = free_port()
+        config = work / "bench-http.yaml"
+        config.write_text("\n".join([
+            "data_root: [%s]" % frames, "http: 127.0.0.1:%d" % self.port, "pub: tcp://127.0.0.1:%d" % free_port(),
+            "work_endpoint: tcp://127.0.0.1:%d" % free_port(), "results_endpoint: tcp://127.0.0.1:%d" % free_port(),
+            "workers: %d" % workers, "ondemand_queue: %d" % queue, "state_dir: %s" % (work / "state"),
+            "log_level: warning", ""]))
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+        self.process = subprocess.Popen([sys.executable, "-m", "daemon.commands", "serve", "--config", str(config)],
+                                        env=env, start_new_session=True)
+        deadline = time.monotonic() + 60
+        while self._workers_alive() < workers:
+            if time.monotonic() > deadline or self.process.poll() is not None:
+                raise SystemExit("the service did not start with %d workers" % workers)
+            time.sleep(0.2)
+
+    def _get(self, target: str, timeout: float = 120) -> tuple[int, bytes]:
+        connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
+        try:
+            connection.request("GET", target)
+            reply = connection.getresponse()
+            return reply.status, reply.read()
+        finally:
+            connection.close()
+
+    def _workers_alive(self) -> int:
+        try:
+            return json.loads(self._get("/status", 2)[1])["workers_alive"]
+        except OSError:
+            return -1
+
+    def query(self, frame: str) -> tuple[int, float]:
+        """(status, seconds) of one legacy GET."""
+        started = time.perf_counter()
+        status, _ = self._get("/spotfinder/distl.signal_strength?distl.image=" + quote(frame))
+        return status, time.perf_counter() - started
+
+    def proc_seconds(self) -> float:
+        """Mean analysis time per on-demand frame in the workers, from /metrics."""
+        text = self._get("/metrics")[1].decode()
+        values = {}
+        for line in text.splitlines():
+            for name in ("sum", "count"):
+                if line.startswith('spotfinder_frame_seconds_%s{lane="ondemand"}' % name):
+                    values[name] = float(line.split()[-1])
+        return values["sum"] / values["count"]
+
+    def close(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, 9)
+
+
+def load(service: Service, frames: list[str], requests: int, concurrency: int) -> dict:
+    started = time.perf_counter()
+    with ThreadPoolExecutor(concurrency) as pool:
+        replies = list(pool.map(lambda i: service.query(frames[i % len(frames)]), range(requests)))
+    wall = time.perf_counter() - started
+    latencies = [seconds for status, seconds in replies if status == 200]
+    return {"concurrency": concurrency, "requests": requests, "ok": len(latencies),
+            "requests_per_s": requests / wall, "latency_p50_s": percentile(latencies, 0.5),
+            "latency_p99_s": percentile(latencies, 0.99)}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--frames", type=int, default=19, help="distinct 6M frames to use (default 19)")
+    parser.add_argument("--requests", type=int, default=40, help="requests per concurrency level (default 40)")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 2, 8])
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--json", action="store_true", help="print the figures as one JSON object too")
+    args = parser.parse_args()
+    if not DATA.is_dir():
+        print("benchmark skipped: %s not found" % DATA, file=sys.stderr)
+        return 0
+    with tempfile.TemporaryDirectory(prefix="bench-http-") as tmp:
+        work = Path(tmp)
+        (work / "frames").mkdir()
+        frames = decompressed_frames(work / "frames", args.frames)
+        service = Service(work, work / "frames", args.workers, queue=2 * max(args.concurrency))
+        try:
+            for frame in frames[:WARM_UP_REQUESTS]:
+                service.query(frame)
+            levels = [load(service, frames, args.requests, c) for c in args.concurrency]
+            ours_s = service.proc_seconds()
+        finally:
+            service.close()
+        distl = run_distl(frames)
+    print("PILATUS 6M on-demand GETs, %d frames, %d workers, %d cores" % (len(frames), args.workers, os.cpu_count()))
+    for level in levels:
+        print("  concurrency %2d: %6.2f requests/s   p50 %6.3f s   p99 %6.3f s   (%d/%d answered 200)"
+              % (level["concurrency"], level["requests_per_s"], level["latency_p50_s"], level["latency_p99_s"],
+                 level["ok"], level["requests"]))
+    print("  analysis per frame (ours, in the worker): %6.3f s" % ours_s)
+    if distl:
+        print("  real DISTL per frame (one process):       %6.3f s (%d frames)"
+              % (distl["seconds_mean"], distl["frames"]))
+        print("  ours / DISTL per frame:                   %6.2f x" % (ours_s / distl["seconds_mean"]))
+        best = max(level["requests_per_s"] for level in levels)
+        print("  best requests/s vs DISTL frames/s (1 process): %.2f x" % (best * distl["seconds_mean"]))
+    if args.json:
+        print(json.dumps({"levels": levels, "ours_proc_s": ours_s, "distl": distl}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,148 @@
+"""The old DISTL server commands as drop-ins: ``distl.mp_spotfinder_server_read_file`` and ``distl.thin_client``.
+
+``distl.mp_spotfinder_server_read_file distl.port=P distl.processors=N [distl.x=y ...] [--data-root DIR]
+[--config FILE]`` runs ``spotfinder serve`` the old way: P is the HTTP port (on 127.0.0.1 unless the
+config's ``http`` names another host), N the number of workers, the other words the start-up parameters
+every query overrides.  It watches no folder, so queries may name frames under the current working
+folder unless ``--data-root`` (or the config's ``data_root``) says otherwise.  Its state folder and
+ZeroMQ sockets (ipc) are private to the port, so it can run beside a ``spotfinder serve``.
+
+``distl.thin_client FRAME HOST PORT`` POSTs the frame's absolute path in thin_client's multipart form and
+prints the short reply; ``distl.thin_client EXIT HOST PORT`` stops the server and waits until its port is
+closed (one EXIT stops every worker, where the old server needed one per process).
+"""
+from __future__ import annotations
+
+import http.client
+import os
+import socket
+import sys
+import time
+
+from spotfinder import ParameterError, parse_words
+
+from . import config
+from .config import ConfigError
+
+BOUNDARY = "----------ThIs_Is_tHe_bouNdaRY_$"  # what thin_client sends; any boundary works here
+POST_TIMEOUT_S = 150.0
+EXIT_WAIT_S = 60.0
+MP_USAGE = """usage: distl.mp_spotfinder_server_read_file distl.port=PORT distl.processors=N [distl.param=value ...]
+                                           [--data-root DIR ...] [--config FILE]
+example: distl.mp_spotfinder_server_read_file distl.port=8125 distl.processors=8 distl.res.outer=2.0
+Serves GET /spotfinder/distl.signal_strength?distl.image=FRAME&... and thin_client POSTs on 127.0.0.1:PORT
+for frames under DIR (default: the current folder); stop it with: distl.thin_client EXIT localhost PORT"""
+THIN_USAGE = """usage: distl.thin_client FRAME|EXIT HOST PORT
+  FRAME: path of the frame to analyse (made absolute here); EXIT stops the server
+  HOST:  usually localhost
+  PORT:  the server's HTTP port"""
+
+
+def encode_form(fields: list[tuple[str, str]]) -> tuple[str, bytes]:
+    """(content type, body) of a multipart/form-data POST with plain fields, as thin_client builds it."""
+    lines = []
+    for name, value in fields:
+        lines += ["--" + BOUNDARY, 'Content-Disposition: form-data; name="%s"' % name, "", value]
+    lines += ["--" + BOUNDARY + "--", ""]
+    return "multipart/form-data; boundary=%s" % BOUNDARY, "\r\n".join(lines).encode()
+
+
+def post_filename(host: str, port: int, filename: str, timeout: float = POST_TIMEOUT_S) -> tuple[int, str]:
+    """POST ``filename`` to ``/spotfinder``; (status, body text).  OSError when the server cannot be reached."""
+    content_type, body = encode_form([("filename", filename), ("bin", "1")])
+    connection = http.client.HTTPConnection(host, port, timeout=timeout)
+    try:
+        connection.request("POST", "/spotfinder", body, {"Content-Type": content_type})
+        reply = connection.getresponse()
+        return reply.status, reply.read().decode("utf-8", "replace")
+    finally:
+        connection.close()
+
+
+def _port_open(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=1.0):
+            return True
+    except OSError:
+        return False
+
+
+def thin_client(argv: list[str]) -> int:
+    if len(argv) != 3 or not argv[2].isdigit():
+        print(THIN_USAGE, file=sys.stderr)
+        return 2
+    target, host, port = argv[0], argv[1], int(argv[2])
+    filename = "EXIT" if target == "EXIT" else os.path.abspath(target)
+    try:
+        status, text = post_filename(host, port, filename)
+    except OSError as exc:
+        print("distl.thin_client: cannot reach %s:%d: %s" % (host, port, exc.strerror or exc), file=sys.stderr)
+        return 1
+    if filename != "EXIT":
+        sys.stdout.write(text)
+        return 0 if status == 200 else 1
+    if status != 200:
+        print("distl.thin_client: EXIT refused (%d): %s" % (status, text.strip()), file=sys.stderr)
+        return 1
+    deadline = time.monotonic() + EXIT_WAIT_S
+    while _port_open(host, port):
+        if time.monotonic() > deadline:
+            print("distl.thin_client: %s:%d still open %.0f s after EXIT" % (host, port, EXIT_WAIT_S), file=sys.stderr)
+            return 1
+        time.sleep(0.1)
+    return 0
+
+
+def _mp_settings(argv: list[str]) -> config.Settings:
+    """Settings for the old way of starting: config file, then DISTL words and --data-root."""
+    config_file, roots, words = None, [], []
+    args = iter(argv)
+    for arg in args:
+        if arg in ("--config", "--data-root"):
+            value = next(args, None)
+            if value is None:
+                raise ConfigError("%s needs a value" % arg)
+            if arg == "--config":
+                config_file = value
+            else:
+                roots.append(value)
+        elif "=" in arg:
+            words.append(arg)
+        else:
+            raise ConfigError("Unknown file or keyword: %s" % arg)
+    try:
+        params = parse_words(words)
+    except ParameterError as exc:
+        raise ConfigError(str(exc)) from None
+    raw = config.read_file(config_file) if config_file else {}
+    configured_host, _, configured_port = raw.get("http", "127.0.0.1:8125").rpartition(":")
+    port = params["distl.port"] if "distl.port" in params.explicit() else int(configured_port)
+    host = configured_host or "127.0.0.1"
+    state_dir = raw.get("state_dir") or os.path.join(config.default_state_dir(), "distl-%d" % port)
+    base = raw.get("parameters") or []
+    if isinstance(base, dict):
+        base = ["%s=%s" % item for item in base.items()]
+    raw.update(http="%s:%d" % (host, port), state_dir=state_dir, parameters=list(base) + words)
+    if roots or "data_root" not in raw:
+        raw["data_root"] = roots or [os.getcwd()]
+    if "distl.processors" in params.explicit() or "workers" not in raw:
+        raw["workers"] = params["distl.processors"]
+    for key in ("pub", "work_endpoint", "results_endpoint"):
+        raw.setdefault(key, "ipc://%s" % os.path.join(os.path.abspath(state_dir), key.split("_")[0]))
+    return config.validate(raw)
+
+
+def mp_spotfinder_server_read_file(argv: list[str]) -> int:
+    from .commands import serve_settings
+
+    if argv and argv[0] in ("-h", "--help", "help"):
+        print(MP_USAGE)
+        return 0
+    try:
+        settings = _mp_settings(argv)
+    except ConfigError as exc:
+        print("Sorry: %s" % exc, file=sys.stderr)
+        return 2
+    print("Serving %d-process HTTP on %s port %d ..." % ((settings.worker_count,) + settings.http_address))
+    print("To exit: distl.thin_client EXIT localhost %d" % settings.http_address[1], flush=True)
+    return serve_settings(settings)

@@ -1,0 +1,56 @@
+"""Prometheus metrics of one service (its own registry, so tests and several services never share counters).
+
+Counters are updated from the main thread (frames, errors) and the HTTP threads (requests); the gauges are
+read when ``/metrics`` is scraped.  prometheus_client is thread-safe for all of these.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+FRAME_SECONDS_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 30.0, 60.0)
+
+
+class Metrics:
+    def __init__(self):
+        self.registry = registry = CollectorRegistry()
+        self.requests = Counter("spotfinder_http_requests", "HTTP requests answered, by route and status code",
+                                ["route", "status"], registry=registry)
+        self.frames = Counter("spotfinder_frames", "Frames finished, by lane (watch or ondemand) and outcome "
+                              "(ok, error: the analysis refused the frame, failed: the service gave up on it)",
+                              ["lane", "outcome"], registry=registry)
+        self.frame_seconds = Histogram("spotfinder_frame_seconds", "Analysis time of one frame in its worker",
+                                       ["lane"], buckets=FRAME_SECONDS_BUCKETS, registry=registry)
+        self.errors = Counter("spotfinder_errors", "Service errors, by kind", ["kind"], registry=registry)
+        self.ondemand_queue = Gauge("spotfinder_ondemand_queue_depth", "On-demand queries waiting for a worker",
+                                    registry=registry)
+        self.ondemand_in_flight = Gauge("spotfinder_ondemand_in_flight", "On-demand queries at a worker",
+                                        registry=registry)
+        self.queue = Gauge("spotfinder_queue_depth", "Watched frames queued for a worker", registry=registry)
+        self.in_flight = Gauge("spotfinder_in_flight", "Watched frames at a worker", registry=registry)
+        self.workers = Gauge("spotfinder_workers_alive", "Workers heard from recently", registry=registry)
+
+    def watch_lane(self, depth: Callable[[], int], in_flight: Callable[[], int]) -> None:
+        """Read the on-demand lane's gauges from the lane itself at each scrape."""
+        self.ondemand_queue.set_function(depth)
+        self.ondemand_in_flight.set_function(in_flight)
+
+    def frame(self, lane: str, result: dict | None) -> None:
+        """Count a finished frame; ``None`` = the service gave up on it."""
+        if result is None:
+            self.frames.labels(lane, "failed").inc()
+            return
+        self.frames.labels(lane, "ok" if result.get("status") == "ok" else "error").inc()
+        if result.get("proc_ms") is not None:
+            self.frame_seconds.labels(lane).observe(result["proc_ms"] / 1000.0)
+
+    def error(self, kind: str) -> None:
+        self.errors.labels(kind).inc()
+
+    def request(self, route: str, status: int) -> None:
+        self.requests.labels(route, str(status)).inc()
+
+    def render(self) -> tuple[bytes, str]:
+        """The text exposition format and its content type."""
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST

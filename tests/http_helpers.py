@@ -1,0 +1,95 @@
+"""Helpers for the on-demand HTTP tests: a data root of real frames, DISTL's reference texts, raw requests."""
+from __future__ import annotations
+
+import bz2
+import http.client
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from urllib.parse import quote, urlencode
+
+import pytest
+
+from service_helpers import child_env, free_port, wait_for
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+REAL = SHARED / "data" / "real"
+REFERENCE = SHARED / "reference" / "distl"
+PROBE = SHARED / "peer" / "probe"
+# (folder under data/real, frame): a 6M thaumatin frame stored compressed and one stored plain, a 2M and a 300K
+FRAMES = (("thaumatin_grid_dls_i24_pilatus3_6m", "thau_3_2_0001.cbf"),
+          ("thaumatin_grid_dls_i24_pilatus3_6m", "thau_3_2_0016.cbf"),
+          ("l_cysteine_dls_i19_pilatus_2m", "l-cyst_01_00004.cbf"),
+          ("blank_dls_i19_pilatus_300k", "omega_scan.cbf"))
+SETS = {"default": {}, "res4.9_bins": {"distl.res.outer": "4.9", "distl.bins.verbose": "True"},
+        "bins": {"distl.bins.verbose": "True"}}
+
+
+def make_data_root(root: Path) -> Path:
+    """``root/data`` holding plain copies of FRAMES and the probe's raster_1_0319.cbf; skipped without ../shared."""
+    if not REAL.is_dir() or not REFERENCE.is_dir() or not (PROBE / "raster_1_0319.cbf").is_file():
+        pytest.skip("real frames, DISTL references and probe replies live in %s; not present here" % SHARED)
+    data = root / "data"
+    (data / "watch").mkdir(parents=True)
+    for folder, name in FRAMES:
+        plain, packed = REAL / folder / name, REAL / folder / (name + ".bz2")
+        if packed.is_file():  # DISTL's references were made from the decompressed frame
+            with bz2.open(packed, "rb") as src, open(data / name, "wb") as dst:
+                shutil.copyfileobj(src, dst)
+        else:
+            shutil.copyfile(plain, data / name)
+    shutil.copyfile(PROBE / "raster_1_0319.cbf", data / "raster_1_0319.cbf")
+    return data
+
+
+def reference(name: str, set_name: str, folder: Path) -> bytes:
+    """DISTL's GET reply for a frame and parameter set, with ``<DIR>`` made the frame's folder."""
+    return (REFERENCE / ("%s.%s.txt" % (name, set_name))).read_bytes().replace(b"<DIR>", str(folder).encode())
+
+
+def request(port: int, method: str, target: str, body: bytes | None = None, headers: dict | None = None,
+            timeout: float = 90) -> tuple[int, dict, bytes]:
+    """(status, headers with lower-case names, body) of one request on a fresh connection."""
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        connection.request(method, target, body, headers or {})
+        reply = connection.getresponse()
+        return reply.status, {k.lower(): v for k, v in reply.getheaders()}, reply.read()
+    finally:
+        connection.close()
+
+
+def legacy_url(query: dict | list) -> str:
+    return "/spotfinder/distl.signal_strength?" + urlencode(query, quote_via=quote)
+
+
+class LegacyServer:
+    """``distl.mp_spotfinder_server_read_file`` as a process (its state under ``tmp``), started in ``cwd``."""
+
+    def __init__(self, tmp: Path, cwd: Path, *words: str, processors: int = 2):
+        self.port = free_port()
+        self.log = tmp / "mp-server.log"
+        command = [sys.executable, "-c", "import sys; from daemon.cli import distl_mp_spotfinder_server_read_file "
+                   "as main; sys.exit(main())", "distl.port=%d" % self.port, "distl.processors=%d" % processors, *words]
+        with open(self.log, "wb") as log:
+            self.process = subprocess.Popen(command, cwd=cwd, stdout=log, stderr=subprocess.STDOUT,
+                                            env=child_env(XDG_STATE_HOME=str(tmp / "state")),
+                                            start_new_session=True)
+        wait_for(lambda: self._workers() >= processors, 40, "the legacy server and its workers")
+
+    def _workers(self) -> int:
+        if self.process.poll() is not None:
+            raise AssertionError("server exited with %s:\n%s" % (self.process.returncode, self.log.read_text()))
+        try:
+            return json.loads(request(self.port, "GET", "/status", timeout=5)[2])["workers_alive"]
+        except OSError:
+            return -1
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(10)
