@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 
 import numpy as np
 
@@ -18,15 +19,21 @@ def _overrides(params: Params) -> dict:
             "wavelength": params["autoindex_override_wavelength"], "twotheta": params["autoindex_override_twotheta"]}
 
 
-def analyse(path: str, params: Params | None = None) -> Result:
-    """Analyse one frame the DISTL way. Bad frames give ``status="error"`` with a one-line cause."""
+def analyse(path: str, params: Params | None = None, shown_as: str | None = None) -> Result:
+    """Analyse one frame the DISTL way. Bad frames give ``status="error"`` with a one-line cause.
+
+    ``shown_as`` is the name the result and the report use when it differs from the path opened (a
+    service opens the resolved path it checked, and reports the one it was asked about).
+    """
     params = params or Params()
     start = time.perf_counter()
     try:
         frame = read_frame(path, _overrides(params))
+        if shown_as is not None:
+            frame = replace(frame, path=shown_as)
         result = analyse_frame(frame, params)
     except FrameError as exc:
-        result = Result.failure(path, str(exc))
+        result = Result.failure(shown_as or path, str(exc))
     except MemoryError:
         result = Result.failure(path, "out of memory")
     result.proc_ms = round((time.perf_counter() - start) * 1000.0, 3)
@@ -35,7 +42,6 @@ def analyse(path: str, params: Params | None = None) -> Result:
 
 def _python_geometry(g: Geometry) -> Geometry:
     """DISTL hands geometry to its Python layer as "%f" strings; round the same way so d agrees."""
-    from dataclasses import replace
 
     def six(v: float) -> float:
         return float("%f" % v)

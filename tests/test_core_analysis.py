@@ -100,3 +100,15 @@ def test_result_dict_is_plain_json(simulated):
     record = analyse(str(simulated["paths"]["spots"])).as_dict()
     assert json.loads(json.dumps(record, allow_nan=False)) == record
     assert all(type(v) in (int, float, str, bool, type(None)) for v in record.values())
+
+
+def test_shown_as_names_the_result_and_report(simulated, tmp_path):
+    from spotfinder.report import format_body
+
+    link = tmp_path / "asked_0001.cbf"
+    link.symlink_to(simulated["paths"]["spots"])
+    result = analyse(str(simulated["paths"]["spots"]), shown_as=str(link))
+    assert result.as_dict()["file"] == str(link) and result.file == "asked_0001.cbf"
+    assert "asked_0001.cbf" in format_body(result)
+    failed = analyse(str(tmp_path / "missing_0001.cbf"), shown_as="/data/x_0001.cbf")
+    assert failed.as_dict()["file"] == "/data/x_0001.cbf" and failed.status == "error"
