@@ -30,7 +30,8 @@ def analyse(path: str, params: Params | None = None, shown_as: str | None = None
     try:
         frame = read_frame(path, _overrides(params))
         if shown_as is not None:
-            frame = replace(frame, path=shown_as)
+            template, number, _ = name_template(shown_as)
+            frame = replace(frame, path=shown_as, template=template, image_number=number)
         result = analyse_frame(frame, params)
     except FrameError as exc:
         result = Result.failure(shown_as or path, str(exc))
