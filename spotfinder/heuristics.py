@@ -144,11 +144,21 @@ def _quality(spots: Spots, shape: Shapes, unimodal: np.ndarray, chain: Chain, g:
 
 def _nearest_other(tree: cKDTree, data: np.ndarray, query: np.ndarray):
     """Nearest data point to each query point, excluding points at zero distance (the spot itself)."""
-    k = min(len(data), 8)
-    index = np.zeros(len(query), dtype=int)
-    dist2 = np.zeros(len(query))
     if len(query) == 0:
-        return index, dist2
+        return np.zeros(0, dtype=int), np.zeros(0)
+    k = min(len(data), 8)
+    dist, idx = tree.query(query, k=k)
+    dist, idx = dist.reshape(len(query), k), idx.reshape(len(query), k)
+    positive = dist > 0
+    first = positive.argmax(axis=1)
+    rows = np.arange(len(query))
+    index, dist2 = idx[rows, first], dist[rows, first] ** 2
+    for i in np.flatnonzero(~positive.any(axis=1)):  # more than k points share this position: look further
+        d_all, i_all = (np.atleast_1d(v) for v in tree.query(query[i], k=len(data)))
+        beyond = np.flatnonzero(d_all > 0)
+        j = beyond[0] if len(beyond) else 0
+        index[i], dist2[i] = i_all[j], d_all[j] ** 2
+    return index, dist2
     dist, idx = tree.query(query, k=k)
     dist, idx = np.atleast_2d(dist), np.atleast_2d(idx)
     for i in range(len(query)):
