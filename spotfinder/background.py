@@ -197,14 +197,17 @@ def _fit_window(values, background, x0, y0, sx0, sx1, sy0, sy1):
 
 
 @njit(cache=True, error_model="numpy")  # numpy semantics for x/0: no per-division check
-def _classify_cycle(values, background, usable, z, local_mean, next_background, threshold, store, mark, windows,
-                    size_x, size_y, centres, planes, samples):
+def _classify_cycle(values, background, usable, z, local_mean, next_background, threshold, store, mark, sampled_rows,
+                    windows, size_x, size_y, centres, planes, samples):
     """One cycle over all windows; returns how many windows were done (fewer when one found too little
-    background even widened to MAX_WINDOW, libdistl's "cannot distinguish signal/background").
+    background even widened to MAX_WINDOW, libdistl's "cannot distinguish signal/background") and whether
+    any window had to be widened.
 
     ``store`` writes z and the local background; ``mark`` writes the next cycle's background sample
-    (usable and z below ``threshold``, z rounded to float32 first as libdistl stores it).
+    (usable and z below ``threshold``, z rounded to float32 first as libdistl stores it), on the rows the
+    next cycle samples (``sampled_rows``) only.
     """
+    widened = False
     for i in range(windows.shape[0]):
         x0, x1, y0, y1 = windows[i, 0], windows[i, 1], windows[i, 2], windows[i, 3]
         w = x1 - x0 + 1
@@ -212,18 +215,19 @@ def _classify_cycle(values, background, usable, z, local_mean, next_background, 
         needed = ((w * h * 2) // 3) // 4
         sx0, sx1, sy0, sy1 = x0, x1, y0, y1
         while _count_background(background, sx0, sx1, sy0, sy1) < needed:
+            widened = True
             grow = min(sx1 - sx0 + 1, sy1 - sy0 + 1) // 3
             sx0, sx1 = _widen_axis(sx0, sx1, grow, size_x)
             sy0, sy1 = _widen_axis(sy0, sy1, grow, size_y)
             if sx1 - sx0 + 1 > MAX_WINDOW or sy1 - sy0 + 1 > MAX_WINDOW:
-                return i
+                return i, widened
         a, b, c, sigma, n = _fit_window(values, background, x0, y0, sx0, sx1, sy0, sy1)
         scale = sigma if sigma > 0 else np.inf  # z = 0 when sigma is 0, as libdistl has it
         for x in range(x0, x1 + 1):
             row_plane = a * (x - x0)
             if store:
                 _store_row(values[x, y0:y1 + 1], z[x, y0:y1 + 1], local_mean[x, y0:y1 + 1], row_plane, b, c, scale)
-            if mark:
+            if mark and sampled_rows[x]:
                 _mark_row(values[x, y0:y1 + 1], usable[x, y0:y1 + 1], next_background[x, y0:y1 + 1], row_plane, b, c,
                           scale, threshold)
         cx = (x0 + x1) // 2
@@ -232,7 +236,7 @@ def _classify_cycle(values, background, usable, z, local_mean, next_background, 
         centres[i, 1] = cy
         planes[i] = a * (cx - x0) + b * (cy - y0) + c
         samples[i] = n
-    return windows.shape[0]
+    return windows.shape[0], widened
 
 
 # The row loops are functions of their own: plain loops over 0-based row views, which the compiler
@@ -273,16 +277,25 @@ def classify(pixels: np.ndarray, geometry: Geometry, settings: Settings, region:
     if settings.res_outer is not None:
         cycles = [[w for w in windows if _window_reaches(geometry, w, settings.res_outer)] for windows in cycles]
     # When every cycle covers the same pixels, the last one rewrites all z-scores, so the earlier ones
-    # only need to mark the next cycle's background sample: a byte per pixel instead of two floats.
+    # only need to mark the next cycle's background sample, on the rows it samples: a byte on half the
+    # pixels instead of two floats on all.  That holds unless a later window must be widened (its wider
+    # sample reads other rows) or a cycle stops early; then everything is classified the long way.
     if all(_coverage(w) == _coverage(cycles[0]) for w in cycles):
         result = _run_cycles(pixels, geometry, settings, underload, cycles, mark_only=True)
-        if result.error is None:
+        if result is not None:
             return result
-    # with res.outer windows differ between cycles, and a stopped cycle leaves earlier z-scores in place
     return _run_cycles(pixels, geometry, settings, underload, cycles, mark_only=False)
 
 
-def _run_cycles(pixels, geometry, settings, underload, cycles, mark_only) -> Classification:
+def _sampled_rows(windows: list[tuple[int, int, int, int]], size: int) -> np.ndarray:
+    """The rows a cycle's windows take their stride-2 background samples from."""
+    rows = np.zeros(size, dtype=np.bool_)
+    for x0, x1 in {(w[0], w[1]) for w in windows}:
+        rows[x0:x1 + 1:2] = True
+    return rows
+
+
+def _run_cycles(pixels, geometry, settings, underload, cycles, mark_only) -> Classification | None:
     z = np.zeros(pixels.shape, dtype=np.float32)
     local_mean = np.zeros(pixels.shape, dtype=np.float32)
     threshold = float(settings.signal_height)
@@ -301,9 +314,13 @@ def _run_cycles(pixels, geometry, settings, underload, cycles, mark_only) -> Cla
         samples = np.zeros(len(windows), dtype=np.int64)
         mark = mark_only and not last
         next_background = background.copy() if mark else background
+        sampled_rows = _sampled_rows(cycles[number + 1], pixels.shape[0]) if mark else np.zeros(0, dtype=np.bool_)
         # the sample is fixed from the previous cycle, so z can be rewritten in place
-        done = _classify_cycle(pixels, background, usable, z, local_mean, next_background, threshold,
-                               not mark, mark, windows, pixels.shape[0], pixels.shape[1], centres, planes, samples)
+        done, widened = _classify_cycle(pixels, background, usable, z, local_mean, next_background, threshold,
+                                        not mark, mark, sampled_rows, windows, pixels.shape[0], pixels.shape[1],
+                                        centres, planes, samples)
+        if mark_only and (done < len(windows) or (widened and number > 0)):
+            return None
         if done < len(windows):
             # libdistl stops classifying at that window; the DISTL pipeline prints the message and goes on
             error = "cannot distinguish signal/background"
