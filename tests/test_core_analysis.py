@@ -112,3 +112,26 @@ def test_shown_as_names_the_result_and_report(simulated, tmp_path):
     assert "asked_0001.cbf" in format_body(result)
     failed = analyse(str(tmp_path / "missing_0001.cbf"), shown_as="/data/x_0001.cbf")
     assert failed.as_dict()["file"] == "/data/x_0001.cbf" and failed.status == "error"
+
+
+def test_short_classification_path_equals_the_long_one(simulated):
+    """Cycles 1-2 only mark the next sample when they can; the z-scores must be those of the long way,
+    also when a dead patch forces windows to widen (then the long way is taken)."""
+    import numpy as np
+
+    from spotfinder import analysis, background
+    from spotfinder.params import Params, effective_settings
+
+    frame = read_frame(str(simulated["paths"]["spots"]))
+    g = frame.geometry
+    settings = effective_settings(Params(), g.family)
+    region = background.Region.of(g, settings.margin)
+    cycles = [background.scanbox_windows(g, region, box) for box in settings.scanbox_windows]
+    dead = frame.pixels.copy()
+    dead[100:180, 100:400] = -2  # a dead patch: windows over it find too little background
+    for pixels in (frame.pixels, dead):
+        quick = background.classify(pixels, g, settings, region, analysis.UNDERLOAD)
+        full = background._run_cycles(pixels, g, settings, analysis.UNDERLOAD, cycles, mark_only=False)
+        assert np.array_equal(quick.z, full.z) and np.array_equal(quick.local_mean, full.local_mean)
+        assert np.array_equal(quick.window_sample, full.window_sample)
+    assert background._run_cycles(dead, g, settings, analysis.UNDERLOAD, cycles, mark_only=True) is None
