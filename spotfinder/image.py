@@ -1,8 +1,8 @@
 """Reading a frame: miniCBF (PILATUS, EIGER converted to CBF), plain or .gz/.bz2, into pixels and geometry.
 
 The file is read once; the header is parsed the way DISTL's PILATUS reader does it (first 12288 bytes,
-``#``-separated lines, one token per keyword), so geometry agrees to the last digit.  Pixels are decoded by
-fabio's byte-offset decoder, after the binary section is checked to be complete and to match its Content-MD5.
+``#``-separated lines, one token per keyword), so geometry agrees to the last digit.  Pixels are decoded by our
+byte-offset kernel, after the binary section is checked to be complete and to match its Content-MD5.
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import re
 from dataclasses import dataclass, replace
 
 import numpy as np
-from fabio.compression import decByteOffset
+from numba import njit
 
 HEADER_BYTES = 12288
 MIME_HEADER_BYTES = 65536  # the CIF and MIME headers of a miniCBF end well before this
@@ -247,14 +247,46 @@ def decode_pixels(data: bytes, section: BinarySection, shape: tuple[int, int]) -
         raise FrameError("corrupt binary section: Content-MD5 does not match")
     if not section.byte_offset:
         raise FrameError("unsupported compression: only x-CBF_BYTE_OFFSET (miniCBF) frames are read")
-    try:
-        flat = np.asarray(decByteOffset(stream, shape[0] * shape[1], dtype="int32"))
-    except Exception as exc:  # the decoder raises several types on a corrupt stream
-        raise FrameError("corrupt binary section: %s" % (str(exc).splitlines()[0] or type(exc).__name__)) from None
-    if flat.size != shape[0] * shape[1]:
+    flat = np.empty(shape[0] * shape[1], dtype=np.int32)
+    decoded = _byte_offset(np.frombuffer(stream, dtype=np.int8), flat)
+    if decoded != flat.size:
         raise FrameError("corrupt binary section: decoded %d pixels, header says %dx%d"
-                         % (flat.size, shape[1], shape[0]))
+                         % (decoded, shape[1], shape[0]))
     return flat.reshape(shape)
+
+
+@njit(cache=True)
+def _byte_offset(stream, out):
+    """CBF byte-offset decompression: each pixel is the previous one plus a signed delta stored in 1 byte,
+    or after an escape (the smallest value of the width) in 2, then 4, then 8 little-endian bytes.
+    ``stream`` is the section as int8.  Returns how many pixels were decoded; fewer than ``out.size`` means
+    the stream ended early.
+
+    Our own kernel rather than fabio's: as fast, and workers need not import fabio.
+    """
+    size = stream.size
+    position = 0
+    value = 0
+    for i in range(out.size):
+        if position >= size:
+            return i
+        delta = np.int64(stream[position])
+        position += 1
+        if delta == -128:
+            width = 2
+            while True:
+                if position + width > size:
+                    return i
+                delta = np.int64(stream[position + width - 1])  # the top byte carries the sign
+                for k in range(width - 2, -1, -1):
+                    delta = (delta << 8) | (np.int64(stream[position + k]) & 0xFF)
+                position += width
+                if width == 8 or delta != -(1 << (8 * width - 1)):
+                    break
+                width *= 2
+        value += delta
+        out[i] = value
+    return out.size
 
 
 def _mm(value: float, units: str | None, what: str) -> float:

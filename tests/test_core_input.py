@@ -120,3 +120,17 @@ def test_binary_complete_follows_the_bytes_on_disk(simulated, tmp_path):
     packed.write_bytes(whole)
     assert binary_complete(str(packed))
     assert not binary_complete(str(tmp_path / "absent_0001.cbf"))
+
+
+def test_byte_offset_decoder_handles_every_delta_width():
+    import numpy as np
+    from fabio.compression import compByteOffset
+
+    from spotfinder.image import _byte_offset
+
+    values = np.array([0, 5, -3, 127, -128, 200, -30000, 40000, 1046527, -2, 2**31 - 1, -2**31, 7, -1],
+                      dtype=np.int32)
+    stream = np.frombuffer(compByteOffset(values), dtype=np.int8)
+    out = np.empty(values.size, dtype=np.int32)
+    assert _byte_offset(stream, out) == values.size and np.array_equal(out, values)
+    assert _byte_offset(stream[:-3], out) < values.size  # a cut stream says so
