@@ -10,7 +10,6 @@ import base64
 import bz2
 import hashlib
 import gzip
-import math
 import os
 import re
 from dataclasses import dataclass, replace
@@ -58,17 +57,6 @@ class Geometry:
         if self.vendortype.startswith("Eiger"):
             return "eiger"
         return "other"
-
-    def resolution_at_radius(self, r_mm):
-        """d (Angstrom) of a point r mm from the beam on a flat detector normal to the beam."""
-        r_mm = np.asarray(r_mm, dtype=float)
-        theta = np.arctan2(r_mm, self.distance) / 2.0
-        with np.errstate(divide="ignore"):
-            return self.wavelength / (2.0 * np.sin(theta))
-
-    def radius_at_resolution(self, d):
-        """r (mm) of resolution d: the inverse of resolution_at_radius."""
-        return self.distance * math.tan(2.0 * math.asin(self.wavelength / (2.0 * d)))
 
 
 @dataclass(frozen=True)
