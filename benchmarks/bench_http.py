@@ -22,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from urllib.parse import quote
 
-from bench_pipeline import DATA, REPO, decompressed_frames, free_port, percentile, run_distl
+from bench_pipeline import DATA, REPO, decompressed_frames, free_ports, percentile, run_distl
 
 WARM_UP_REQUESTS = 4  # the first frame in each worker compiles the numba kernels
 
@@ -31,11 +31,11 @@ class Service:
     """A `spotfinder serve` process on free ports whose data root is ``frames``; it watches nothing."""
 
     def __init__(self, work: Path, frames: Path, workers: int, queue: int):
-        self.port = free_port()
+        self.port, pub_port, work_port, results_port = free_ports(4)
         config = work / "bench-http.yaml"
         config.write_text("\n".join([
-            "data_root: [%s]" % frames, "http: 127.0.0.1:%d" % self.port, "pub: tcp://127.0.0.1:%d" % free_port(),
-            "work_endpoint: tcp://127.0.0.1:%d" % free_port(), "results_endpoint: tcp://127.0.0.1:%d" % free_port(),
+            "data_root: [%s]" % frames, "http: 127.0.0.1:%d" % self.port, "pub: tcp://127.0.0.1:%d" % pub_port,
+            "work_endpoint: tcp://127.0.0.1:%d" % work_port, "results_endpoint: tcp://127.0.0.1:%d" % results_port,
             "workers: %d" % workers, "ondemand_queue: %d" % queue, "state_dir: %s" % (work / "state"),
             "log_level: warning", ""]))
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))

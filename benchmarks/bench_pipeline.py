@@ -18,7 +18,6 @@ import glob
 import json
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -33,12 +32,8 @@ REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data" / "real" / "thaumatin_grid_dls_i24_pilatus3_6m"
 DISTL_BATCH = REPO.parent / "shared" / "peer" / "distl_batch"
 DISTL_VENV = Path(os.environ.get("DISTL_PEER_VENV", Path.home() / ".distl-peer"))
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+sys.path.insert(0, str(REPO / "tests"))
+from service_helpers import free_ports  # noqa: E402  (the tests' one way of picking distinct ports)
 
 
 def decompressed_frames(into: Path, limit: int) -> list[str]:
@@ -69,12 +64,12 @@ class Pipeline:
     def __init__(self, work: Path, workers: int):
         self.watch = work / "watch"
         self.watch.mkdir()
-        self.http = free_port()
+        self.http, pub_port, work_port, results_port = free_ports(4)
         config = work / "bench.yaml"
-        self.pub = "tcp://127.0.0.1:%d" % free_port()
+        self.pub = "tcp://127.0.0.1:%d" % pub_port
         config.write_text("\n".join([
             "watch: [%s]" % self.watch, "pub: %s" % self.pub, "http: 127.0.0.1:%d" % self.http,
-            "work_endpoint: tcp://127.0.0.1:%d" % free_port(), "results_endpoint: tcp://127.0.0.1:%d" % free_port(),
+            "work_endpoint: tcp://127.0.0.1:%d" % work_port, "results_endpoint: tcp://127.0.0.1:%d" % results_port,
             "workers: %d" % workers, "state_dir: %s" % (work / "state"), "log_level: warning", ""]))
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
         self.env = env
@@ -112,7 +107,8 @@ class Pipeline:
                 _topic, body = self.sub.recv_multipart()
                 message = json.loads(body)
                 arrived[message["file"]] = (time.time(), message)
-        written = {record["file"]: record["t_complete"] for record in map(json.loads, replay.communicate()[0].splitlines())}
+        written = {record["file"]: record["t_complete"]
+                   for record in map(json.loads, replay.communicate()[0].splitlines())}
         missing = set(written) - set(arrived)
         if missing:
             raise SystemExit("%d results never arrived, e.g. %s" % (len(missing), sorted(missing)[0]))
@@ -143,7 +139,8 @@ def run_distl(frames: list[str]) -> dict | None:
         print("real DISTL failed: %s" % done.stderr.strip().splitlines()[-1:], file=sys.stderr)
         return None
     seconds = [r["seconds"] for r in records]
-    return {"frames": len(records), "seconds_mean": statistics.mean(seconds), "seconds_median": statistics.median(seconds)}
+    return {"frames": len(records), "seconds_mean": statistics.mean(seconds),
+            "seconds_median": statistics.median(seconds)}
 
 
 def main() -> int:
@@ -175,7 +172,8 @@ def main() -> int:
           % (rate, latency["latency_p50_s"], latency["latency_p99_s"]))
     print("  analysis per frame (ours): %6.3f s mean proc_ms" % ours_s)
     if distl:
-        print("  real DISTL per frame:      %6.3f s mean (%d frames, one process)" % (distl["seconds_mean"], distl["frames"]))
+        print("  real DISTL per frame:      %6.3f s mean (%d frames, one process)"
+              % (distl["seconds_mean"], distl["frames"]))
         print("  ours / DISTL per frame:    %6.2f x" % (ours_s / distl["seconds_mean"]))
         print("  pipeline frames/s vs DISTL 1 process: %.2f x" % (throughput["frames_per_s"] * distl["seconds_mean"]))
     if throughput["errors"] or latency["errors"]:

@@ -122,9 +122,14 @@ def run_stop(args: argparse.Namespace) -> int:
 
     if not running():
         return _fail("no service is running with state folder %s" % settings.state_dir, 1)
-    with open(path) as fh:
-        pid = int(fh.read().strip())
-    os.kill(pid, signal.SIGTERM)
+    try:
+        with open(path) as fh:
+            pid = int(fh.read().strip())
+        os.kill(pid, signal.SIGTERM)
+    except ValueError:
+        return _fail("the pid file %s of the running service is empty or garbled" % path, 1)
+    except OSError as exc:  # not ours to signal, or gone meanwhile
+        return _fail("cannot stop the service: %s" % (exc.strerror or exc), 1)
     deadline = time.monotonic() + args.timeout
     while running():
         if time.monotonic() > deadline:
@@ -145,7 +150,8 @@ def add_service_commands(subparsers) -> None:
     serve.add_argument("--pub", metavar="ENDPOINT", help="PUB endpoint to bind (default %s)" % DEFAULTS.pub)
     serve.add_argument("--http", metavar="HOST:PORT", help="HTTP address (default %s)" % DEFAULTS.http)
     serve.add_argument("--workers", metavar="N", type=int, help="local worker processes (default: number of cores)")
-    serve.add_argument("--state-dir", metavar="DIR", help="folder of the ledger (default %s)" % config.default_state_dir())
+    serve.add_argument("--state-dir", metavar="DIR",
+                       help="folder of the ledger (default %s)" % config.default_state_dir())
     serve.add_argument("--data-root", metavar="DIR", action="append",
                        help="folder watched and queried frames must lie under (repeatable; default for HTTP "
                             "queries: the watched folders)")
@@ -168,7 +174,8 @@ def add_service_commands(subparsers) -> None:
     worker.set_defaults(func=run_worker)
 
     listen = subparsers.add_parser("listen", help="print the service's published messages as JSON lines",
-                                   description="Subscribe to the PUB socket and print each message body as one JSON line.")
+                                   description="Subscribe to the PUB socket and print each message body as one "
+                                               "JSON line.")
     listen.add_argument("endpoint", nargs="?", default=config.connect_endpoint(DEFAULTS.pub), metavar="ENDPOINT",
                         help="PUB endpoint to connect to (default %(default)s)")
     listen.add_argument("--topic", default="spotfinder.v1.", help="topic prefix, e.g. spotfinder.v1.result. "

@@ -35,6 +35,7 @@ class Settings:
     polling: bool = False
     poll_interval_s: float = 1.0
     incomplete_timeout_s: float = 30.0
+    reconcile_interval_s: float = 60.0
     pub: str = "tcp://127.0.0.1:5601"
     http: str = "127.0.0.1:8125"
     work_endpoint: str = "tcp://127.0.0.1:5602"
@@ -49,6 +50,7 @@ class Settings:
     worker_liveness_s: float = 5.0
     heartbeat_interval_s: float = 1.0
     drain_timeout_s: float = 30.0
+    retention_days: float = 30.0
     pub_settle_s: float = 0.5
     ondemand_queue: int | None = None
     ondemand_timeout_s: float = 120.0
@@ -130,10 +132,14 @@ def validate(raw: dict) -> Settings:
     values.update(raw)
     if not isinstance(values["polling"], bool):
         raise ConfigError("polling: expected true or false, got %r" % values["polling"])
-    for key in ("poll_interval_s", "incomplete_timeout_s", "dispatch_timeout_s", "frame_timeout_s",
-                "worker_liveness_s", "heartbeat_interval_s", "drain_timeout_s", "pub_settle_s", "ondemand_timeout_s",
-                "http_timeout_s"):
-        values[key] = _number(key, values[key], minimum=0.01 if key != "pub_settle_s" else 0.0)
+    for key in ("poll_interval_s", "incomplete_timeout_s", "reconcile_interval_s", "dispatch_timeout_s",
+                "frame_timeout_s", "worker_liveness_s", "heartbeat_interval_s", "drain_timeout_s", "pub_settle_s",
+                "ondemand_timeout_s", "http_timeout_s", "retention_days"):
+        values[key] = _number(key, values[key], minimum=0.0 if key in ("pub_settle_s", "retention_days") else 0.01)
+    if values["worker_liveness_s"] < 3 * values["heartbeat_interval_s"]:
+        raise ConfigError("worker_liveness_s (%g) must be at least 3 x heartbeat_interval_s (%g), or live workers "
+                          "would be presumed dead between two heartbeats"
+                          % (values["worker_liveness_s"], values["heartbeat_interval_s"]))
     values["workers"] = _number("workers", values["workers"], int, 0, allow_none=True)
     values["ondemand_queue"] = _number("ondemand_queue", values["ondemand_queue"], int, 1, allow_none=True)
     values["http_max_connections"] = _number("http_max_connections", values["http_max_connections"], int, 1)
@@ -151,6 +157,8 @@ def validate(raw: dict) -> Settings:
     for folder in values["watch"]:
         if values["data_root"] and not any(Path(folder).is_relative_to(root) for root in values["data_root"]):
             raise ConfigError("watch: folder %s is outside every data_root" % folder)
+    if not isinstance(values["state_dir"], str):
+        raise ConfigError("state_dir: expected a folder, got %r" % (values["state_dir"],))
     values["state_dir"] = os.path.abspath(os.path.expanduser(values["state_dir"] or default_state_dir()))
     words = values["parameters"]
     if isinstance(words, dict):  # {distl.res.outer: 4.9} reads more naturally in YAML than a word list

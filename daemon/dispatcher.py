@@ -6,7 +6,8 @@ in flight per live worker: frames wait in the ledger's queue, not in some worker
 
 A dispatched frame that no worker started within ``dispatch_timeout_s`` (lost in a dead worker's buffer)
 goes back to the queue free of charge; one whose worker died or overran ``frame_timeout_s`` goes back
-with a try counted against it, and after ``max_tries`` it is failed instead of looping.
+with a try counted against it, and after ``max_tries`` it is failed instead of looping.  A worker that
+overran the frame timeout is reported as hung, for the service to kill.  Deadlines are ``time.monotonic()``.
 
 On-demand jobs (HTTP queries, :mod:`daemon.ondemand`) share the same credit and go first: a query waits
 at most for the frames its worker already holds, never for the watcher's backlog.  The lane keeps its
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass, field
 
 import zmq
 
@@ -25,6 +27,14 @@ from .ondemand import Lane
 log = logging.getLogger("spotfinder.dispatcher")
 
 CREDIT_PER_WORKER = 2  # one being analysed, one waiting at the worker
+
+
+@dataclass
+class Expiry:
+    """What :meth:`Dispatcher.expire` found: frames out of tries (to fail) and workers that hung."""
+
+    exhausted: list[tuple[Frame, str]] = field(default_factory=list)
+    hung: set[str] = field(default_factory=set)
 
 
 class Dispatcher:
@@ -53,33 +63,34 @@ class Dispatcher:
                 for unsent in reversed(jobs[n:]):
                     self.lane.put_back(unsent)
                 return sent
-            self.lane.dispatched(job, time.time())
+            self.lane.dispatched(job, time.monotonic())
             sent += 1
         for frame in self.ledger.queued(room - sent):
             try:
                 self.socket.send_json({"id": frame.id, "path": frame.path, "params": self.params}, zmq.NOBLOCK)
             except zmq.Again:  # every worker's pipe is full: try again on the next pass
                 break
-            now = time.time()
-            self.ledger.mark_dispatched(frame.id, now, now + self.dispatch_timeout_s)
+            self.ledger.mark_dispatched(frame.id, time.monotonic() + self.dispatch_timeout_s)
             sent += 1
         return sent
 
-    def expire(self, now: float) -> list[tuple[Frame, str]]:
-        """Re-queue overdue frames and jobs; the (frame, reason) pairs that used up their tries and must be
-        failed (the lane answers its own exhausted jobs)."""
-        exhausted = []
+    def expire(self, now: float) -> Expiry:
+        """Re-queue overdue frames and jobs; the frames that used up their tries and must be failed (the lane
+        answers its own exhausted jobs), and the workers that overran the frame timeout."""
+        expiry = Expiry(hung=set(self.lane.expire(now)))
         for frame in self.ledger.overdue(now):
-            if frame.worker is None:
+            started = frame.worker is not None
+            if not started:
                 log.warning("frame %s was not taken by any worker within %.0f s; queued again",
                             frame.path, self.dispatch_timeout_s)
-                self.ledger.release(frame.id, charge=False, max_tries=self.max_tries)
-            elif not self.ledger.release(frame.id, charge=True, max_tries=self.max_tries):
-                exhausted.append((frame, "gave up after %d tries: no worker finished the frame in time" % self.max_tries))
             else:
+                expiry.hung.add(frame.worker)
+            if not self.ledger.release(frame.id, charge=started, max_tries=self.max_tries):
+                expiry.exhausted.append((frame, "gave up after %d tries: no worker finished the frame in time"
+                                         % self.max_tries))
+            elif started:
                 log.warning("worker %s overran the frame timeout on %s; queued again", frame.worker, frame.path)
-        self.lane.expire(now)
-        return exhausted
+        return expiry
 
     def worker_lost(self, worker_id: str, charge: bool) -> list[tuple[Frame, str]]:
         """Re-queue the frames and jobs a dead or departed worker held; the frames that used up their tries."""

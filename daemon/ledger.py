@@ -5,6 +5,11 @@ once a worker says it started) → ``done`` | ``failed``.  A frame leaves the le
 :meth:`Ledger.finish`, which assigns the publication ``seq`` and stores the message in the same transaction:
 a restart can neither lose nor renumber a result.  Only the service's main thread writes; the HTTP
 threads read through :func:`read_messages` on their own connections.
+
+A frame's ``identity`` is the file it was analysed from (``dev:ino``): a file re-created under a known name
+re-opens the frame, and :meth:`Ledger.known` tells the catch-up scan which files are new.  Deadlines are
+``time.monotonic()`` values: they only mean something within one run, and a start re-queues what was in flight.
+Final frames and stored messages older than the retention are pruned (:meth:`Ledger.prune`).
 """
 from __future__ import annotations
 
@@ -15,8 +20,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 FILE_NAME = "ledger.sqlite3"
-IN_FLIGHT = ("queued", "dispatched")
 FINAL = ("done", "failed")
+STATES = ("seen", "queued", "dispatched") + FINAL
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS frames (
@@ -26,13 +31,12 @@ CREATE TABLE IF NOT EXISTS frames (
     state TEXT NOT NULL,
     t_seen REAL NOT NULL,
     t_complete REAL,
-    t_dispatched REAL,
-    t_started REAL,
     t_done REAL,
     worker TEXT,
     deadline REAL,
     tries INTEGER NOT NULL DEFAULT 0,
-    seq INTEGER UNIQUE
+    seq INTEGER UNIQUE,
+    identity TEXT
 );
 CREATE INDEX IF NOT EXISTS frames_state ON frames (state, id);
 CREATE TABLE IF NOT EXISTS messages (
@@ -43,6 +47,8 @@ CREATE TABLE IF NOT EXISTS messages (
 );
 CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
 INSERT OR IGNORE INTO counters VALUES ('seq', 0);
+INSERT OR IGNORE INTO counters SELECT 'done', COUNT(*) FROM frames WHERE state = 'done';
+INSERT OR IGNORE INTO counters SELECT 'failed', COUNT(*) FROM frames WHERE state = 'failed';
 """
 
 
@@ -54,16 +60,17 @@ class Frame:
     state: str
     t_seen: float
     t_complete: float | None
-    t_dispatched: float | None
-    t_started: float | None
     t_done: float | None
     worker: str | None
     deadline: float | None
     tries: int
     seq: int | None
+    identity: str | None
 
 
-_COLUMNS = "id, path, collection, state, t_seen, t_complete, t_dispatched, t_started, t_done, worker, deadline, tries, seq"
+_COLUMNS = "id, path, collection, state, t_seen, t_complete, t_done, worker, deadline, tries, seq, identity"
+
+_INSERT_SEEN = "INSERT OR IGNORE INTO frames (path, collection, state, t_seen) VALUES (?, ?, 'seen', ?)"
 
 # compose(seq, frame) -> (topic, body): the publisher's message for a frame's final state.
 Compose = Callable[[int, Frame], tuple[str, dict]]
@@ -81,6 +88,9 @@ class Ledger:
         os.makedirs(state_dir, exist_ok=True)
         self.path = os.path.join(state_dir, FILE_NAME)
         self.db = connect(self.path)
+        columns = {row[1] for row in self.db.execute("PRAGMA table_info(frames)")}
+        if columns and "identity" not in columns:  # a ledger from before identities
+            self.db.execute("ALTER TABLE frames ADD COLUMN identity TEXT")
         self.db.executescript(SCHEMA)
 
     def close(self) -> None:
@@ -100,32 +110,49 @@ class Ledger:
     def see(self, path: str, collection: str, t_seen: float) -> bool:
         """Record a frame file noticed; False when it was already known."""
         with self._transaction():
-            cursor = self.db.execute("INSERT OR IGNORE INTO frames (path, collection, state, t_seen) VALUES (?, ?, 'seen', ?)",
-                                     (path, collection, t_seen))
+            cursor = self.db.execute(_INSERT_SEEN, (path, collection, t_seen))
         return cursor.rowcount == 1
 
-    def enqueue(self, path: str, collection: str, t_seen: float, t_complete: float) -> bool:
-        """A complete frame becomes ready for dispatch; False when it was already queued or beyond."""
+    def enqueue(self, path: str, collection: str, t_seen: float, t_complete: float, identity: str,
+                created: bool = False) -> bool:
+        """A complete frame becomes ready for dispatch; False when it was already queued or beyond.
+
+        A finished frame is re-opened when its file is a new one (``created`` by a create or rename event, or
+        another ``identity``): a shot re-collected under the same name, or a file completed after it was
+        given up.
+        """
         with self._transaction():
-            self.db.execute("INSERT OR IGNORE INTO frames (path, collection, state, t_seen) VALUES (?, ?, 'seen', ?)",
-                            (path, collection, t_seen))
-            cursor = self.db.execute("UPDATE frames SET state = 'queued', t_complete = ? WHERE path = ? AND state = 'seen'",
-                                     (t_complete, path))
+            self.db.execute(_INSERT_SEEN, (path, collection, t_seen))
+            cursor = self.db.execute(
+                "UPDATE frames SET state = 'queued', t_seen = ?, t_complete = ?, identity = ?, tries = 0, "
+                "worker = NULL, deadline = NULL WHERE path = ? AND (state = 'seen' OR (state IN ('done', 'failed') AND "
+                "(? OR identity IS NOT ?) AND identity IS NOT NULL))",
+                (t_seen, t_complete, identity, path, created, identity))
         return cursor.rowcount == 1
+
+    def give_up(self, path: str, identity: str, created: bool = False) -> Frame | None:
+        """The frame to fail because its file never completed: one still ``seen``, or a finished one whose file
+        is a new one (as in :meth:`enqueue`); None when there is nothing to fail."""
+        with self._transaction():
+            cursor = self.db.execute(
+                "UPDATE frames SET state = 'seen', identity = ?, tries = 0 WHERE path = ? AND (state = 'seen' OR "
+                "(state IN ('done', 'failed') AND (? OR identity IS NOT ?) AND identity IS NOT NULL))",
+                (identity, path, created, identity))
+        return self.find(path) if cursor.rowcount == 1 else None
 
     def queued(self, limit: int) -> list[Frame]:
         return self._frames("state = 'queued'", limit=max(0, int(limit)))
 
-    def mark_dispatched(self, frame_id: int, now: float, deadline: float) -> None:
+    def mark_dispatched(self, frame_id: int, deadline: float) -> None:
         with self._transaction():
-            self.db.execute("UPDATE frames SET state = 'dispatched', t_dispatched = ?, deadline = ?, worker = NULL "
-                            "WHERE id = ? AND state = 'queued'", (now, deadline, frame_id))
+            self.db.execute("UPDATE frames SET state = 'dispatched', deadline = ?, worker = NULL "
+                            "WHERE id = ? AND state = 'queued'", (deadline, frame_id))
 
-    def mark_started(self, frame_id: int, worker: str, now: float, deadline: float) -> bool:
+    def mark_started(self, frame_id: int, worker: str, deadline: float) -> bool:
         """A worker took the frame; a late start of a re-queued frame claims it so it is not sent twice."""
         with self._transaction():
-            cursor = self.db.execute("UPDATE frames SET state = 'dispatched', worker = ?, t_started = ?, deadline = ? "
-                                     "WHERE id = ? AND state IN ('queued', 'dispatched')", (worker, now, deadline, frame_id))
+            cursor = self.db.execute("UPDATE frames SET state = 'dispatched', worker = ?, deadline = ? "
+                                     "WHERE id = ? AND state IN ('queued', 'dispatched')", (worker, deadline, frame_id))
         return cursor.rowcount == 1
 
     def overdue(self, now: float) -> list[Frame]:
@@ -137,17 +164,21 @@ class Ledger:
     def release(self, frame_id: int, charge: bool, max_tries: int) -> bool:
         """Put a dispatched frame back in the queue; ``charge`` counts a try against it (its worker died or hung).
 
-        False when the frame has used up its tries: it stays dispatched and the caller must fail it.
+        False when a charged try used up the frame's tries: it stays dispatched and the caller must fail it.
+        An uncharged release always re-queues, even a frame at its limit (``max_tries`` lowered since, or a
+        service killed between a charged release and the failure): the next charged loss fails it.
         """
         with self._transaction():
-            row = self.db.execute("SELECT tries FROM frames WHERE id = ? AND state = 'dispatched'", (frame_id,)).fetchone()
+            row = self.db.execute("SELECT tries FROM frames WHERE id = ? AND state = 'dispatched'",
+                                  (frame_id,)).fetchone()
             if row is None:
                 return True
             tries = row[0] + (1 if charge else 0)
-            if tries >= max_tries:
+            if charge and tries >= max_tries:
                 self.db.execute("UPDATE frames SET tries = ? WHERE id = ?", (tries, frame_id))
                 return False
-            self.db.execute("UPDATE frames SET state = 'queued', tries = ?, worker = NULL, deadline = NULL WHERE id = ?",
+            self.db.execute("UPDATE frames SET state = 'queued', tries = ?, worker = NULL, deadline = NULL "
+                            "WHERE id = ?",
                             (tries, frame_id))
         return True
 
@@ -158,6 +189,10 @@ class Ledger:
                                      "WHERE state = 'dispatched'")
         return cursor.rowcount
 
+    def oldest_seen(self) -> float | None:
+        """When the longest-waiting frame still not complete was seen (wall time), None if there is none."""
+        return self.db.execute("SELECT MIN(t_seen) FROM frames WHERE state = 'seen'").fetchone()[0]
+
     def seen_only(self) -> list[Frame]:
         return self._frames("state = 'seen'")
 
@@ -165,8 +200,11 @@ class Ledger:
         found = self._frames("path = ?", (path,))
         return found[0] if found else None
 
-    def known(self, path: str) -> bool:
-        return self.db.execute("SELECT 1 FROM frames WHERE path = ?", (path,)).fetchone() is not None
+    def known(self, path: str, identity: str) -> bool:
+        """Whether the file ``identity`` at ``path`` needs no catch-up: its frame is being followed or in
+        flight, or finished from this file (or from a file of a ledger that kept no identities)."""
+        row = self.db.execute("SELECT state, identity FROM frames WHERE path = ?", (path,)).fetchone()
+        return row is not None and (row[0] not in FINAL or row[1] is None or row[1] == identity)
 
     def _next_seq(self) -> int:
         self.db.execute("UPDATE counters SET value = value + 1 WHERE name = 'seq'")
@@ -185,7 +223,9 @@ class Ledger:
             if not found:
                 return None
             seq = self._next_seq()
-            self.db.execute("UPDATE frames SET state = ?, t_done = ?, seq = ? WHERE id = ?", (state, now, seq, frame_id))
+            self.db.execute("UPDATE frames SET state = ?, t_done = ?, seq = ? WHERE id = ?",
+                            (state, now, seq, frame_id))
+            self.db.execute("UPDATE counters SET value = value + 1 WHERE name = ?", (state,))
             topic, body = compose(seq, self.get(frame_id))
             self.db.execute("INSERT INTO messages VALUES (?, ?, ?, ?)", (seq, body["type"], topic, json.dumps(body)))
         return {"topic": topic, "body": body}
@@ -199,9 +239,29 @@ class Ledger:
         return {"topic": topic, "body": body}
 
     def counts(self) -> dict[str, int]:
-        counts = dict.fromkeys(("seen", "queued", "dispatched", "done", "failed"), 0)
-        counts.update(self.db.execute("SELECT state, COUNT(*) FROM frames GROUP BY state"))
+        """Frames per state: the unfinished ones counted through the state index, the finished ones kept as
+        totals, so the cost does not grow with the history."""
+        counts = dict.fromkeys(STATES, 0)
+        counts.update(self.db.execute("SELECT state, COUNT(*) FROM frames WHERE state IN ('seen', 'queued', "
+                                      "'dispatched') GROUP BY state"))
+        counts.update(self.db.execute("SELECT name, value FROM counters WHERE name IN ('done', 'failed')"))
         return counts
+
+    def prune(self, before: float) -> int:
+        """Forget frames finished before ``before`` (wall time) and the stored messages up to the newest of
+        them; how many frames."""
+        with self._transaction():
+            newest = self.db.execute("SELECT MAX(seq) FROM frames WHERE state IN ('done', 'failed') AND t_done < ?",
+                                     (before,)).fetchone()[0]
+            if newest is None:
+                return 0
+            self.db.execute("DELETE FROM messages WHERE seq <= ?", (newest,))
+            cursor = self.db.execute("DELETE FROM frames WHERE state IN ('done', 'failed') AND t_done < ?", (before,))
+        return cursor.rowcount
+
+    def last_stored_seq(self) -> int:
+        """The seq of the newest stored message (results, errors), 0 if none."""
+        return self.db.execute("SELECT COALESCE(MAX(seq), 0) FROM messages").fetchone()[0]
 
     def last_seq(self) -> int:
         return self.db.execute("SELECT value FROM counters WHERE name = 'seq'").fetchone()[0]

@@ -8,7 +8,9 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import traceback
 
+STACK_FRAMES = 3  # of an error's traceback, innermost last: enough to find the bug, still one line
 _SYSLOG_PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3, logging.CRITICAL: 2}
 
 
@@ -18,9 +20,14 @@ class _LineFormatter(logging.Formatter):
         self.journal = journal
 
     def format(self, record: logging.LogRecord) -> str:
-        text = record.getMessage().replace("\n", " | ")
+        text = record.getMessage()
         if record.exc_info:
-            text += " | %s: %s" % (record.exc_info[0].__name__, record.exc_info[1])
+            kind, exc, tb = record.exc_info
+            if record.levelno >= logging.ERROR:
+                text += "".join(" | at %s:%d in %s" % (os.path.basename(frame.filename), frame.lineno, frame.name)
+                                for frame in traceback.extract_tb(tb)[-STACK_FRAMES:])
+            text += " | %s: %s" % (kind.__name__, exc)
+        text = text.replace("\n", " | ")
         if self.journal:
             return "<%d>%s: %s" % (_SYSLOG_PRIORITY.get(record.levelno, 6), record.name, text)
         return "%s %s: %s" % (record.levelname, record.name, text)

@@ -37,13 +37,15 @@ class Metrics:
         self.ondemand_in_flight.set_function(in_flight)
 
     def frame(self, lane: str, result: dict | None) -> None:
-        """Count a finished frame; ``None`` = the service gave up on it."""
+        """Count a finished frame; ``None`` = the service gave up on it.  Never raises: a worker's odd
+        ``proc_ms`` (not a number) is left out of the histogram."""
         if result is None:
             self.frames.labels(lane, "failed").inc()
             return
         self.frames.labels(lane, "ok" if result.get("status") == "ok" else "error").inc()
-        if result.get("proc_ms") is not None:
-            self.frame_seconds.labels(lane).observe(result["proc_ms"] / 1000.0)
+        proc_ms = result.get("proc_ms")
+        if isinstance(proc_ms, (int, float)) and not isinstance(proc_ms, bool) and proc_ms >= 0:
+            self.frame_seconds.labels(lane).observe(proc_ms / 1000.0)
 
     def error(self, kind: str) -> None:
         self.errors.labels(kind).inc()

@@ -5,17 +5,19 @@ flight and settles them, so every ZeroMQ socket stays on the main thread.  The q
 full queue is refused at once (the caller answers 503): nothing ever waits for room.  Jobs are not frames
 of a collection: they never enter the ledger and are not published.
 
-A job whose worker dies (or overruns the frame timeout) is sent once more, then answered with an error; a
-job no worker took within the dispatch timeout (lost in a dead worker's buffer) is re-sent free of charge.
+A job whose worker dies (or overruns the frame timeout, and is then killed) is sent once more, then answered
+with an error; a job no worker took within the dispatch timeout (lost in a dead worker's buffer) is re-sent
+free of charge.
 """
 from __future__ import annotations
 
 import collections
 import itertools
 import logging
-import os
 import threading
 from dataclasses import dataclass, field
+
+from .wakeup import Wakeup
 
 log = logging.getLogger("spotfinder.ondemand")
 
@@ -76,9 +78,7 @@ class Lane:
         self._in_flight: dict[str, Job] = {}
         self._ids = itertools.count(1)
         self._closed = False
-        self._wake_read, self._wake_write = os.pipe()
-        os.set_blocking(self._wake_read, False)
-        os.set_blocking(self._wake_write, False)
+        self._wakeup = Wakeup()
 
     # ----- HTTP threads ------------------------------------------------------------------------------------
     def submit(self, path: str, params: dict, reply: str | None) -> Job:
@@ -90,10 +90,7 @@ class Lane:
                 raise LaneFull()
             job = Job(ID_PREFIX + str(next(self._ids)), path, params, reply)
             self._queue.append(job)
-        try:
-            os.write(self._wake_write, b"!")
-        except BlockingIOError:  # the pipe is full of wake-ups already
-            pass
+        self._wakeup.notify()
         return job
 
     def abandon(self, job: Job) -> None:
@@ -114,7 +111,7 @@ class Lane:
     # ----- main thread -------------------------------------------------------------------------------------
     def fileno(self) -> int:
         """Readable when jobs were submitted (for the main loop's poller)."""
-        return self._wake_read
+        return self._wakeup.fileno()
 
     def in_flight(self) -> int:
         with self._lock:
@@ -122,11 +119,7 @@ class Lane:
 
     def take(self, room: int) -> list[Job]:
         """Up to ``room`` queued jobs, oldest first; the caller sends them and reports back."""
-        try:
-            while os.read(self._wake_read, 4096):
-                pass
-        except BlockingIOError:
-            pass
+        self._wakeup.clear()
         with self._lock:
             return [self._queue.popleft() for _ in range(min(room, len(self._queue)))]
 
@@ -145,11 +138,11 @@ class Lane:
     def owns(job_id: object) -> bool:
         return isinstance(job_id, str) and job_id.startswith(ID_PREFIX)
 
-    def started(self, job_id: str, worker_id: str, now: float) -> None:
+    def started(self, job_id: str, worker_id: str, deadline: float) -> None:
         with self._lock:
             job = self._in_flight.get(job_id)
             if job is not None:
-                job.worker, job.deadline = worker_id, now + self.frame_timeout_s
+                job.worker, job.deadline = worker_id, deadline
                 job.tries += 1
 
     def finished(self, job_id: str, result: dict, text: str | None) -> Job | None:
@@ -167,10 +160,12 @@ class Lane:
         for job in held:
             self._retry(job, "its worker died on it %d times" % MAX_TRIES)
 
-    def expire(self, now: float) -> None:
-        """Resend jobs past their deadline (free of charge when no worker started them), or answer them."""
+    def expire(self, now: float) -> list[str]:
+        """Resend jobs past their deadline (free of charge when no worker started them), or answer them; the
+        workers that overran the frame timeout (hung)."""
         with self._lock:
             overdue = [job for job in self._in_flight.values() if job.deadline < now]
+        hung = [job.worker for job in overdue if job.worker is not None]
         for job in overdue:
             if job.worker is None:
                 log.warning("on-demand job for %s was not taken by any worker in time; sent again", job.path)
@@ -179,6 +174,7 @@ class Lane:
                 self.put_back(job)
             else:
                 self._retry(job, "no worker finished it within %.0f s, %d times" % (self.frame_timeout_s, MAX_TRIES))
+        return hung
 
     def _retry(self, job: Job, reason: str) -> None:
         with self._lock:

@@ -1,17 +1,20 @@
 """Local worker processes: start N, notice the ones that die, start replacements.
 
-Used by the service and by ``spotfinder worker`` on other hosts.  Each worker is its own process group
-member of ours and exits by itself if we disappear (``--parent``), so a killed service leaves no orphans.
+Used by the service and by ``spotfinder worker`` on other hosts.  The pool names each process it starts
+(``--id``, see :mod:`daemon.roll`), so deaths match the roll and the ledger by id, never by a pid the
+kernel may have recycled.  Each worker exits by itself if we disappear (``--parent``), so a killed service
+leaves no orphans.
 """
 from __future__ import annotations
 
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
+
+from .roll import new_worker_id
 
 log = logging.getLogger("spotfinder.pool")
 
@@ -25,49 +28,61 @@ class WorkerPool:
         self.command = [sys.executable, "-m", "daemon.worker", "--work", work_endpoint, "--results", results_endpoint,
                         "--heartbeat", str(heartbeat_s), "--parent", str(os.getpid()), "--log-level", log_level]
         self.processes: list[subprocess.Popen | None] = [None] * count
+        self.ids: list[str | None] = [None] * count
         self.started_at = [0.0] * count
-        self.paused = False  # maintenance / test hook: workers stopped and not restarted
-
-    @staticmethod
-    def worker_id(pid: int) -> str:
-        """The id a local worker reports (``host:pid``), so deaths can be matched to ledger entries."""
-        return "%s:%d" % (socket.gethostname(), pid)
+        self.paused = False  # maintenance (SIGUSR2): workers asked to stop and not restarted
+        self.stopping = False  # the service is shutting down: nothing is restarted any more
 
     def _spawn(self, slot: int) -> None:
         env = dict(os.environ)
         package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
-        self.processes[slot] = subprocess.Popen(self.command, env=env, stdin=subprocess.DEVNULL)
+        self.ids[slot] = new_worker_id()
+        self.processes[slot] = subprocess.Popen(self.command + ["--id", self.ids[slot]], env=env,
+                                                stdin=subprocess.DEVNULL)
         self.started_at[slot] = time.monotonic()
-        log.info("started worker pid %d", self.processes[slot].pid)
+        log.info("started worker %s (pid %d)", self.ids[slot], self.processes[slot].pid)
 
     def start(self) -> None:
         for slot in range(self.count):
             self._spawn(slot)
 
-    def pids(self) -> list[int]:
-        return [p.pid for p in self.processes if p is not None and p.poll() is None]
+    def running(self) -> dict[str, int]:
+        """Worker id -> pid of the local workers still running."""
+        return {self.ids[slot]: p.pid for slot, p in enumerate(self.processes) if p is not None and p.poll() is None}
 
-    def reap(self) -> list[tuple[int, int]]:
-        """(pid, exit code) of workers that died since the last call; replacements are started."""
+    def kill(self, worker_id: str) -> bool:
+        """SIGKILL a hung local worker (reap() then reports it and starts a fresh one); False if not ours."""
+        pid = self.running().get(worker_id)
+        if pid is None:
+            return False
+        os.kill(pid, signal.SIGKILL)
+        return True
+
+    def reap(self) -> list[tuple[str, int, int]]:
+        """(worker id, pid, exit code) of workers that exited since the last call; replacements are started."""
         dead = []
         for slot, process in enumerate(self.processes):
             if process is not None and process.poll() is not None:
-                dead.append((process.pid, process.returncode))
+                dead.append((self.ids[slot], process.pid, process.returncode))
                 self.processes[slot] = None
-            if (self.processes[slot] is None and not self.paused
+            if (self.processes[slot] is None and not self.paused and not self.stopping
                     and time.monotonic() - self.started_at[slot] >= RESTART_BACKOFF_S):
                 self._spawn(slot)
         return dead
 
     def pause(self, paused: bool) -> None:
-        """Stop all workers and keep them stopped (True), or let them be restarted (False)."""
+        """Ask every worker to stop after its current frame and keep them stopped (True), or let them be
+        restarted (False).  Returns at once: reap() notices them leaving."""
         self.paused = paused
         if paused:
-            self.stop(timeout=5.0)
+            for process in self.processes:
+                if process is not None and process.poll() is None:
+                    process.send_signal(signal.SIGTERM)
 
     def stop(self, timeout: float = 10.0) -> None:
         """SIGTERM (each finishes its current frame), then SIGKILL what is still running after ``timeout``."""
+        self.stopping = True
         running = [p for p in self.processes if p is not None and p.poll() is None]
         for process in running:
             process.send_signal(signal.SIGTERM)

@@ -2,23 +2,29 @@
 
 Every message is two frames: the topic ``spotfinder.v1.<type>.<collection>`` (general to specific, so SUB
 prefix filters work) and a JSON body.  Field names are an API: consumers parse them.
+
+PUB is best-effort: a subscriber that is not connected, too slow, or connected across a crash between a
+commit and its send misses messages.  The record is the ledger, served by ``GET /results?since=SEQ``; every
+heartbeat carries ``last_seq``, the newest stored message, so a subscriber can notice a gap and fetch it.
+Messages are held back until ``hold_until`` (the settle time after binding), so subscribers that were
+connected before a restart have reconnected before the first one goes out.
 """
 from __future__ import annotations
 
 import json
 import os
-import socket
 import time
-from datetime import datetime, timezone
+from datetime import datetime, UTC
 
 import zmq
 
 from spotfinder.image import name_template
 from spotfinder.result import FIELDS, Result
 
+from .roll import HOST
+
 SCHEMA = "spotfinder.v1"
 SERVICE_COLLECTION = "service"  # the collection of messages that concern no collection (heartbeats)
-HOST = socket.gethostname()
 
 
 def collection_of(path: str) -> str:
@@ -33,7 +39,7 @@ def topic(kind: str, collection: str) -> str:
 def envelope(kind: str, seq: int, collection: str | None) -> dict:
     now = time.time()
     return {"schema": SCHEMA, "type": kind, "seq": seq,
-            "time": datetime.fromtimestamp(now, timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+            "time": datetime.fromtimestamp(now, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
             "host": HOST, "collection": collection}
 
 
@@ -74,14 +80,26 @@ def heartbeat_message(seq: int, **fields) -> tuple[str, dict]:
 class Publisher:
     """One PUB socket; a high send HWM so slow subscribers never block the pipeline (PUB drops instead)."""
 
-    def __init__(self, context: zmq.Context, endpoint: str):
+    def __init__(self, context: zmq.Context, endpoint: str, hold_until: float = 0.0):
         self.socket = context.socket(zmq.PUB)
         self.socket.setsockopt(zmq.SNDHWM, 100_000)
         self.socket.setsockopt(zmq.LINGER, 2000)  # close() flushes what is queued, for at most 2 s
         self.socket.bind(endpoint)
+        self.hold_until = hold_until  # time.monotonic() before which messages are kept back
+        self._held: list[dict] = []
 
     def send(self, message: dict) -> None:
-        self.socket.send_multipart([message["topic"].encode(), json.dumps(message["body"]).encode()])
+        self._held.append(message)
+        self.flush()
+
+    def flush(self) -> None:
+        """Send what is held, once the settle time has passed (called from the main loop too)."""
+        if self._held and time.monotonic() >= self.hold_until:
+            for message in self._held:
+                self.socket.send_multipart([message["topic"].encode(), json.dumps(message["body"]).encode()])
+            self._held.clear()
 
     def close(self) -> None:
+        self.hold_until = 0.0  # stopping: what is held goes out now
+        self.flush()
         self.socket.close()

@@ -35,7 +35,10 @@ def frame_bytes(source: str, target_suffix: str) -> bytes:
     source_suffix = _suffix(source)
     if source_suffix != target_suffix:
         if source_suffix:
-            data = COMPRESSORS[source_suffix].decompress(data)
+            try:
+                data = COMPRESSORS[source_suffix].decompress(data)
+            except (OSError, EOFError, ValueError) as exc:
+                raise ReplayError("cannot decompress %s: %s" % (source, exc)) from None
         if target_suffix:
             data = COMPRESSORS[target_suffix].compress(data)
     return data
@@ -82,6 +85,8 @@ def replay(frames: list[str], to_dir: str, rate: float | None = None, count: int
         source = frames[index % len(frames)]
         if source not in cache:
             cache[source] = frame_bytes(source, _suffix(template))
+            if not cache[source]:
+                raise ReplayError("frame file %s is empty" % source)
         data = cache[source]
         name = numbered(template, start + index)
         final = os.path.join(to_dir, name)

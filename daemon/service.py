@@ -12,6 +12,7 @@ import fcntl
 import logging
 import os
 import signal
+import sqlite3
 import threading
 import time
 
@@ -29,6 +30,7 @@ from .ondemand import Lane
 from .pool import WorkerPool
 from .publisher import Publisher, collection_of
 from .queries import DataRoots, Queries
+from .roll import Roll
 from .watcher import Watcher
 
 log = logging.getLogger("spotfinder.service")
@@ -37,6 +39,7 @@ PID_FILE = "spotfinder.pid"
 TICK_S = 0.05
 SUPERVISE_EVERY_S = 0.2
 RESULTS_LIMIT = 1000
+PRUNE_EVERY_S = 3600.0
 
 
 class ServiceError(RuntimeError):
@@ -48,20 +51,25 @@ class Service:
         self.settings = settings
         self.notifier = notifier or Notifier()
         self.stop_requested = threading.Event()
-        self.toggle_pause = threading.Event()
+        self.toggle_pause = threading.Event()  # SIGUSR2: maintenance pause of the local workers
         self.started = time.monotonic()
         self.progress_mark = self.started
         self.ready_sent = False
-        self._counts = dict.fromkeys(("seen", "queued", "dispatched", "done", "failed"), 0)
+        self._counts = dict.fromkeys(ledger_module.STATES, 0)
+        self._oldest_seen: float | None = None
         self._snapshot: dict = {}
         self._snapshot_lock = threading.Lock()
         self._lock_file = None
 
     # ----- start -------------------------------------------------------------------------------------------
     def _lock_state_dir(self) -> None:
-        os.makedirs(self.settings.state_dir, exist_ok=True)
         path = os.path.join(self.settings.state_dir, PID_FILE)
-        handle = open(path, "a+")
+        try:
+            os.makedirs(self.settings.state_dir, exist_ok=True)
+            handle = open(path, "a+")
+        except OSError as exc:
+            raise ServiceError("cannot use state folder %s: %s"
+                               % (self.settings.state_dir, exc.strerror or exc)) from None
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -85,14 +93,21 @@ class Service:
     def start(self) -> None:
         s = self.settings
         self._lock_state_dir()
-        self.ledger = Ledger(s.state_dir)
+        try:
+            self.ledger = Ledger(s.state_dir)
+        except (sqlite3.Error, OSError) as exc:
+            raise ServiceError("cannot open the ledger in %s: %s (move it away to start afresh)"
+                               % (s.state_dir, exc)) from None
         self.metrics = Metrics()
+        self.roll = Roll(s.worker_liveness_s)
         self.lane = Lane(s.ondemand_capacity, s.dispatch_timeout_s, s.frame_timeout_s)
         self.metrics.watch_lane(self.lane.depth, self.lane.in_flight)
         self.context = zmq.Context()
-        self.publisher = self._bind("pub", s.pub, lambda: Publisher(self.context, s.pub))
+        self.publish_from = time.monotonic() + s.pub_settle_s  # let subscribers (re)connect first
+        self.publisher = self._bind("pub", s.pub, lambda: Publisher(self.context, s.pub, self.publish_from))
         self.collector = self._bind("results", s.results_endpoint, lambda: Collector(
-            self.context, s.results_endpoint, self.ledger, self.publisher, s.frame_timeout_s, self.lane, self.metrics))
+            self.context, s.results_endpoint, self.ledger, self.publisher, s.frame_timeout_s, self.lane, self.metrics,
+            self.roll))
         self.dispatcher = self._bind("work", s.work_endpoint, lambda: Dispatcher(
             self.context, s.work_endpoint, self.ledger, s.params().explicit(), s.dispatch_timeout_s, s.max_tries,
             self.lane))
@@ -108,15 +123,17 @@ class Service:
                 self.metrics.error).register(self.http)
         if not s.ondemand_roots:
             log.warning("no data_root and no watched folder: every on-demand query will be refused (set --data-root)")
-        self.publish_from = time.monotonic() + s.pub_settle_s  # let subscribers (re)connect first
         requeued = self.ledger.requeue_in_flight()
         if requeued:
             log.info("re-queued %d frames that were in flight when the service stopped", requeued)
+        self._prune()
         self.watcher = Watcher(s.watch, s.polling, s.poll_interval_s, s.incomplete_timeout_s)
-        self.watcher.start()
-        for frame in self.ledger.seen_only():
-            self.watcher.notice(frame.path, hinted=True, t_seen=frame.t_seen)
-        caught_up = self.watcher.catch_up(self.ledger.known)
+        try:
+            self.watcher.start()
+        except OSError as exc:
+            raise ServiceError("cannot watch %s: %s (for inotify limits see fs.inotify.max_user_watches, or "
+                               "use polling)" % (", ".join(s.watch), exc.strerror or exc)) from None
+        caught_up = self._reconcile()
         if caught_up:
             log.info("catching up on %d frame files that arrived while the service was down", caught_up)
         self.pool = WorkerPool(s.worker_count, connect_endpoint(s.work_endpoint),
@@ -134,10 +151,13 @@ class Service:
         poller.register(self.watcher.fileno(), zmq.POLLIN)
         poller.register(self.lane.fileno(), zmq.POLLIN)
         next_supervise = next_heartbeat = next_watchdog = 0.0
+        next_reconcile = time.monotonic() + self.settings.reconcile_interval_s
+        next_prune = time.monotonic() + PRUNE_EVERY_S
         while not self.stop_requested.is_set():
             poller.poll(TICK_S * 1000)
             self.collector.receive_all()
             self._take_watcher_events()
+            self.publisher.flush()
             now = time.monotonic()
             if self.toggle_pause.is_set():
                 self.toggle_pause.clear()
@@ -147,8 +167,14 @@ class Service:
                 next_supervise = now + SUPERVISE_EVERY_S
                 self._supervise()
                 self._refresh_snapshot()
+            if now >= next_reconcile:
+                next_reconcile = now + self.settings.reconcile_interval_s
+                self._reconcile()
+            if now >= next_prune:
+                next_prune = now + PRUNE_EVERY_S
+                self._prune()
             if now >= self.publish_from:
-                self.dispatcher.dispatch(len(self.collector.workers))
+                self.dispatcher.dispatch(len(self.roll.workers))
                 if now >= next_heartbeat:
                     next_heartbeat = now + self.settings.heartbeat_interval_s
                     self.collector.heartbeat(**self._heartbeat_fields())
@@ -168,38 +194,64 @@ class Service:
 
     def _take_watcher_events(self) -> None:
         for event in self.watcher.drain():
+            collection = collection_of(event.path)
             if event.kind == "seen":
-                if self.ledger.see(event.path, collection_of(event.path), event.t_seen):
+                if self.ledger.see(event.path, collection, event.t_seen):
                     log.debug("seen %s", event.path)
             elif event.kind == "complete":
-                if self.ledger.enqueue(event.path, collection_of(event.path), event.t_seen, event.t_complete):
+                if self.ledger.enqueue(event.path, collection, event.t_seen, event.t_complete, event.identity,
+                                       event.created):
                     log.info("queued %s", event.path)
             else:
-                frame = self.ledger.find(event.path)
-                if frame is not None and frame.state == "seen":
+                frame = self.ledger.give_up(event.path, event.identity, event.created)
+                if frame is not None:
                     self.collector.fail(frame, event.reason)
 
+    def _reconcile(self) -> int:
+        """Follow again the frames still waiting to be complete, and catch up on files no event announced;
+        how many files were new."""
+        for frame in self.ledger.seen_only():
+            self.watcher.notice(frame.path, hinted=True, t_seen=frame.t_seen)
+        forgotten_before = self._retention_cutoff()
+        return self.watcher.catch_up(lambda path, identity, mtime: mtime < forgotten_before
+                                     or self.ledger.known(path, identity))
+
+    def _retention_cutoff(self) -> float:
+        """Wall time before which finished frames are forgotten (and their files not caught up)."""
+        days = self.settings.retention_days
+        return time.time() - days * 86400.0 if days else 0.0
+
+    def _prune(self) -> None:
+        if self.settings.retention_days:
+            pruned = self.ledger.prune(self._retention_cutoff())
+            if pruned:
+                log.info("forgot %d frames finished more than %g days ago", pruned, self.settings.retention_days)
+
     def _supervise(self) -> None:
-        """Replace dead workers, settle the frames they held, re-send overdue frames."""
-        local_pids = set(self.pool.pids())
-        for pid, code in self.pool.reap():
-            worker_id = self.pool.worker_id(pid)
-            held = [f.path for f in self.ledger.held_by(worker_id)]
-            self.collector.drop_worker(worker_id)
-            self._settle(self.dispatcher.worker_lost(worker_id, charge=True))
-            if code != 0 and not self.pool.paused:
-                self.collector.service_error("worker %s exited with code %s%s" % (
-                    worker_id, code, "; its frame was queued again" if held else ""), worker=worker_id, frames=held)
-        for worker_id in self.collector.silent_workers(self.settings.worker_liveness_s):
-            log.warning("worker %s silent for %.0f s: presumed dead", worker_id, self.settings.worker_liveness_s)
-            pid = int(worker_id.rpartition(":")[2])
-            if pid in local_pids and self.pool.worker_id(pid) == worker_id:
-                os.kill(pid, signal.SIGKILL)  # hung: the pool starts a fresh one
-            self._settle(self.dispatcher.worker_lost(worker_id, charge=True))
-        while self.collector.departed:
-            self._settle(self.dispatcher.worker_lost(self.collector.departed.pop(), charge=False))
-        self._settle(self.dispatcher.expire(time.time()))
+        """Replace dead workers, settle the frames they held, kill hung workers, re-send overdue frames."""
+        exited = self.pool.reap()
+        for worker_id, _pid, code in exited:
+            self.roll.died(worker_id, charge=code != 0)
+        self.collector.receive_all()  # a dead worker's last messages (its result) before its frames are settled
+        for info in self.roll.silent():
+            log.warning("worker %s silent for %.0f s: presumed dead", info.id, self.settings.worker_liveness_s)
+            self.pool.kill(info.id)  # a local one is hung: the pool starts a fresh one
+        expiry = self.dispatcher.expire(time.monotonic())
+        self._settle(expiry.exhausted)
+        for worker_id in expiry.hung:
+            if self.pool.kill(worker_id):
+                log.warning("worker %s overran the frame timeout: killed as hung", worker_id)
+        held = {worker_id: [f.path for f in self.ledger.held_by(worker_id)] for worker_id, _, _ in exited}
+        for loss in self.roll.take_losses():
+            self._settle(self.dispatcher.worker_lost(loss.worker_id, charge=loss.charge))
+        for worker_id, pid, code in exited:
+            if code != 0 and not self.pool.stopping:
+                frames = held[worker_id]
+                self.collector.service_error("worker %s (pid %d) exited with code %s%s" % (
+                    worker_id, pid, code, "; its frame was queued again" if frames else ""),
+                    worker=worker_id, frames=frames)
         self._counts = self.ledger.counts()
+        self._oldest_seen = self.ledger.oldest_seen()
         if self._counts["queued"] + self._counts["dispatched"] == 0 or self.collector.last_done > self.progress_mark:
             self.progress_mark = time.monotonic()
 
@@ -209,32 +261,39 @@ class Service:
 
     # ----- health and status -------------------------------------------------------------------------------
     def health(self) -> tuple[bool, str]:
-        """Healthy = some worker alive when work can arrive, and the queue drains."""
-        if not self.collector.workers and (self.pool.count > 0 or self._counts["queued"]):
+        """Healthy = the watcher runs, some worker is alive when work can arrive, the queue drains and no
+        frame waits for completeness past its timeout and a reconciliation."""
+        if not self.watcher.alive():
+            return False, "the folder watcher stopped"
+        if not self.roll.workers and (self.pool.count > 0 or self._counts["queued"]):
             return False, "no live workers"
         stall_s = self.settings.dispatch_timeout_s + self.settings.frame_timeout_s
         if time.monotonic() - self.progress_mark > stall_s:
             return False, "queue not draining for %.0f s" % stall_s
+        stuck_s = 2 * self.settings.incomplete_timeout_s + self.settings.reconcile_interval_s
+        if self._oldest_seen is not None and time.time() - self._oldest_seen > stuck_s:
+            return False, "a frame has waited for completeness for over %.0f s" % stuck_s
         return True, "ok"
 
     def _status_line(self) -> str:
         snap = self._snapshot
         return "%d workers, queue %d, done %d, failed %d, %.1f frames/s" % (
-            snap["workers_alive"], snap["queue_depth"], snap["frames_done"], snap["frames_failed"], snap["frames_per_s"])
+            snap["workers_alive"], snap["queue_depth"], snap["frames_done"], snap["frames_failed"],
+            snap["frames_per_s"])
 
     def _refresh_snapshot(self) -> None:
-        counts = self.ledger.counts()
-        now = time.time()
-        registered = dict(self.collector.workers)
+        counts = self._counts
+        now = time.monotonic()
+        registered = dict(self.roll.workers)
         workers = []
-        for pid in self.pool.pids():
-            info = registered.pop(self.pool.worker_id(pid), None)
-            workers.append(self._worker_status(info, pid, local=True, now=now))
-        workers.extend(self._worker_status(info, info.pid, local=False, now=now) for info in registered.values())
+        for worker_id, pid in self.pool.running().items():
+            workers.append(self._worker_status(worker_id, registered.pop(worker_id, None), pid, local=True, now=now))
+        workers.extend(self._worker_status(info.id, info, info.pid, local=False, now=now)
+                       for info in registered.values())
         snapshot = {
-            "uptime_s": round(time.monotonic() - self.started, 3),
+            "uptime_s": round(now - self.started, 3),
             "workers": workers,
-            "workers_alive": len(self.collector.workers),
+            "workers_alive": len(self.roll.workers),
             "workers_paused": self.pool.paused,
             "queue_depth": counts["queued"],
             "in_flight": counts["dispatched"],
@@ -245,6 +304,8 @@ class Service:
             "ondemand_queue": self.lane.depth(),
             "ondemand_in_flight": self.lane.in_flight(),
             "last_seq": self.ledger.last_seq(),
+            "watcher_alive": self.watcher.alive(),
+            "oldest_waiting_s": None if self._oldest_seen is None else round(time.time() - self._oldest_seen, 3),
             "watch": list(self.settings.watch),
             "pub": self.settings.pub,
         }
@@ -256,8 +317,8 @@ class Service:
             self._snapshot = snapshot
 
     @staticmethod
-    def _worker_status(info, pid, local: bool, now: float) -> dict:
-        return {"id": info.id if info else None, "pid": pid, "host": info.host if info else None, "local": local,
+    def _worker_status(worker_id: str, info, pid, local: bool, now: float) -> dict:
+        return {"id": worker_id, "pid": pid, "host": info.host if info else None, "local": local,
                 "alive": info is not None, "busy": info.busy if info else None,
                 "frames_done": info.frames_done if info else 0,
                 "last_seen_s": round(now - info.last_seen, 3) if info else None}
@@ -274,9 +335,12 @@ class Service:
     def _http_results(self, request: Request) -> Response:
         try:
             since = int(request.arg("since", "0"))
-            limit = min(int(request.arg("limit", str(RESULTS_LIMIT))), RESULTS_LIMIT)
+            limit = int(request.arg("limit", str(RESULTS_LIMIT)))
         except ValueError:
             return error_response(400, "since and limit must be integers")
+        if since < 0:
+            return error_response(400, "since must be 0 or more")
+        limit = max(1, min(limit, RESULTS_LIMIT))
         messages, last_seq = ledger_module.read_messages(self.settings.state_dir, since, limit)
         return json_response({"since": since, "last_seq": last_seq, "results": messages})
 
@@ -291,13 +355,14 @@ class Service:
     def _shutdown(self) -> int:
         self.notifier.stopping("stopping: finishing frames in flight")
         log.info("stopping: no longer watching or listening; finishing frames and queries in flight")
+        self.pool.stopping = True  # the drain below supervises: it must not start workers again
         self.watcher.stop()
         self.http.stop_listening()
         self.lane.close("the service is stopping", queued_only=True)
         self._take_watcher_events()
         deadline = time.monotonic() + self.settings.drain_timeout_s
         while ((self.ledger.counts()["dispatched"] or self.lane.in_flight()) and time.monotonic() < deadline
-               and self.collector.workers):
+               and self.roll.workers):
             if self.collector.socket.poll(TICK_S * 1000):
                 self.collector.receive_all()
             self._supervise()
@@ -323,9 +388,11 @@ def serve(settings: Settings) -> int:
     signal.signal(signal.SIGTERM, service.request_stop)  # a stop during start-up is honoured by run()
     signal.signal(signal.SIGINT, service.request_stop)
     signal.signal(signal.SIGUSR2, lambda *_: service.toggle_pause.set())
-    service.start()
     try:
+        service.start()
         return service.run()
+    except ServiceError:
+        raise
     except Exception:  # a bug: one clear log line; the ledger keeps every frame for the next start
         log.critical("internal error, service stops", exc_info=True)
         return 1

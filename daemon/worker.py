@@ -17,7 +17,6 @@ import json
 import logging
 import os
 import signal
-import socket
 import sys
 import threading
 import time
@@ -29,6 +28,7 @@ from spotfinder.analysis import warm_up
 from spotfinder.report import format_body, format_post
 
 from .logs import setup_logging
+from .roll import HOST, new_worker_id
 
 log = logging.getLogger("spotfinder.worker")
 
@@ -67,8 +67,8 @@ def analyse_job(job: dict) -> tuple[dict, str | None]:
 
 class Worker:
     def __init__(self, work_endpoint: str, results_endpoint: str, heartbeat_s: float = 1.0,
-                 parent_pid: int | None = None):
-        self.id = "%s:%d" % (socket.gethostname(), os.getpid())
+                 parent_pid: int | None = None, worker_id: str | None = None):
+        self.id = worker_id or new_worker_id()
         self.work_endpoint = work_endpoint
         self.results_endpoint = results_endpoint
         self.heartbeat_s = heartbeat_s
@@ -84,7 +84,7 @@ class Worker:
         return push
 
     def _send(self, sock: zmq.Socket, kind: str, **fields) -> None:
-        message = {"type": kind, "worker": self.id, "pid": os.getpid(), "host": socket.gethostname(), **fields}
+        message = {"type": kind, "worker": self.id, "pid": os.getpid(), "host": HOST, **fields}
         try:
             data = encode(message)
         except (TypeError, ValueError) as exc:  # an unencodable result costs its frame, never the worker
@@ -150,10 +150,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--results", required=True, help="collector endpoint to PUSH results to")
     parser.add_argument("--heartbeat", type=float, default=1.0, help="seconds between heartbeats")
     parser.add_argument("--parent", type=int, help="exit when this process (the service) is gone")
+    parser.add_argument("--id", help="the worker's id (default: a new HOST:UUID)")
     parser.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     args = parser.parse_args(argv)
     setup_logging(args.log_level)
-    worker = Worker(args.work, args.results, args.heartbeat, args.parent)
+    worker = Worker(args.work, args.results, args.heartbeat, args.parent, args.id)
     signal.signal(signal.SIGTERM, lambda *_: worker.stopping.set())  # finish the current frame, then leave
     signal.signal(signal.SIGINT, lambda *_: worker.stopping.set())
     return worker.run()

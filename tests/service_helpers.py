@@ -37,10 +37,33 @@ def real_frames() -> list[str]:
     return [str(p) for p in paths]
 
 
+LARGE_FRAMES = tuple("thaumatin_grid_dls_i24_pilatus3_6m/thau_3_2_%04d.cbf" % n for n in (1, 5, 16))
+
+
+def large_frames() -> list[str]:
+    """The plain PILATUS 6M frames of the shared data set (about 0.1 s of analysis each, so that a worker
+    is caught busy); the test is skipped without them."""
+    paths = [REAL_DATA / name for name in LARGE_FRAMES]
+    missing = [str(p) for p in paths if not p.is_file()]
+    if missing:
+        pytest.skip("real PILATUS 6M frames not found under %s (missing %s)" % (REAL_DATA, missing[0]))
+    return [str(p) for p in paths]
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    return free_ports(1)[0]
+
+
+def free_ports(count: int) -> list[int]:
+    """``count`` distinct free ports: all held open together while they are picked, so none repeats."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
 
 
 def wait_for(predicate, timeout: float, what: str, interval: float = 0.05):
@@ -73,10 +96,10 @@ class ServiceProcess:
     def __init__(self, tmp: Path, watch: Path, **settings):
         self.tmp = tmp
         self.watch = watch
-        self.pub_port, self.http_port = free_port(), free_port()
+        self.pub_port, self.http_port, work_port, results_port = free_ports(4)
         self.settings = {"pub": "tcp://127.0.0.1:%d" % self.pub_port, "http": "127.0.0.1:%d" % self.http_port,
-                         "work_endpoint": "tcp://127.0.0.1:%d" % free_port(),
-                         "results_endpoint": "tcp://127.0.0.1:%d" % free_port(),
+                         "work_endpoint": "tcp://127.0.0.1:%d" % work_port,
+                         "results_endpoint": "tcp://127.0.0.1:%d" % results_port,
                          "workers": 2, "watch": [str(watch)], "state_dir": str(tmp / "state"),
                          "incomplete_timeout_s": 2.0, "dispatch_timeout_s": 2.0, "frame_timeout_s": 20.0,
                          "worker_liveness_s": 3.0, "drain_timeout_s": 10.0, "pub_settle_s": 0.3,
@@ -85,6 +108,7 @@ class ServiceProcess:
         self.config = tmp / "spotfinder-test.yaml"
         self.config.write_text(yaml.safe_dump(self.settings))
         self.process: subprocess.Popen | None = None
+        self.groups: list[int] = []  # every run's process group, so teardown kills restarted ones too
         self.runs = 0
 
     @property
@@ -97,6 +121,7 @@ class ServiceProcess:
         with open(self.log, "wb") as log:
             self.process = subprocess.Popen(python_command("serve", "--config", str(self.config)), stdout=log,
                                             stderr=subprocess.STDOUT, env=env or child_env(), start_new_session=True)
+        self.groups.append(self.process.pid)
         wanted = self.settings["workers"] if wait_workers is None else wait_workers
         wait_for(lambda: self._alive_workers() >= wanted, 30, "the service and %d workers" % wanted)
         return self
@@ -126,15 +151,30 @@ class ServiceProcess:
     def wait(self, timeout: float = 30) -> int:
         return self.process.wait(timeout)
 
+    def results_record(self) -> list[dict]:
+        """Every stored result, from /results (paged): the service's record of what it published."""
+        record, since = [], 0
+        while True:
+            page = self.get("/results?since=%d" % since)["results"]
+            if not page:
+                return [m for m in record if m["type"] == "result"]
+            record.extend(page)
+            since = page[-1]["seq"]
+
+    def wait_idle(self, timeout: float = 30) -> dict:
+        """The first /status with nothing waiting, queued or in flight."""
+        return self.wait_status(lambda s: s["queue_depth"] == s["in_flight"] == s["waiting_complete"] == 0, timeout,
+                                "nothing queued or in flight")
+
     def kill_group(self) -> None:
-        """Teardown: the service and every worker it started, whatever state they are in."""
-        if self.process is None:
-            return
-        try:
-            os.killpg(self.process.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        self.process.wait(10)
+        """Teardown: every run's service and every worker it started, whatever state they are in."""
+        for group in self.groups:
+            try:
+                os.killpg(group, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        if self.process is not None:
+            self.process.wait(10)
 
 
 class Subscriber:
@@ -166,7 +206,16 @@ class Subscriber:
 
     def wait_results(self, count: int, timeout: float) -> list[dict]:
         wait_for(lambda: len(self.results()) >= count, timeout, "%d results" % count)
-        time.sleep(0.3)  # anything extra (a duplicate) would arrive now
+        return self.results()
+
+    def settled_results(self, service: ServiceProcess, count: int, timeout: float) -> list[dict]:
+        """The results received once ``count`` arrived and the service is idle, checked against its record:
+        exactly the stored results, none twice (a resend would be stored and published again)."""
+        self.wait_results(count, timeout)
+        service.wait_idle(timeout)
+        record = service.results_record()
+        wait_for(lambda: len(self.results()) >= len(record), 5, "every stored result on PUB")
+        assert sorted(m["seq"] for m in self.results()) == [m["seq"] for m in record]
         return self.results()
 
     def close(self) -> None:

@@ -39,7 +39,7 @@ def test_queries_go_ahead_of_the_backlog_and_the_queue_is_bounded(wired):
     lane, ledger, dispatcher, pull = wired
     for n in range(5):
         ledger.see("/d/x_%05d.cbf" % n, "/d/x_#####.cbf", time.time())
-        ledger.enqueue("/d/x_%05d.cbf" % n, "/d/x_#####.cbf", time.time(), time.time())
+        ledger.enqueue("/d/x_%05d.cbf" % n, "/d/x_#####.cbf", time.time(), time.time(), "1:%d" % n)
     first = lane.submit("/d/q_00001.cbf", {}, "body")
     lane.submit("/d/q_00002.cbf", {}, None)
     with pytest.raises(LaneFull):
@@ -59,7 +59,7 @@ def test_a_lost_job_is_resent_once_then_answered_with_an_error(wired):
     for worker in ("w:1", "w:2"):
         dispatcher.dispatch(workers_alive=1)
         assert [m["id"] for m in received(pull)] == [job.id]
-        lane.started(job.id, worker, time.time())
+        lane.started(job.id, worker, time.monotonic() + 5.0)
         dispatcher.worker_lost(worker, charge=True)
     outcome = job.wait(0)
     assert outcome.result is None and "died on it 2 times" in outcome.error

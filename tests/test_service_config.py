@@ -6,7 +6,7 @@ import subprocess
 import pytest
 
 from daemon.config import ConfigError, load, validate
-from service_helpers import REPO, child_env, free_port, python_command
+from service_helpers import REPO, child_env, free_port, free_ports, python_command
 
 
 def test_defaults_need_no_file_and_flags_override_the_file(tmp_path):
@@ -35,6 +35,9 @@ def test_the_documented_example_config_is_valid(tmp_path):
     ({"workers": -1}, "workers: must be at least 0"),
     ({"parameters": ["distl.res.outr=4"]}, "parameters: Unknown file or keyword"),
     ({"work_endpoint": "tcp://127.0.0.1:5601"}, "three different endpoints"),
+    ({"heartbeat_interval_s": 6, "worker_liveness_s": 5}, "must be at least 3 x heartbeat_interval_s"),
+    ({"state_dir": 5}, "state_dir: expected a folder"),
+    ({"retention_days": -1}, "retention_days: must be at least 0"),
 ])
 def test_bad_settings_are_refused_with_a_clear_message(raw, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
@@ -54,14 +57,29 @@ def test_serve_stops_with_one_line_and_exit_2_on_configuration_errors(tmp_path, 
     assert message in done.stderr and "Traceback" not in done.stderr
 
 
+def test_serve_reports_an_unusable_state_folder_or_ledger_in_one_line(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    corrupt = tmp_path / "corrupt"
+    corrupt.mkdir()
+    (corrupt / "ledger.sqlite3").write_bytes(b"this is not an SQLite database" * 100)
+    for state_dir, message in ((blocker / "state", "cannot use state folder"), (corrupt, "cannot open the ledger")):
+        pub, http = free_ports(2)
+        done = subprocess.run(python_command("serve", "--state-dir", str(state_dir), "--workers", "0", "--pub",
+                                             "tcp://127.0.0.1:%d" % pub, "--http", "127.0.0.1:%d" % http),
+                              capture_output=True, text=True, env=child_env(), timeout=30)
+        assert done.returncode == 1 and message in done.stderr, done.stderr
+        assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
+
+
 def test_serve_reports_an_endpoint_in_use_in_one_line(tmp_path):
     import socket
     port = free_port()
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", port))
         taken.listen()
-        done = subprocess.run(python_command("serve", "--state-dir", str(tmp_path), "--workers", "0",
-                                             "--pub", "tcp://127.0.0.1:%d" % port, "--http", "127.0.0.1:%d" % free_port()),
+        done = subprocess.run(python_command("serve", "--state-dir", str(tmp_path), "--workers", "0", "--pub",
+                                             "tcp://127.0.0.1:%d" % port, "--http", "127.0.0.1:%d" % free_port()),
                               capture_output=True, text=True, env=child_env(), timeout=30)
     assert done.returncode == 1
     assert "cannot bind pub endpoint tcp://127.0.0.1:%d" % port in done.stderr

@@ -1,7 +1,6 @@
 """sd_notify over a real datagram socket, alone and from the running service's main loop."""
 from __future__ import annotations
 
-import os
 import signal
 import socket
 import time

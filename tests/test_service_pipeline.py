@@ -11,12 +11,13 @@ import signal
 import subprocess
 import threading
 import time
+import urllib.error
 
 import pytest
 
 from daemon.replay import replay
 from service_helpers import (assert_exactly_once, assert_seq_increasing, child_env, make_service, python_command,
-                             real_frames, subscribe, wait_for)
+                             large_frames, real_frames, subscribe, wait_for)
 
 __all__ = ["make_service", "subscribe"]  # fixtures used by name
 
@@ -35,6 +36,15 @@ def start_replay(frames, to, **options) -> tuple[threading.Thread, list[str]]:
     return thread, written
 
 
+def process_exists(pid: int) -> bool:
+    """Running (a zombie waiting for its reaper counts as exited)."""
+    try:
+        with open("/proc/%d/stat" % pid) as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
 def expected_files(watch, count: int, template: str = "frame_#####.cbf") -> list[str]:
     return [str(watch / template.replace("#####", "%05d" % n)) for n in range(1, count + 1)]
 
@@ -45,7 +55,7 @@ def test_every_frame_published_exactly_once_with_increasing_seq(make_service, su
     subscriber = subscribe(service.pub)
     service.start()
     thread, _ = start_replay(frames, service.watch, rate=20, count=12, template="frame_#####.cbf", chunks=3)
-    results = subscriber.wait_results(12, 30)
+    results = subscriber.settled_results(service, 12, 30)
     thread.join(10)
 
     assert_exactly_once(results, expected_files(service.watch, 12))
@@ -62,7 +72,13 @@ def test_every_frame_published_exactly_once_with_increasing_seq(make_service, su
     assert all(r["t_seen"] <= r["t_done"] for r in results)
 
     heartbeats = [m for m in subscriber.messages if m["type"] == "heartbeat"]
-    assert heartbeats and {"queue_depth", "workers_alive", "frames_per_s", "frames_done", "frames_failed"} <= set(heartbeats[-1])
+    assert heartbeats and {"queue_depth", "workers_alive", "frames_per_s", "frames_done", "frames_failed",
+                           "last_seq"} <= set(heartbeats[-1])
+    # last_seq is the newest stored message: a results-only subscriber can tell a lost result from a heartbeat
+    stored = {r["seq"] for r in results}
+    assert all(h["last_seq"] < h["seq"] and (h["last_seq"] in stored or h["last_seq"] == 0) for h in heartbeats)
+    wait_for(lambda: [m for m in subscriber.messages if m["type"] == "heartbeat"][-1]["last_seq"] == max(stored), 5,
+             "a heartbeat naming the last result")
 
     status = service.wait_status(lambda s: s["frames_done"] == 12, what="12 frames done")
     assert status["frames_failed"] == 0
@@ -74,6 +90,12 @@ def test_every_frame_published_exactly_once_with_increasing_seq(make_service, su
     missed = service.get("/results?since=%d" % midway)["results"]
     assert [m["seq"] for m in missed] == sorted(r["seq"] for r in results if r["seq"] > midway)
     assert missed[0] == next(r for r in results if r["seq"] == missed[0]["seq"])
+    # the page size is clamped to 1..1000 and a negative since is refused
+    assert len(service.get("/results?since=0&limit=-1")["results"]) == 1
+    assert len(service.get("/results?since=0&limit=100000")["results"]) == 12
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        service.get("/results?since=-1")
+    assert refused.value.code == 400
 
     service.signal(signal.SIGTERM)
     assert service.wait(30) == 0
@@ -88,7 +110,7 @@ def test_frames_renamed_into_place_or_written_slowly(make_service, subscribe, mo
     options = {"atomic": dict(rate=20, atomic=True), "slow_chunks": dict(rate=2, chunks=5),
                "polling": dict(rate=4, chunks=4)}[mode]
     thread, _ = start_replay(frames, service.watch, count=5, template="frame_#####.cbf", **options)
-    results = subscriber.wait_results(5, 30)
+    results = subscriber.settled_results(service, 5, 30)
     thread.join(10)
 
     assert_exactly_once(results, expected_files(service.watch, 5))
@@ -97,24 +119,41 @@ def test_frames_renamed_into_place_or_written_slowly(make_service, subscribe, mo
     assert not [name for name in os.listdir(service.watch) if name.startswith(".")]
 
 
-def test_worker_killed_with_sigkill_mid_run_loses_nothing(make_service, subscribe):
-    frames = real_frames()
+def busy_worker(service) -> dict | None:
+    """A worker analysing a watched frame (its ``busy`` is the frame's ledger id), per /status."""
+    return next((w for w in service.status()["workers"] if isinstance(w["busy"], int)), None)
+
+
+def test_worker_killed_with_sigkill_mid_frame_loses_nothing(make_service, subscribe):
+    count = 24
+    frames = large_frames()
     service = make_service()
     subscriber = subscribe(service.pub)
     service.start()
-    thread, _ = start_replay(frames, service.watch, rate=15, count=30, template="frame_#####.cbf", chunks=2)
-    wait_for(lambda: len(subscriber.results()) >= 8, 30, "8 results")
-    victim = service.status()["workers"][0]["pid"]
-    os.kill(victim, signal.SIGKILL)
-    results = subscriber.wait_results(30, 60)
+    # a backlog (as fast as possible, in one piece): every worker always holds a frame, one more at its socket
+    thread, _ = start_replay(frames, service.watch, count=count, template="frame_#####.cbf", chunks=1)
+    wait_for(lambda: len(subscriber.results()) >= 2, 30, "2 results")
+    victims, resent = [], []
+    while not resent and len(victims) < 5:  # kill busy workers until one dies holding a frame
+        victim = wait_for(lambda: busy_worker(service), 20, "a busy worker")
+        os.kill(victim["pid"], signal.SIGKILL)
+        victims.append(victim["pid"])
+        error = wait_for(lambda worker=victim["id"]: next((m for m in subscriber.messages if m["type"] == "error"
+                                                         and m.get("worker") == worker), None),
+                         20, "the worker's death reported")
+        assert "exited with code -9" in error["error"], error
+        resent = error["frames"]
+        service.wait_status(lambda s: s["workers_alive"] == 2, 20, "a replacement worker")
+    results = subscriber.settled_results(service, count, 90)
     thread.join(10)
 
-    assert_exactly_once(results, expected_files(service.watch, 30))
+    assert resent, "no worker was killed while it held a frame"
+    assert_exactly_once(results, expected_files(service.watch, count))
     assert_seq_increasing(subscriber.messages)
-    errors = [m for m in subscriber.messages if m["type"] == "error"]
-    assert any("exited with code -9" in m["error"] for m in errors), errors
-    status = service.wait_status(lambda s: s["workers_alive"] == 2, 20, "a replacement worker")
-    assert victim not in [w["pid"] for w in status["workers"]]
+    by_file = {r["file"]: r for r in results}
+    assert all(by_file[path]["tries"] == 1 and by_file[path]["status"] == "ok" for path in resent), resent
+    status = service.status()
+    assert not set(victims) & {w["pid"] for w in status["workers"]}
 
 
 @pytest.mark.parametrize("how", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "sigkill"])
@@ -125,20 +164,30 @@ def test_service_restarted_mid_run_loses_nothing(make_service, subscribe, how):
     service.start()
     thread, _ = start_replay(frames, service.watch, rate=10, count=30, template="frame_#####.cbf", chunks=2)
     wait_for(lambda: len(subscriber.results()) >= 8, 30, "8 results")
+    old_workers = [w["pid"] for w in service.status()["workers"]]
     service.signal(how)
     code = service.wait(30)
     assert code == (0 if how == signal.SIGTERM else -signal.SIGKILL)
+    # no orphans: workers leave with the service, also when it was killed (they watch their parent)
+    wait_for(lambda: not any(process_exists(pid) for pid in old_workers), 10, "the old workers to exit")
+    first_log = service.log.read_text()
     time.sleep(1.0)  # frames keep arriving while the service is down
     service.start()
-    results = subscriber.wait_results(30, 60)
+    wait_for(lambda: len(subscriber.results()) >= 30, 60, "30 results")
     thread.join(10)
+    service.wait_idle()
+    record = service.results_record()
 
-    assert_exactly_once(results, expected_files(service.watch, 30))
+    assert_exactly_once(record, expected_files(service.watch, 30))
+    assert all(r["status"] == "ok" for r in record), [r["error"] for r in record if r["status"] != "ok"]
     assert_seq_increasing(subscriber.messages)
-    assert all(r["status"] == "ok" for r in results), [r["error"] for r in results if r["status"] != "ok"]
+    if how == signal.SIGTERM:  # a clean stop publishes all it stored; a SIGKILL may lose what was being sent
+        assert_exactly_once(subscriber.results(), expected_files(service.watch, 30))
+        assert "stopped:" in first_log and "handed back to the ledger" in first_log
+    else:
+        assert "stopped:" not in first_log
+    assert "catching up on" in service.log.read_text()
     service.wait_status(lambda s: s["frames_done"] == 30, what="30 frames done")
-    log = service.log.read_text()
-    assert "catching up" in log or "re-queued" in log
 
 
 def test_frames_already_present_are_caught_up_at_start(make_service, subscribe):
@@ -147,7 +196,7 @@ def test_frames_already_present_are_caught_up_at_start(make_service, subscribe):
     replay(frames, str(service.watch), template="early_#####.cbf", out=io.StringIO())
     subscriber = subscribe(service.pub)
     service.start()
-    results = subscriber.wait_results(4, 30)
+    results = subscriber.settled_results(service, 4, 30)
     assert_exactly_once(results, expected_files(service.watch, 4, "early_#####.cbf"))
 
 
@@ -168,7 +217,7 @@ def test_incomplete_corrupt_and_vanished_frames_give_error_results(make_service,
     corrupt[-20000:-10000] = os.urandom(10000)  # complete binary section, wrong content
     (watch / "corrupt_00001.cbf").write_bytes(bytes(corrupt))
     (watch / "good_00001.cbf").write_bytes(data)
-    results = {os.path.basename(r["file"]): r for r in subscriber.wait_results(4, 30)}
+    results = {os.path.basename(r["file"]): r for r in subscriber.settled_results(service, 4, 30)}
 
     assert sorted(results) == ["corrupt_00001.cbf", "good_00001.cbf", "truncated_00001.cbf", "vanishing_00001.cbf"]
     assert results["good_00001.cbf"]["status"] == "ok"
@@ -188,7 +237,7 @@ def test_a_frame_that_kills_its_workers_is_failed_after_max_tries(make_service, 
     data = open(frames[0], "rb").read()
     (service.watch / "poison_00001.cbf").write_bytes(data)
     (service.watch / "fine_00001.cbf").write_bytes(data)
-    results = {os.path.basename(r["file"]): r for r in subscriber.wait_results(2, 40)}
+    results = {os.path.basename(r["file"]): r for r in subscriber.settled_results(service, 2, 40)}
 
     assert sorted(results) == ["fine_00001.cbf", "poison_00001.cbf"]
     assert results["fine_00001.cbf"]["status"] == "ok"
@@ -224,3 +273,20 @@ def test_listen_prints_json_lines_and_stop_stops_the_service(make_service):
     again = subprocess.run(python_command("stop", "--state-dir", service.settings["state_dir"]),
                            capture_output=True, text=True, env=child_env(), timeout=60)
     assert again.returncode == 1 and "no service is running" in again.stderr
+
+
+def test_a_frame_recreated_under_its_name_is_analysed_again(make_service, subscribe):
+    frames = real_frames()
+    service = make_service(reconcile_interval_s=0.5)
+    subscriber = subscribe(service.pub)
+    service.start()
+    frame = service.watch / "shot_00001.cbf"
+    frame.write_bytes(open(frames[0], "rb").read())
+    first = subscriber.wait_results(1, 30)[0]
+    frame.unlink()
+    frame.write_bytes(open(frames[2], "rb").read())  # the shot collected again: a new file, the same name
+    results = subscriber.settled_results(service, 2, 30)
+    assert [r["file"] for r in results] == [str(frame)] * 2
+    assert results[1]["seq"] > first["seq"] and results[1]["spot_total"] != first["spot_total"]
+    time.sleep(1.5)  # reconciliations pass: the same file is not analysed a third time
+    assert len(service.results_record()) == 2

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import bz2
+import fcntl
 import io
 import json
 import os
@@ -50,3 +51,22 @@ def test_replay_refuses_bad_arguments_in_one_line(tmp_path):
     done = subprocess.run(python_command("replay", str(source), "--to", str(tmp_path), "--template", "x.cbf"),
                           capture_output=True, text=True, env=child_env(), timeout=30)
     assert done.returncode == 2 and "exactly one run of #" in done.stderr
+
+
+def test_replay_refuses_empty_and_corrupt_sources_in_one_line(tmp_path):
+    (tmp_path / "empty_00001.cbf").write_bytes(b"")
+    (tmp_path / "bad_00001.cbf.gz").write_bytes(b"\x1f\x8b not really gzip")
+    for source, message in (("empty_00001.cbf", "is empty"), ("bad_00001.cbf.gz", "cannot decompress")):
+        done = subprocess.run(python_command("replay", str(tmp_path / source), "--to", str(tmp_path), "--template",
+                                             "out_#####.cbf"), capture_output=True, text=True, env=child_env(),
+                              timeout=30)
+        assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr, done.stderr
+
+
+def test_stop_with_a_garbled_pid_file_answers_in_one_line(tmp_path):
+    pid_file = tmp_path / "spotfinder.pid"
+    with open(pid_file, "w") as held:  # locked, as by a running service, but empty
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        done = subprocess.run(python_command("stop", "--state-dir", str(tmp_path), "--timeout", "1"),
+                              capture_output=True, text=True, env=child_env(), timeout=30)
+    assert done.returncode == 1 and "empty or garbled" in done.stderr and "Traceback" not in done.stderr

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import bz2
 import os
+import threading
 import time
 
 import pytest
@@ -83,9 +84,20 @@ def test_catch_up_follows_unknown_files_only(tmp_path):
     w = Watcher((str(folder),), incomplete_timeout_s=1.0)
     w.start()
     try:
-        assert w.catch_up(lambda path: path.endswith("00001.cbf")) == 1
+        assert w.catch_up(lambda path, identity, mtime: path.endswith("00001.cbf")) == 1
         collected = []
         wait_for(lambda: collected.extend(w.drain()) or any(e.kind == "complete" for e in collected), 5, "catch-up")
         assert [e.path for e in collected if e.kind == "complete"] == [str(folder / "a_00002.cbf")]
     finally:
         w.stop()
+
+
+def test_a_flood_of_events_never_blocks_the_thread_that_reports_them(tmp_path):
+    """70,000 files noticed before the main loop drains once: more wake-ups than a pipe holds."""
+    w = Watcher((str(tmp_path),))
+    done = threading.Event()
+    thread = threading.Thread(target=lambda: [w.notice(str(tmp_path / ("f_%05d.cbf" % n))) for n in range(70_000)]
+                              and done.set(), daemon=True)
+    thread.start()
+    assert done.wait(30), "notice() blocked on a full wake-up pipe"
+    assert len(w.drain()) == 70_000 and w.drain() == []
