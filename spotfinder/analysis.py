@@ -48,7 +48,7 @@ def _python_geometry(g: Geometry) -> Geometry:
         return float("%f" % v)
 
     return replace(g, wavelength=six(g.wavelength), distance=six(g.distance), pixel_size=six(g.pixel_size),
-                   beam_x=six(g.beam_x), beam_y=six(g.beam_y))
+                   beam_x=six(g.beam_x), beam_y=six(g.beam_y), twotheta=six(g.twotheta))
 
 
 def analyse_frame(frame: Frame, params: Params) -> Result:
@@ -160,8 +160,7 @@ def _bin_tables(frame, found, shape, chain, g, coverage, cls, params) -> list:
     pxl = [float(np.mean(b)) if b else None for b in bkg_rows]
     wsz = [float(np.mean(s)) if s else None for s in size_rows]
     signals, backgrounds = found.signal, found.background
-    r = heuristics.spot_radius_mm(found, g)
-    d_all = np.array([resolution.resolution_at_mm(g, v) for v in r])
+    d_all = chain.d
     tables = []
     for key, message in TABLE_MESSAGES:
         subset = chain.subsets.get(key)

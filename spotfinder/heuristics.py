@@ -23,6 +23,7 @@ class Chain:
     """Named subsets and the numbers derived from them."""
 
     subsets: dict[str, np.ndarray] = field(default_factory=dict)
+    d: np.ndarray | None = None  # each spot's resolution as the filters saw it
     ice_rings: int = 0
     method2: float | None = None
     ice_free_attempted: bool = False
@@ -41,6 +42,26 @@ def spot_radius_mm(spots: Spots, g: Geometry) -> np.ndarray:
                                              spots.peak_y * g.pixel_size - g.beam_y))
 
 
+def spot_resolution(spots: Spots, shape: Shapes, g: Geometry) -> np.ndarray:
+    """Each spot's d as DISTL's filters see it: from the max pixel on a flat detector; with the detector
+    swung out by 2-theta, from the centre of mass through the rotated detector (precompute_resolution).
+
+    Quirk kept: DISTL places the spot at beam - position (camera convention 1 flips both axes), not
+    position - beam, before rotating it; the numbers it prints come from that.
+    """
+    if len(spots) == 0:
+        return np.zeros(0)
+    if g.twotheta == 0:
+        return np.array([resolution.resolution_at_mm(g, v) for v in spot_radius_mm(spots, g)])
+    tt = np.radians(g.twotheta)
+    rotation = np.array([[np.cos(tt), 0.0, np.sin(tt)], [0.0, 1.0, 0.0], [-np.sin(tt), 0.0, np.cos(tt)]])
+    film = np.stack([g.beam_x - shape.com_x * g.pixel_size, g.beam_y - shape.com_y * g.pixel_size,
+                     np.full(len(spots), g.distance)], axis=1)
+    lab = film @ rotation.T
+    two_theta = np.arccos(lab[:, 2] / np.linalg.norm(lab, axis=1))
+    return g.wavelength / (2.0 * np.sin(two_theta / 2.0))
+
+
 def run(spots: Spots, shape: Shapes, g: Geometry, settings: Settings, rings: list[ice.PixelRing],
         pixels: np.ndarray, coverage: resolution.DetectorCoverage) -> Chain:
     chain = Chain()
@@ -48,7 +69,8 @@ def run(spots: Spots, shape: Shapes, g: Geometry, settings: Settings, rings: lis
     everything = np.arange(n)
     chain.subsets["spots_total"] = everything
     r = spot_radius_mm(spots, g)
-    d = np.array([resolution.resolution_at_mm(g, v) for v in r]) if n else np.zeros(0)
+    d = spot_resolution(spots, shape, g)
+    chain.d = d
 
     on_ring = np.zeros(n, dtype=bool)
     for ring in rings:
@@ -58,7 +80,10 @@ def run(spots: Spots, shape: Shapes, g: Geometry, settings: Settings, rings: lis
     chain.ice_rings = len(rings)
     non_ice = everything[~on_ring]
     chain.subsets["spots_non-ice"] = non_ice
-    hi_pass = non_ice[r[non_ice] > resolution.radius_mm(g, settings.res_inner)]
+    if g.twotheta == 0:
+        hi_pass = non_ice[r[non_ice] > resolution.radius_mm(g, settings.res_inner)]
+    else:
+        hi_pass = non_ice[d[non_ice] < settings.res_inner]
     chain.subsets["hi_pass_resolution_spots"] = hi_pass
     current = hi_pass
 
@@ -79,8 +104,10 @@ def run(spots: Spots, shape: Shapes, g: Geometry, settings: Settings, rings: lis
             chain.shells_d = free_d
             shells = resolution.Shells(free_d, free_d[target - 1], coverage)
             chain.method2 = resolution.method2(shells, count, settings.method2_ratio, settings.res_outer)
-            limit_r = resolution.radius_mm(g, chain.method2)
-            lo_pass = ice_free[r[ice_free] < limit_r]
+            if g.twotheta == 0:
+                lo_pass = ice_free[r[ice_free] < resolution.radius_mm(g, chain.method2)]
+            else:
+                lo_pass = ice_free[d[ice_free] > chain.method2]
             chain.subsets["lo_pass_resolution_spots"] = lo_pass
             current = lo_pass
     chain.subsets["spots_resolution"] = current

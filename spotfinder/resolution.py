@@ -47,49 +47,73 @@ def method1(spot_x: np.ndarray, spot_y: np.ndarray, geometry: Geometry, region: 
     return float(ring[b])
 
 
+class _Edge:
+    """One detector edge seen from the beam: how much of a circle's angle around the beam falls on the
+    detector's side of it."""
+
+    def __init__(self, beam: tuple[float, float], left: tuple[float, float], right: tuple[float, float]):
+        self.left = (left[0] - beam[0], left[1] - beam[1])
+        self.right = (right[0] - beam[0], right[1] - beam[1])
+        along = (self.left[0] - self.right[0], self.left[1] - self.right[1])
+        length = math.hypot(*along)
+        self.unit = (along[0] / length, along[1] / length)
+        foot = -(self.right[0] * self.unit[0] + self.right[1] * self.unit[1])
+        self.ortho = (self.right[0] + foot * self.unit[0], self.right[1] + foot * self.unit[1])
+        self.handedness = _cross(self.right, self.left)
+
+    def _angle(self, a: tuple[float, float], b: tuple[float, float]) -> float:
+        """Angle from a to b, signed by the edge's handedness."""
+        denominator = math.hypot(*a) * math.hypot(*b)
+        if denominator == 0.0:
+            return 0.0
+        cosine = min(1.0, max(-1.0, (a[0] * b[0] + a[1] * b[1]) / denominator))
+        angle = math.acos(cosine)
+        return angle if self.handedness * _cross(a, b) >= 0.0 else -angle
+
+    def __call__(self, radius: float) -> float:
+        whole = self._angle(self.right, self.left)
+        ortho = math.hypot(*self.ortho)
+        if radius <= ortho:
+            return whole
+        eta = math.sqrt(radius * radius - ortho * ortho)
+        at_left = (self.ortho[0] + eta * self.unit[0], self.ortho[1] + eta * self.unit[1])
+        at_right = (self.ortho[0] - eta * self.unit[0], self.ortho[1] - eta * self.unit[1])
+        true_left = at_left if self._angle(at_left, self.left) > 0.0 else self.left
+        true_right = self.right if self._angle(at_right, self.right) > 0.0 else at_right
+        return whole - self._angle(true_right, true_left)
+
+
+def _cross(a: tuple[float, float], b: tuple[float, float]) -> float:
+    return a[0] * b[1] - a[1] * b[0]
+
+
 class DetectorCoverage:
-    """Fraction of a resolution circle that falls on the detector (DISTL's Geom2d), and corner d."""
+    """Fraction of a resolution circle around the beam that falls on the detector, and the d of its
+    corners (DISTL's Geom2d).
+
+    The angle is summed edge by edge from the beam, as DISTL does: when the circle misses the detector
+    entirely the sum can come out a rounding error below zero, which DISTL prints as ``-0.00``.
+    """
 
     def __init__(self, geometry: Geometry):
         self.g = geometry
-        self.edges = np.array([geometry.beam_x, geometry.size_slow * geometry.pixel_size - geometry.beam_x,
-                               geometry.beam_y, geometry.size_fast * geometry.pixel_size - geometry.beam_y])
-        self.normals = np.array([math.pi, 0.0, -math.pi / 2, math.pi / 2])
+        slow, fast = geometry.size_slow * geometry.pixel_size, geometry.size_fast * geometry.pixel_size
+        self.corners = [(0.0, 0.0), (0.0, fast), (slow, fast), (slow, 0.0)]
+        beam = (geometry.beam_x, geometry.beam_y)
+        self.edges = [_Edge(beam, self.corners[n], self.corners[(n + 1) % 4]) for n in range(4)]
 
     def __call__(self, d: float) -> float:
-        r = radius_mm(self.g, d)
-        arcs = []
-        for e, normal in zip(self.edges, self.normals):
-            if e < r:
-                half = math.acos(max(-1.0, e / r))
-                arcs.append((normal - half, normal + half))
-        if not arcs:
-            return 1.0
-        return max(0.0, 1.0 - _union_length(arcs) / (2 * math.pi))
+        radius = radius_mm(self.g, d)
+        return sum(edge(radius) for edge in self.edges) / (2.0 * math.pi)
 
     def corner_resolutions(self) -> list[float]:
         g = self.g
-        corners = [(x, y) for x in (0.0, g.size_slow * g.pixel_size) for y in (0.0, g.size_fast * g.pixel_size)]
-        return [resolution_at_mm(g, math.hypot(x - g.beam_x, y - g.beam_y)) for x, y in corners]
-
-
-def _union_length(arcs: list[tuple[float, float]]) -> float:
-    """Total angle covered by arcs on the circle (intervals may wrap)."""
-    pieces = []
-    for lo, hi in arcs:
-        lo, hi = lo % (2 * math.pi), lo % (2 * math.pi) + (hi - lo)
-        if hi > 2 * math.pi:
-            pieces += [(lo, 2 * math.pi), (0.0, hi - 2 * math.pi)]
-        else:
-            pieces.append((lo, hi))
-    pieces.sort()
-    total, end = 0.0, -1.0
-    for lo, hi in pieces:
-        if hi <= end:
-            continue
-        total += hi - max(lo, end)
-        end = hi
-    return min(total, 2 * math.pi)
+        out = []
+        for x, y in self.corners:
+            to_corner = (x - g.beam_x, y - g.beam_y, g.distance)
+            cosine = g.distance * g.distance / (g.distance * math.sqrt(sum(v * v for v in to_corner)))
+            out.append(g.wavelength / (2.0 * math.sin(math.acos(cosine) / 2.0)))
+        return out
 
 
 def radius_mm(geometry: Geometry, d: float) -> float:
@@ -121,8 +145,10 @@ class Shells:
         self.limit = np.array([target / (k + 1) ** (1.0 / 3.0) for k in range(rows)])
         self.fract = np.array([1.0] + [coverage(self.limit[k]) for k in range(1, rows)])
         self.population = populations(d_sorted, target, rows)
+        # population per covered fraction; 0 where nothing is covered (a fraction a rounding error below 0
+        # divides, as in DISTL)
         with np.errstate(divide="ignore", invalid="ignore"):
-            self.adjusted = np.where(self.fract > 0, self.population / np.where(self.fract > 0, self.fract, 1), 0.0)
+            self.adjusted = np.where(self.fract == 0, 0.0, self.population / np.where(self.fract == 0, 1, self.fract))
 
     def __len__(self) -> int:
         return len(self.limit)

@@ -135,3 +135,17 @@ def test_short_classification_path_equals_the_long_one(simulated):
         assert np.array_equal(quick.z, full.z) and np.array_equal(quick.local_mean, full.local_mean)
         assert np.array_equal(quick.window_sample, full.window_sample)
     assert background._run_cycles(dead, g, settings, analysis.UNDERLOAD, cycles, mark_only=True) is None
+
+
+def test_detector_coverage_of_resolution_circles():
+    """A 10 x 10 mm detector, beam at (3, 6) mm, 200 mm away, 1 A: the values DISTL's Geom2d gives."""
+    import pytest
+
+    from spotfinder.image import Geometry
+    from spotfinder.resolution import DetectorCoverage
+
+    g = Geometry(wavelength=1.0, distance=200.0, pixel_size=1.0, beam_x=3.0, beam_y=6.0, saturation=65535,
+                 twotheta=0.0, size_slow=10, size_fast=10, vendortype="test")
+    coverage = DetectorCoverage(g)
+    for d, fraction in [(200, 1.0), (100, 1.0), (50, 0.7643789), (30, 0.2827813), (20, 0.0)]:
+        assert coverage(d) == pytest.approx(fraction, abs=1e-6)
