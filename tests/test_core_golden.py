@@ -9,7 +9,8 @@ from conftest import REFERENCE
 from spotfinder import analyse, parse_words
 from spotfinder.report import format_body
 
-SETS = {"default": [], "res4.9_bins": ["distl.res.outer=4.9", "distl.bins.verbose=True"]}
+SETS = {"default": [], "res4.9_bins": ["distl.res.outer=4.9", "distl.bins.verbose=True"],
+        "bins": ["distl.bins.verbose=True"]}
 
 
 @pytest.fixture(scope="module")
@@ -49,13 +50,14 @@ def test_field_agrees_on_at_least_90_percent(outcomes, field):
     assert agree >= 0.9 * len(outcomes), "%s agrees on %d of %d" % (field, agree, len(outcomes))
 
 
-def test_at_least_half_the_bodies_are_byte_identical(outcomes):
-    identical = sum(body == expected for _, body, _, expected in outcomes.values())
-    assert identical >= 0.5 * len(outcomes), "%d of %d identical" % (identical, len(outcomes))
+def test_every_body_is_byte_identical(outcomes):
+    """The core issue asks for half; we have all of them, and keep it that way."""
+    differing = sorted(key for key, (_, body, _, expected) in outcomes.items() if body != expected)
+    assert not differing, "%d of %d bodies differ: %s" % (len(differing), len(outcomes), differing)
 
 
 @pytest.mark.parametrize("frame", ["thau_3_2_0001.cbf", "thau_3_2_0005.cbf", "thau_3_2_0016.cbf",
-                                   "l-cyst_01_00004.cbf", "omega_scan.cbf"])
+                                   "l-cyst_01_00004.cbf", "omega_scan.cbf", "ximg2700_00001.cbf"])
 @pytest.mark.parametrize("set_name", sorted(SETS))
 def test_body_is_byte_identical(outcomes, frame, set_name):
     _, body, _, expected = outcomes[(frame, set_name)]
