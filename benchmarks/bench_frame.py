@@ -10,11 +10,7 @@ peer is set up (../shared/peer/setup.sh).  Peak resident memory is measured for 
 from __future__ import annotations
 
 import argparse
-import bz2
 import json
-import os
-import resource
-import shutil
 import statistics
 import subprocess
 import sys
@@ -22,22 +18,8 @@ import tempfile
 import time
 from pathlib import Path
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
-DEFAULT_FRAMES = SHARED / "data" / "real" / "thaumatin_grid_dls_i24_pilatus3_6m"
-PEER = SHARED / "peer" / "distl_batch"
+from peer import THAUMATIN, plain_frames, run_distl
 
-
-def plain_frames(items: list[str], workdir: Path) -> list[Path]:
-    paths = [Path(p) for p in items] or sorted(DEFAULT_FRAMES.glob("*.cbf.bz2"))
-    out = []
-    for path in paths:
-        if path.name.endswith(".bz2"):
-            target = workdir / path.name[:-4]
-            with bz2.open(path, "rb") as src, open(target, "wb") as dst:
-                shutil.copyfileobj(src, dst)
-            path = target
-        out.append(path)
-    return out
 
 
 def ours(frames: list[Path], words: list[str], repeat: int) -> dict:
@@ -94,19 +76,6 @@ def stage_profile(path: Path, words: list[str]) -> dict[str, float]:
     return {name: statistics.median(values) for name, values in timings.items()}
 
 
-def distl(frames: list[Path], words: list[str]) -> dict | None:
-    if not PEER.exists() or not (Path(os.environ.get("DISTL_PEER_VENV", Path.home() / ".distl-peer")) / "bin").exists():
-        return None
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    out = subprocess.run([str(PEER), *map(str, frames), *words], capture_output=True, text=True)
-    seconds = {}
-    for line in out.stdout.splitlines():
-        rec = json.loads(line)
-        seconds[rec["file"]] = rec["seconds"]
-    after = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    return {"seconds": seconds, "maxrss_kb": max(after, before)}
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("items", nargs="*", metavar="FRAME|distl.param=value")
@@ -116,11 +85,11 @@ def main(argv=None) -> int:
     words = [w for w in args.items if "=" in w]
     items = [w for w in args.items if "=" not in w]
     with tempfile.TemporaryDirectory() as tmp:
-        frames = plain_frames(items, Path(tmp))
+        frames = list(plain_frames(items or THAUMATIN.glob("thau_3_2_*.cbf*"), Path(tmp)).values())
         if not frames:
-            print("no frames: give FRAME arguments or provide %s" % DEFAULT_FRAMES)
+            print("no frames: give FRAME arguments or provide %s" % THAUMATIN)
             return 2
-        theirs = distl(frames, words)  # first, so the children's peak RSS is DISTL's alone
+        theirs = run_distl(frames, words)  # first, so the children's peak RSS is DISTL's alone
         mine = ours(frames, words, args.repeat)
         print("%-22s %10s %10s %7s" % ("frame", "ours ms", "DISTL ms", "ratio"))
         ratios = []

@@ -22,7 +22,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from urllib.parse import quote
 
-from bench_pipeline import DATA, REPO, decompressed_frames, free_ports, percentile, run_distl
+from bench_pipeline import free_ports, per_frame, percentile
+from peer import REPO, THAUMATIN, run_distl, thaumatin_frames
 
 WARM_UP_REQUESTS = 4  # the first frame in each worker compiles the numba kernels
 
@@ -105,13 +106,13 @@ def main() -> int:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--json", action="store_true", help="print the figures as one JSON object too")
     args = parser.parse_args()
-    if not DATA.is_dir():
-        print("benchmark skipped: %s not found" % DATA, file=sys.stderr)
+    if not THAUMATIN.is_dir():
+        print("benchmark skipped: %s not found" % THAUMATIN, file=sys.stderr)
         return 0
     with tempfile.TemporaryDirectory(prefix="bench-http-") as tmp:
         work = Path(tmp)
         (work / "frames").mkdir()
-        frames = decompressed_frames(work / "frames", args.frames)
+        frames = thaumatin_frames(work / "frames", args.frames)
         service = Service(work, work / "frames", args.workers, queue=2 * max(args.concurrency))
         try:
             for frame in frames[:WARM_UP_REQUESTS]:
@@ -120,7 +121,7 @@ def main() -> int:
             ours_s = service.proc_seconds()
         finally:
             service.close()
-        distl = run_distl(frames)
+        distl = per_frame(run_distl(frames))
     print("PILATUS 6M on-demand GETs, %d frames, %d workers, %d cores" % (len(frames), args.workers, os.cpu_count()))
     for level in levels:
         print("  concurrency %2d: %6.2f requests/s   p50 %6.3f s   p99 %6.3f s   (%d/%d answered 200)"

@@ -13,11 +13,8 @@ and its per-frame time is printed beside our per-frame analysis time (proc_ms).
 from __future__ import annotations
 
 import argparse
-import bz2
-import glob
 import json
 import os
-import shutil
 import statistics
 import subprocess
 import sys
@@ -28,29 +25,19 @@ from pathlib import Path
 
 import zmq
 
-REPO = Path(__file__).resolve().parents[1]
-DATA = REPO.parent / "shared" / "data" / "real" / "thaumatin_grid_dls_i24_pilatus3_6m"
-DISTL_BATCH = REPO.parent / "shared" / "peer" / "distl_batch"
-DISTL_VENV = Path(os.environ.get("DISTL_PEER_VENV", Path.home() / ".distl-peer"))
+from peer import REPO, THAUMATIN, run_distl, thaumatin_frames
+
 sys.path.insert(0, str(REPO / "tests"))
 from service_helpers import free_ports  # noqa: E402  (the tests' one way of picking distinct ports)
 
 
-def decompressed_frames(into: Path, limit: int) -> list[str]:
-    """The 6M frames as plain .cbf (DISTL refuses compressed names), one per frame number."""
-    sources = {}
-    for path in sorted(glob.glob(str(DATA / "thau_3_2_*.cbf*"))):
-        sources.setdefault(os.path.basename(path).split(".cbf")[0], path)
-    frames = []
-    for stem, source in sorted(sources.items())[:limit]:
-        target = into / (stem + ".cbf")
-        if source.endswith(".bz2"):
-            with bz2.open(source) as src, open(target, "wb") as dst:
-                shutil.copyfileobj(src, dst)
-        else:
-            shutil.copyfile(source, target)
-        frames.append(str(target))
-    return frames
+def per_frame(distl: dict | None) -> dict | None:
+    """The real DISTL's mean seconds per frame, as the pipeline and HTTP benchmarks print it."""
+    if distl is None:
+        return None
+    seconds = list(distl["seconds"].values())
+    return {"frames": len(seconds), "seconds_mean": statistics.mean(seconds),
+            "seconds_median": statistics.median(seconds)}
 
 
 def percentile(values: list[float], fraction: float) -> float:
@@ -129,20 +116,6 @@ class Pipeline:
         self.context.term()
 
 
-def run_distl(frames: list[str]) -> dict | None:
-    if not DISTL_VENV.is_dir() or not DISTL_BATCH.exists():
-        print("real DISTL skipped: %s is missing (run /work/shared/peer/setup.sh)" % DISTL_VENV, file=sys.stderr)
-        return None
-    done = subprocess.run([str(DISTL_BATCH), *frames], capture_output=True, text=True)
-    records = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
-    if not records:
-        print("real DISTL failed: %s" % done.stderr.strip().splitlines()[-1:], file=sys.stderr)
-        return None
-    seconds = [r["seconds"] for r in records]
-    return {"frames": len(records), "seconds_mean": statistics.mean(seconds),
-            "seconds_median": statistics.median(seconds)}
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--frames", type=int, default=19, help="distinct 6M frames to use (default 19)")
@@ -150,13 +123,13 @@ def main() -> int:
     parser.add_argument("--load", type=float, default=0.7, help="latency phase rate as a fraction of throughput")
     parser.add_argument("--json", action="store_true", help="print the figures as one JSON object too")
     args = parser.parse_args()
-    if not DATA.is_dir():
-        print("benchmark skipped: %s not found" % DATA, file=sys.stderr)
+    if not THAUMATIN.is_dir():
+        print("benchmark skipped: %s not found" % THAUMATIN, file=sys.stderr)
         return 0
     with tempfile.TemporaryDirectory(prefix="bench-pipeline-") as tmp:
         work = Path(tmp)
         (work / "frames").mkdir()
-        frames = decompressed_frames(work / "frames", args.frames)
+        frames = thaumatin_frames(work / "frames", args.frames)
         pipeline = Pipeline(work, args.workers)
         try:
             throughput = pipeline.run(frames, len(frames), None, "burst_#####.cbf")
@@ -164,7 +137,7 @@ def main() -> int:
             latency = pipeline.run(frames, len(frames), rate, "paced_#####.cbf")
         finally:
             pipeline.close()
-        distl = run_distl(frames)
+        distl = per_frame(run_distl(frames))
     ours_s = latency["proc_ms_mean"] / 1000.0
     print("PILATUS 6M, %d frames, %d workers, %d cores" % (len(frames), args.workers, os.cpu_count()))
     print("  throughput (burst):        %6.2f frames/s" % throughput["frames_per_s"])

@@ -10,18 +10,15 @@ a temporary folder first, because the reference was made from the decompressed f
 from __future__ import annotations
 
 import argparse
-import bz2
-import gzip
 import json
-import shutil
 import sys
 import tempfile
 from pathlib import Path
 
+from peer import SHARED, plain_frames
 from spotfinder import analyse, parse_words
 from spotfinder.report import format_body
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 SETS = {"default": [], "res4.9_bins": ["distl.res.outer=4.9", "distl.bins.verbose=True"],
         "bins": ["distl.bins.verbose=True"]}
 
@@ -45,25 +42,6 @@ CHECKS = {
 }
 
 
-def collect_frames(frames_dir: Path, workdir: Path) -> dict[str, Path]:
-    """Reference frame name -> a plain .cbf path (decompressed into workdir where needed)."""
-    found: dict[str, Path] = {}
-    for path in sorted(frames_dir.rglob("*")):
-        name = path.name
-        if name.endswith(".cbf"):
-            found.setdefault(name, path)
-        elif name.endswith((".cbf.bz2", ".cbf.gz")):
-            plain = name.rsplit(".", 1)[0]
-            if plain in found:
-                continue
-            target = workdir / plain
-            opener = bz2.open if name.endswith(".bz2") else gzip.open
-            with opener(path, "rb") as src, open(target, "wb") as dst:
-                shutil.copyfileobj(src, dst)
-            found[plain] = target
-    return found
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--refs", type=Path, default=SHARED / "reference" / "distl")
@@ -83,7 +61,7 @@ def main(argv=None) -> int:
     agree = {name: 0 for name in CHECKS}
     identical = total = 0
     with tempfile.TemporaryDirectory() as tmp:
-        frames = collect_frames(args.frames, Path(tmp))
+        frames = plain_frames(args.frames.rglob("*.cbf*"), Path(tmp))
         for (frame, set_name), ref in sorted(summary.items()):
             if set_name not in sets or frame not in frames or args.only not in frame:
                 continue

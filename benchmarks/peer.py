@@ -1,0 +1,61 @@
+"""What every benchmark needs beside our code: the shared frames as plain CBFs, and the real DISTL run on them.
+
+DISTL refuses compressed file names, so frames are decompressed into a working folder first; the real DISTL
+runs in one process through ``../shared/peer/distl_batch`` (set up once by ``../shared/peer/setup.sh``).
+"""
+from __future__ import annotations
+
+import bz2
+import gzip
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+REAL = SHARED / "data" / "real"
+THAUMATIN = REAL / "thaumatin_grid_dls_i24_pilatus3_6m"
+DISTL_BATCH = SHARED / "peer" / "distl_batch"
+DISTL_VENV = Path(os.environ.get("DISTL_PEER_VENV", Path.home() / ".distl-peer"))
+
+
+def plain_frames(sources, into: Path) -> dict[str, Path]:
+    """Frame name -> a plain .cbf: plain sources as they are, .cbf.bz2/.cbf.gz decompressed into ``into``
+    (a frame present both ways is taken plain)."""
+    sources = sorted(Path(s) for s in sources)
+    found = {p.name: p for p in sources if p.name.endswith(".cbf")}
+    for path in sources:
+        if path.name.endswith((".cbf.bz2", ".cbf.gz")):
+            name = path.name.rsplit(".", 1)[0]
+            if name not in found:
+                opener = bz2.open if path.name.endswith(".bz2") else gzip.open
+                with opener(path, "rb") as src, open(into / name, "wb") as dst:
+                    shutil.copyfileobj(src, dst)
+                found[name] = into / name
+    return dict(sorted(found.items()))
+
+
+def thaumatin_frames(into: Path, limit: int = 19) -> list[str]:
+    """The PILATUS3 6M frames (one per frame number) as plain .cbf paths."""
+    return [str(p) for p in list(plain_frames(THAUMATIN.glob("thau_3_2_*.cbf*"), into).values())[:limit]]
+
+
+def run_distl(frames, words=()) -> dict | None:
+    """The real DISTL on the frames in one process: seconds per frame (start-up excluded) and its peak
+    resident memory; None, with the reason on stderr, when the peer is not set up."""
+    if not DISTL_VENV.is_dir() or not DISTL_BATCH.exists():
+        print("real DISTL skipped: %s is missing (run %s)" % (DISTL_VENV, SHARED / "peer" / "setup.sh"),
+              file=sys.stderr)
+        return None
+    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    done = subprocess.run([str(DISTL_BATCH), *map(str, frames), *words], capture_output=True, text=True)
+    records = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    if not records:
+        print("real DISTL failed: %s" % done.stderr.strip().splitlines()[-1:], file=sys.stderr)
+        return None
+    return {"seconds": {r["file"]: r["seconds"] for r in records},
+            "maxrss_kb": max(before, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)}
