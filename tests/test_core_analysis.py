@@ -149,3 +149,18 @@ def test_detector_coverage_of_resolution_circles():
     coverage = DetectorCoverage(g)
     for d, fraction in [(200, 1.0), (100, 1.0), (50, 0.7643789), (30, 0.2827813), (20, 0.0)]:
         assert coverage(d) == pytest.approx(fraction, abs=1e-6)
+
+
+def test_header_overrides_supply_and_replace_geometry(simulated, tmp_path):
+    from spotfinder import parse_words
+
+    data = simulated["paths"]["spots"].read_bytes()
+    no_distance = tmp_path / "nodist_0001.cbf"
+    no_distance.write_bytes(data.replace(b"# Detector_distance", b"# Detector_elsewhere"))
+    assert analyse(str(no_distance)).status == "error"
+    supplied = analyse(str(no_distance), parse_words(["autoindex_override_distance=150"]))
+    assert supplied.status == "ok"
+    assert supplied.as_dict() | {"file": None, "proc_ms": 0} == \
+        analyse(str(simulated["paths"]["spots"])).as_dict() | {"file": None, "proc_ms": 0}
+    farther = analyse(str(simulated["paths"]["spots"]), parse_words(["autoindex_override_distance=300"]))
+    assert farther.method2_resolution > supplied.method2_resolution  # the same spots, seen from farther away
