@@ -10,7 +10,7 @@ from spotfinder import ParameterError, Params, analyse, parse_words
 from spotfinder.params import listing
 from spotfinder.report import BANNER, format_body
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+EXIT_OK, EXIT_USAGE = 0, 2
 
 
 def _split_words(words: list[str]) -> tuple[list[str], list[str]]:
@@ -21,6 +21,21 @@ def _split_words(words: list[str]) -> tuple[list[str], list[str]]:
     return frames, params
 
 
+def _quiet_on_broken_pipe(command):
+    """A reader that stops early (``| head``) ends the command quietly, as Unix tools do."""
+
+    def wrapped(*args, **kwargs) -> int:
+        try:
+            return command(*args, **kwargs)
+        except BrokenPipeError:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return EXIT_OK
+
+    wrapped.__doc__ = command.__doc__
+    return wrapped
+
+
+@_quiet_on_broken_pipe
 def distl_signal_strength(argv: list[str] | None = None) -> int:
     """``distl.signal_strength FRAME [distl.param=value ...]``: the same text as cctbx's command."""
     argv = sys.argv[1:] if argv is None else argv
@@ -140,6 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@_quiet_on_broken_pipe
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)

@@ -36,7 +36,9 @@ def analyse(path: str, params: Params | None = None, shown_as: str | None = None
     except FrameError as exc:
         result = Result.failure(shown_as or path, str(exc))
     except MemoryError:
-        result = Result.failure(path, "out of memory")
+        result = Result.failure(shown_as or path, "out of memory")
+    except Exception as exc:  # a bug must cost one frame, never the caller (a CLI batch, a worker)
+        result = Result.failure(shown_as or path, "internal error: %s: %s" % (type(exc).__name__, exc))
     result.proc_ms = round((time.perf_counter() - start) * 1000.0, 3)
     return result
 
@@ -56,6 +58,9 @@ def analyse_frame(frame: Frame, params: Params) -> Result:
     g = frame.geometry
     settings = effective_settings(params, g.family)
     region = background.Region.of(g, settings.margin)
+    if region.x1 - region.x0 < 2 or region.y1 - region.y0 < 2:
+        raise FrameError("frame of %dx%d pixels is too small for a peripheral margin of %d"
+                         % (g.size_fast, g.size_slow, settings.margin))
     pixels = frame.pixels
     cls = background.classify(pixels, g, settings, region, UNDERLOAD)
     rings = ice.pixel_rings(cls.z, g, region)
@@ -88,14 +93,14 @@ def analyse_frame(frame: Frame, params: Params) -> Result:
     result = Result(
         path=frame.path, file=frame.label, image_number=frame.image_number,
         spot_total=len(final),
-        remove_ice=len(subsets["ice_free_resolution_spots"]) if chain.ice_free_attempted else None,
+        remove_ice=len(subsets["ice_free_resolution_spots"]) if "ice_free_resolution_spots" in subsets else None,
         in_resolution_total=len(subsets["spots_resolution"]),
         good_bragg_candidates=len(inliers),
         ice_rings=chain.ice_rings,
         method1_resolution=round(method1, 2),
         method2_resolution=None if chain.method2 is None else round(chain.method2, 2),
         max_unit_cell=None if maxcell is None else round(maxcell, 1),
-        eccentricity=None if chain.unimodal_stats is None else round(chain.unimodal_stats["eccentricity"], 3),
+        eccentricity=None if chain.eccentricity is None else round(chain.eccentricity, 3),
         saturation_top_peaks=chain.saturation_top,
         saturation_percent=round(100.0 * chain.saturation_fraction, 2),
         overloaded_spots=chain.overloaded,
@@ -106,9 +111,7 @@ def analyse_frame(frame: Frame, params: Params) -> Result:
         echo_template=echo, tables=tables, focus_signals=list(wts_sum[focus]),
         focus_saturations=list(wts_max[focus] / g.saturation), inlier_signal=float(wts_sum[inliers].sum()),
         listing=listing, cutoff_percent=100.0 / settings.method2_ratio,
-        classification_error=cls.error, exact=dict(method1=method1, method2=chain.method2, maxcell=maxcell,
-                                                   eccentricity=None if chain.unimodal_stats is None
-                                                   else chain.unimodal_stats["eccentricity"]))
+        classification_error=cls.error)
     return result
 
 
@@ -202,18 +205,12 @@ def _bin_tables(frame, found, shape, chain, g, coverage, cls, params) -> list:
 
 
 def warm_up() -> float:
-    """Compile (or load from numba's cache) every kernel by analysing a small simulated frame, so that a
-    worker's first real frame is as fast as the rest; returns the seconds it took."""
-    import os
-    import tempfile
-
-    from .simulate import Scene, random_spots, write_cbf
+    """Compile (or load from numba's cache) every kernel by analysing a small simulated frame in memory, so
+    that a worker's first real frame is as fast as the rest; returns the seconds it took."""
+    from .simulate import Scene, frame_of, random_spots
 
     start = time.perf_counter()
     scene = Scene(seed=7, ice_ring_d=3.67, ice_ring_counts=30.0)
     scene.spots = random_spots(scene, 40)
-    with tempfile.TemporaryDirectory() as folder:
-        path = os.path.join(folder, "warm_up_0001.cbf")
-        write_cbf(path, scene)
-        analyse(path, Params({"distl.bins.verbose": True}))
+    analyse_frame(frame_of(scene, "warm_up_0001.cbf"), Params({"distl.bins.verbose": True}))
     return time.perf_counter() - start

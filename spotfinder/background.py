@@ -217,9 +217,12 @@ def _classify_cycle(values, background, usable, z, local_mean, next_background, 
         while _count_background(background, sx0, sx1, sy0, sy1) < needed:
             widened = True
             grow = min(sx1 - sx0 + 1, sy1 - sy0 + 1) // 3
+            before = (sx0, sx1, sy0, sy1)
             sx0, sx1 = _widen_axis(sx0, sx1, grow, size_x)
             sy0, sy1 = _widen_axis(sy0, sy1, grow, size_y)
-            if sx1 - sx0 + 1 > MAX_WINDOW or sy1 - sy0 + 1 > MAX_WINDOW:
+            # libdistl gives up past MAX_WINDOW; on a frame smaller than that, once the window is the whole
+            # frame (or cannot grow), where DISTL itself crashes
+            if sx1 - sx0 + 1 > MAX_WINDOW or sy1 - sy0 + 1 > MAX_WINDOW or (sx0, sx1, sy0, sy1) == before:
                 return i, widened
         a, b, c, sigma, n = _fit_window(values, background, x0, y0, sx0, sx1, sy0, sy1)
         scale = sigma if sigma > 0 else np.inf  # z = 0 when sigma is 0, as libdistl has it

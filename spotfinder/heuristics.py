@@ -26,10 +26,9 @@ class Chain:
     d: np.ndarray | None = None  # each spot's resolution as the filters saw it
     ice_rings: int = 0
     method2: float | None = None
-    ice_free_attempted: bool = False
     shells_d: np.ndarray | None = None  # d of the ice-free spots, sorted descending
     target_bins: int = 0
-    unimodal_stats: dict | None = None
+    eccentricity: float | None = None  # mean over the unimodal spots, when there are more than 2
     neighbours: np.ndarray | None = None  # nearest-neighbour distance (mm) of each inlier
     overloaded: int = 0
     saturation_top: int = 0
@@ -97,7 +96,6 @@ def run(spots: Spots, shape: Shapes, g: Geometry, settings: Settings, rings: lis
         chain.ice_rings += rings_found
         ice_free = order[keep]
         chain.subsets["ice_free_resolution_spots"] = ice_free
-        chain.ice_free_attempted = True
         current = ice_free
         if len(ice_free) >= target:
             free_d = d[ice_free]
@@ -143,7 +141,7 @@ def _quality(spots: Spots, shape: Shapes, unimodal: np.ndarray, chain: Chain, g:
     a_ave, _ = _mean_sd(spots.area[unimodal].astype(np.float64))
     e_ave, _ = _mean_sd(shape.eccentricity[unimodal])
     k_ave, k_std = _mean_sd(shape.skewness[unimodal])
-    chain.unimodal_stats = {"eccentricity": e_ave, "intensity": i_ave, "area": a_ave}
+    chain.eccentricity = e_ave
     low_skew = unimodal[shape.skewness[unimodal] <= min(0.45, 2.0 * k_std + k_ave)]
     chain.subsets["spots_low_skew"] = low_skew
     z = spots.intensity[low_skew].astype(np.float64)
@@ -185,18 +183,6 @@ def _nearest_other(tree: cKDTree, data: np.ndarray, query: np.ndarray):
         beyond = np.flatnonzero(d_all > 0)
         j = beyond[0] if len(beyond) else 0
         index[i], dist2[i] = i_all[j], d_all[j] ** 2
-    return index, dist2
-    dist, idx = tree.query(query, k=k)
-    dist, idx = np.atleast_2d(dist), np.atleast_2d(idx)
-    for i in range(len(query)):
-        pick = np.flatnonzero(dist[i] > 0)
-        if len(pick) == 0:
-            d_all, i_all = tree.query(query[i], k=len(data))
-            pick_all = np.flatnonzero(np.atleast_1d(d_all) > 0)
-            j = pick_all[0] if len(pick_all) else 0
-            index[i], dist2[i] = np.atleast_1d(i_all)[j], np.atleast_1d(d_all)[j] ** 2
-        else:
-            index[i], dist2[i] = idx[i, pick[0]], dist[i, pick[0]] ** 2
     return index, dist2
 
 

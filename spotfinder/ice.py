@@ -45,7 +45,9 @@ def pixel_rings(z: np.ndarray, geometry: Geometry, region: Region) -> list[Pixel
     previous_iced = False
     for ring in range(first, last + 1):
         n, below_median, below_upper = counts[ring - first]
-        iced = n > 0 and below_median <= int(n * 0.45) and below_upper <= int(n * 0.80)
+        # an annulus too small to have pixels below its 45% and 80% ranks is not analysed, as in libdistl
+        iced = int(n * 0.45) > 0 and int(n * 0.80) > 0 and below_median <= int(n * 0.45) \
+            and below_upper <= int(n * 0.80)
         if iced:
             inner_r, outer_r = ring * RING_WIDTH, (ring + 1) * RING_WIDTH
             if previous_iced:  # consecutive ice annuli make one ring

@@ -11,6 +11,7 @@ import bz2
 import hashlib
 import gzip
 import os
+import math
 import re
 from dataclasses import dataclass, replace
 
@@ -23,7 +24,7 @@ BINARY_MARKER = b"\x0c\x1a\x04\xd5"
 
 # (slow, fast) sizes → DISTL vendortype; the vendortype picks the scanbox tiling.
 PILATUS_SIZES = {(2527, 2463): "Pilatus-6M", (1679, 1475): "Pilatus-2M", (619, 487): "Pilatus-300K",
-                 (195, 487): "Pilatus-100K", (5221, 5106): "Pilatus-12M"}
+                 (195, 487): "Pilatus-100K"}
 EIGER_SIZES = {(4371, 4150): "Eiger-16M", (3269, 3110): "Eiger-9M", (2167, 2070): "Eiger-4M",
                (1065, 1030): "Eiger-1M", (514, 1030): "Eiger-500K", (4362, 4148): "Eiger2-16M",
                (3262, 3108): "Eiger2-9M", (2162, 2068): "Eiger2-4M", (1062, 1028): "Eiger2-1M",
@@ -313,14 +314,33 @@ def geometry_from_header(fields: dict, overrides: dict | None = None) -> Geometr
         twotheta = fields.get("TWOTHETA", 0.0)
     if abs(twotheta) < 0.02:
         twotheta = 0.0
-    if distance <= 0 or wavelength <= 0 or pixel <= 0:
-        raise FrameError("non-physical geometry: distance %g mm, wavelength %g A, pixel %g mm"
-                         % (distance, wavelength, pixel))
+    numbers = (distance, wavelength, pixel, *beam, twotheta)
+    if not all(math.isfinite(v) for v in numbers) or distance <= 0 or wavelength <= 0 or pixel < 1e-3:
+        raise FrameError("non-physical geometry: distance %g mm, wavelength %g A, pixel %g mm, beam %g, %g mm"
+                         % (distance, wavelength, pixel, beam[0], beam[1]))
     slow, fast = fields["X-Binary-Size-Second-Dimension"], fields["X-Binary-Size-Fastest-Dimension"]
-    vendortype = PILATUS_SIZES.get((slow, fast)) or EIGER_SIZES.get((slow, fast)) or "Pilatus-%dx%d" % (fast, slow)
     return Geometry(wavelength=float(wavelength), distance=float(distance), pixel_size=pixel,
                     beam_x=float(beam[0]), beam_y=float(beam[1]), saturation=int(fields["CCD_IMAGE_SATURATION"]),
-                    twotheta=float(twotheta), size_slow=slow, size_fast=fast, vendortype=vendortype)
+                    twotheta=float(twotheta), size_slow=slow, size_fast=fast, vendortype=vendortype(slow, fast))
+
+
+def _modules_fit(size: int, width: int, gap: int) -> bool:
+    return size >= width and (size + gap) % (width + gap) == 0
+
+
+def vendortype(slow: int, fast: int) -> str:
+    """DISTL's detector name for a frame size.  A size DISTL does not know (it refuses those) is named for
+    the module layout it fits, PILATUS (195 x 487 modules, gaps 17 and 7) or EIGER (514 x 1030, gaps 37 and
+    10), so it gets that tiling; any other size gets the generic tiling and DISTL's CCD defaults."""
+    known = PILATUS_SIZES.get((slow, fast)) or EIGER_SIZES.get((slow, fast))
+    if known:
+        return known
+    if _modules_fit(slow, 195, 17) and _modules_fit(fast, 487, 7):
+        return "Pilatus-%dx%d" % (fast, slow)
+    if _modules_fit(slow, 514, 37) and _modules_fit(fast, 1030, 10):
+        return "Eiger-%dx%d" % (fast, slow)
+    return "Other-%dx%d" % (fast, slow)
+
 
 
 def read_frame(path: str, overrides: dict | None = None) -> Frame:

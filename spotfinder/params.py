@@ -29,7 +29,7 @@ class Parameter:
     expert_level: int = 0
     help: str = ""
     size: tuple[int, int] | None = None  # (min, max) number of values for ints/floats
-    value_min: float | None = None
+    value_min: float | None = None  # inclusive; 1e-6 stands for "positive"
     value_max: float | None = None
 
 
@@ -40,12 +40,12 @@ def _p(path, kind, default=None, expert_level=0, help="", **kw):
 # Order is the order of the real program's definitions (it decides nothing but the listing).
 PARAMETERS: tuple[Parameter, ...] = (
     _p("distl.image", "str", help="Image file name"),
-    _p("distl.res.outer", "float", help="High resolution limit in angstroms"),
-    _p("distl.res.inner", "float", help="Low resolution limit in angstroms"),
+    _p("distl.res.outer", "float", value_min=1e-6, help="High resolution limit in angstroms"),
+    _p("distl.res.inner", "float", value_min=1e-6, help="Low resolution limit in angstroms"),
     _p("distl.verbose", "bool", False, help="Lengthy spot printout"),
     _p("distl.dxtbx", "bool", False, help="Accepted and ignored (dead switch in DISTL)"),
     _p("distl.bins.verbose", "bool", False, help="Additional printout binned by resolution range"),
-    _p("distl.bins.N", "int", 20, help="Maximum number of bins"),
+    _p("distl.bins.N", "int", 20, value_min=1, help="Maximum number of bins"),
     _p("distl.bins.corner", "bool", True, help="Extend the binning to the detector corner"),
     _p("distl.range", "ints", None, size=(1, 2), value_min=0, help="HDF5 image index or [a,b) range"),
     _p("wedgelimit", "int", 2, 2),
@@ -57,7 +57,7 @@ PARAMETERS: tuple[Parameter, ...] = (
     _p("spotfinder_mode", "str", "distl", 3),
     _p("spotfinder_verbose", "bool", False, 2),
     _p("force_method2_resolution_limit", "float", None, 2),
-    _p("distl_lowres_limit", "float", 50.0, 3),
+    _p("distl_lowres_limit", "float", 50.0, 3, value_min=1e-6),
     _p("distl_highres_limit", "float", None, 3),
     _p("distl_binned_image_spot_size", "int", 4, 2),
     _p("distl_maximum_number_spots_for_indexing", "int", 300, 3),
@@ -92,12 +92,14 @@ PARAMETERS: tuple[Parameter, ...] = (
     _p("pdf_output.markup_inliers", "bool", True, 4),
     _p("pdf_output.render_all", "bool", False, 4),
     _p("pdf_output.profile_shrink", "int", 0, 4),
-    _p("distl.minimum_spot_area", "int", None, help="Minimum spot area in pixels (PADs 5, others 10)"),
-    _p("distl.minimum_signal_height", "float", None, help="Background cut in sigma (PILATUS 2.5, Eiger 4, CCD 1.5)"),
-    _p("distl.minimum_spot_height", "float", None, help="Spot maximum and growth cut in sigma (3.5)"),
-    _p("distl.spot_area_maximum_factor", "float", None, help="Maximum spot area as a multiple of the minimum (5)"),
+    _p("distl.minimum_spot_area", "int", None, value_min=1, help="Minimum spot area in pixels (PADs 5, others 10)"),
+    _p("distl.minimum_signal_height", "float", None, value_min=1e-6,
+       help="Background cut in sigma (PILATUS 2.5, Eiger 4, CCD 1.5)"),
+    _p("distl.minimum_spot_height", "float", None, value_min=1e-6, help="Spot maximum and growth cut in sigma (3.5)"),
+    _p("distl.spot_area_maximum_factor", "float", None, value_min=1e-6,
+       help="Maximum spot area as a multiple of the minimum (5)"),
     _p("distl.peak_intensity_maximum_factor", "float", None, help="Peak height filter factor (10)"),
-    _p("distl.method2_cutoff_percentage", "float", 20.0, help="Method 2 shell cutoff in percent"),
+    _p("distl.method2_cutoff_percentage", "float", 20.0, value_min=1e-6, help="Method 2 shell cutoff in percent"),
     _p("distl.compactness_filter", "bool", False, help="Drop small non-compact spots"),
     _p("distl.detector_tiling", "ints", None, 2),
     _p("distl.tile_translations", "ints", None, 2),

@@ -66,7 +66,6 @@ class Details:
     listing: list[SpotListing] | None
     cutoff_percent: float
     classification_error: str | None
-    exact: dict | None = None  # unrounded numbers, for comparisons
 
 
 def _table(table: BinTable) -> list[str]:
@@ -87,7 +86,8 @@ def _table(table: BinTable) -> list[str]:
         if name in SUMMED:
             cells.append("%*s  " % (width[name], fmt % sum(cols[name])))
         elif name in WEIGHTED:
-            mean = sum(w * v for w, v in zip(pops, cols[name])) / total_weight
+            # a table whose spots all fall beyond its last row (2-theta frames) has no weight at all
+            mean = sum(w * v for w, v in zip(pops, cols[name])) / total_weight if total_weight else 0.0
             cells.append("%*s  " % (width[name], fmt % mean))
         else:
             cells.append(" " * (width[name] + 2))

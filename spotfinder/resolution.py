@@ -112,7 +112,8 @@ class DetectorCoverage:
         for x, y in self.corners:
             to_corner = (x - g.beam_x, y - g.beam_y, g.distance)
             cosine = g.distance * g.distance / (g.distance * math.sqrt(sum(v * v for v in to_corner)))
-            out.append(g.wavelength / (2.0 * math.sin(math.acos(cosine) / 2.0)))
+            half_angle = math.sin(math.acos(min(1.0, cosine)) / 2.0)
+            out.append(g.wavelength / (2.0 * half_angle) if half_angle > 0 else math.inf)  # the beam's own corner
         return out
 
 

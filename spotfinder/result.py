@@ -61,5 +61,5 @@ class Result:
         return out
 
     @classmethod
-    def failure(cls, path: str, error: str, proc_ms: float = 0.0) -> Result:
-        return cls(path=path, file=os.path.basename(path), status="error", error=error, proc_ms=proc_ms)
+    def failure(cls, path: str, error: str) -> Result:
+        return cls(path=path, file=os.path.basename(path), status="error", error=error)

@@ -99,6 +99,20 @@ def random_spots(scene: Scene, count: int, total: float = 3000.0, margin: int = 
     return spots
 
 
+def frame_of(scene: Scene, name: str):
+    """The scene as a decoded Frame, without a file (what the reader would give for its CBF)."""
+    from .image import Frame, Geometry, name_template, vendortype
+
+    slow, fast = scene.shape
+    beam_slow, beam_fast = scene.beam
+    geometry = Geometry(wavelength=scene.wavelength, distance=scene.distance, pixel_size=scene.pixel_size,
+                        beam_x=beam_slow * scene.pixel_size, beam_y=beam_fast * scene.pixel_size,
+                        saturation=scene.saturation, twotheta=0.0, size_slow=slow, size_fast=fast,
+                        vendortype=vendortype(slow, fast))
+    template, number, _ = name_template(name)
+    return Frame(path=name, pixels=render(scene), geometry=geometry, template=template, image_number=number)
+
+
 def header_text(scene: Scene) -> str:
     bs, bf = scene.beam
     lines = [

@@ -157,11 +157,13 @@ def _grow(z, pixels, maxima, visited, seeds_x, seeds_y, capacity, h, x0, x1, y0,
 
     Returns the body pixels spot after spot, the spot of each, each spot's peak (the first visited of its
     brightest maxima), and whether a perimeter pixel (a neighbour that failed the test) lies on an ice
-    ring.  ``ice`` is (bx, by, k, wavelength, inner_d, outer_d) of the pixel-level rings.  ``visited``
-    starts all False; a visited neighbour that passes the test can only be of the spot being grown.
+    ring.  ``ice`` is (bx, by, k, wavelength, inner_d, outer_d) of the pixel-level rings.  As in libdistl,
+    perimeter pixels are marked visited too (so a perimeter pixel counts for the first spot that meets it
+    only), pixels outside the region are no perimeter, and a seed that fails the test (a saturated maximum
+    with a low z) makes no spot.
     """
     bx, by, k, wavelength, inner_d, outer_d = ice
-    capacity = capacity + len(seeds_x)  # every body pixel is strong or a seed
+    capacity = capacity + len(seeds_x)  # every body pixel is strong
     out_x = np.empty(capacity, dtype=np.int64)
     out_y = np.empty(capacity, dtype=np.int64)
     out_spot = np.empty(capacity, dtype=np.int64)
@@ -176,8 +178,10 @@ def _grow(z, pixels, maxima, visited, seeds_x, seeds_y, capacity, h, x0, x1, y0,
         sx, sy = seeds_x[i], seeds_y[i]
         if visited[sx, sy]:
             continue
-        spots += 1
         visited[sx, sy] = True
+        if not z[sx, sy] > h:
+            continue
+        spots += 1
         best = pixels[sx, sy]
         peaks[spots - 1] = n
         out_x[n], out_y[n], out_spot[n] = sx, sy, spots - 1
@@ -191,13 +195,13 @@ def _grow(z, pixels, maxima, visited, seeds_x, seeds_y, capacity, h, x0, x1, y0,
                 continue
             stack_d[top - 1] = d + 1
             nx, ny = stack_x[top - 1] + fill_dx[d], stack_y[top - 1] + fill_dy[d]
-            if not (x0 <= nx <= x1 and y0 <= ny <= y1 and (z[nx, ny] > h or maxima[nx, ny])):
+            if not (x0 <= nx <= x1 and y0 <= ny <= y1) or visited[nx, ny]:
+                continue
+            visited[nx, ny] = True
+            if not z[nx, ny] > h:
                 if inner_d.size and not on_ice[spots - 1]:
                     on_ice[spots - 1] = pixel_on_ice(nx, ny, bx, by, k, wavelength, inner_d, outer_d)
                 continue
-            if visited[nx, ny]:
-                continue
-            visited[nx, ny] = True
             out_x[n], out_y[n], out_spot[n] = nx, ny, spots - 1
             if maxima[nx, ny] and pixels[nx, ny] > best:
                 best = pixels[nx, ny]
