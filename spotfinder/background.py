@@ -83,12 +83,17 @@ def scanbox_windows(geometry: Geometry, region: Region, box: int) -> list[tuple[
 
 
 def integer_beam(geometry: Geometry) -> tuple[int, int]:
-    """libdistl's beam in pixels, rounded half away from zero."""
+    """libdistl's beam in pixels, rounded half away from zero.
+
+    DISTL hands libdistl the beam as a "%f" string (mm), so a beam on a half pixel can round either way
+    after the division: 41.882 mm / 0.172 mm is 243.49999999999997, pixel 243.
+    """
 
     def rnd(v: float) -> int:
         return int(np.sign(v) * np.floor(abs(v) + 0.5))
 
-    return rnd(geometry.beam_x / geometry.pixel_size), rnd(geometry.beam_y / geometry.pixel_size)
+    return (rnd(float("%f" % geometry.beam_x) / geometry.pixel_size),
+            rnd(float("%f" % geometry.beam_y) / geometry.pixel_size))
 
 
 def pixel_resolution(geometry: Geometry, x, y):

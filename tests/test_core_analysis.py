@@ -164,3 +164,13 @@ def test_header_overrides_supply_and_replace_geometry(simulated, tmp_path):
         analyse(str(simulated["paths"]["spots"])).as_dict() | {"file": None, "proc_ms": 0}
     farther = analyse(str(simulated["paths"]["spots"]), parse_words(["autoindex_override_distance=300"]))
     assert farther.method2_resolution > supplied.method2_resolution  # the same spots, seen from farther away
+
+
+def test_integer_beam_rounds_the_beam_distl_hands_to_libdistl():
+    """DISTL passes the beam as a "%f" string in mm: a beam on a half pixel can round down."""
+    from spotfinder.background import integer_beam
+    from spotfinder.image import Geometry
+
+    g = Geometry(wavelength=1.0, distance=150.0, pixel_size=0.172, beam_x=309.5 * 0.172, beam_y=243.5 * 0.172,
+                 saturation=65535, twotheta=0.0, size_slow=619, size_fast=487, vendortype="Pilatus-300K")
+    assert integer_beam(g) == (310, 243)
