@@ -171,6 +171,7 @@ def test_integer_beam_rounds_the_beam_distl_hands_to_libdistl():
     from spotfinder.background import integer_beam
     from spotfinder.image import Geometry
 
-    g = Geometry(wavelength=1.0, distance=150.0, pixel_size=0.172, beam_x=309.5 * 0.172, beam_y=243.5 * 0.172,
+    pixel = 172e-6 * 1000.0  # "Pixel_size 172e-6 m", as the header reader converts it: 0.17200000000000001
+    g = Geometry(wavelength=1.0, distance=150.0, pixel_size=pixel, beam_x=309.5 * pixel, beam_y=243.5 * pixel,
                  saturation=65535, twotheta=0.0, size_slow=619, size_fast=487, vendortype="Pilatus-300K")
-    assert integer_beam(g) == (310, 243)
+    assert integer_beam(g) == (310, 243)  # 41.882 / 0.17200000000000001 = 243.49999999999997
