@@ -100,17 +100,17 @@ def random_spots(scene: Scene, count: int, total: float = 3000.0, margin: int = 
 
 
 def frame_of(scene: Scene, name: str):
-    """The scene as a decoded Frame, without a file (what the reader would give for its CBF)."""
-    from .image import Frame, Geometry, name_template, vendortype
+    """The scene as a decoded Frame, without a file: its geometry comes from its own header through the
+    reader's parser, so it is what reading its CBF would give, to the last bit."""
+    from .image import Frame, geometry_from_header, name_template, parse_header
 
     slow, fast = scene.shape
-    beam_slow, beam_fast = scene.beam
-    geometry = Geometry(wavelength=scene.wavelength, distance=scene.distance, pixel_size=scene.pixel_size,
-                        beam_x=beam_slow * scene.pixel_size, beam_y=beam_fast * scene.pixel_size,
-                        saturation=scene.saturation, twotheta=0.0, size_slow=slow, size_fast=fast,
-                        vendortype=vendortype(slow, fast))
+    head = ("_array_data.header_contents\n;\n%s\n;\n_array_data.data\n;\n--CIF-BINARY-FORMAT-SECTION--\n"
+            "X-Binary-Size-Fastest-Dimension: %d\nX-Binary-Size-Second-Dimension: %d\n\n"
+            % (header_text(scene), fast, slow))
     template, number, _ = name_template(name)
-    return Frame(path=name, pixels=render(scene), geometry=geometry, template=template, image_number=number)
+    return Frame(path=name, pixels=render(scene), geometry=geometry_from_header(parse_header(head.encode())),
+                 template=template, image_number=number)
 
 
 def header_text(scene: Scene) -> str:
