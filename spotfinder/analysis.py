@@ -82,7 +82,7 @@ def analyse_frame(frame: Frame, params: Params) -> Result:
     wts_max = final.peak_height
     maxcell = params["codecamp.maxcell"]
     if maxcell is None:
-        maxcell = heuristics.max_unit_cell(chain.neighbours, pg)
+        maxcell = heuristics.max_unit_cell(chain.neighbours, pg, settings.neighbour_bins)
     _, _, echo = name_template(frame.path)
     tables = []
     if params["distl.bins.verbose"] and chain.shells_d is not None:

@@ -14,8 +14,6 @@ from .params import Settings
 from .spots import Shapes, Spots
 
 MAX_TOLERANCE = 1.5  # max cell = 1.5 x the d of the typical neighbour distance
-NN_BIN = 20  # DISTL's NspotMin // 2, the histogram bin count scale for neighbour distances
-OVERLAP = 1.2  # overlapping_spot_criterion
 
 
 @dataclass
@@ -101,7 +99,7 @@ def run(spots: Spots, shape: Shapes, g: Geometry, settings: Settings, rings: lis
             free_d = d[ice_free]
             chain.shells_d = free_d
             shells = resolution.Shells(free_d, free_d[target - 1], coverage)
-            chain.method2 = resolution.method2(shells, count, settings.method2_ratio, settings.res_outer)
+            chain.method2 = resolution.method2(shells, target, settings.method2_ratio, settings.res_outer)
             if g.twotheta == 0:
                 lo_pass = ice_free[r[ice_free] < resolution.radius_mm(g, chain.method2)]
             else:
@@ -117,7 +115,7 @@ def run(spots: Spots, shape: Shapes, g: Geometry, settings: Settings, rings: lis
     inliers = np.zeros(0, dtype=int)
     neighbours = np.zeros(0)
     if len(unimodal) > 2:
-        inliers, neighbours = _quality(spots, shape, unimodal, chain, g)
+        inliers, neighbours = _quality(spots, shape, unimodal, chain, g, settings.overlap)
     chain.subsets["spots_inlier"] = inliers
     chain.neighbours = neighbours
     return chain
@@ -135,7 +133,7 @@ def _mean_sd(values: np.ndarray) -> tuple[float, float]:
     return float(np.mean(values)), float(np.std(values, ddof=1))
 
 
-def _quality(spots: Spots, shape: Shapes, unimodal: np.ndarray, chain: Chain, g: Geometry):
+def _quality(spots: Spots, shape: Shapes, unimodal: np.ndarray, chain: Chain, g: Geometry, overlap: float):
     """Skewness, intensity and close-spot filters over the unimodal spots; inliers and their NN distances."""
     i_ave, i_std = _mean_sd(spots.intensity[unimodal].astype(np.float64))
     a_ave, _ = _mean_sd(spots.area[unimodal].astype(np.float64))
@@ -159,7 +157,7 @@ def _quality(spots: Spots, shape: Shapes, unimodal: np.ndarray, chain: Chain, g:
         if 0 < len(vectors) <= 3 and not _compact(shape, idx, vectors):
             continue
         s = (int(everything[nn_index[j], 0] - everything[idx, 0]), int(everything[nn_index[j], 1] - everything[idx, 1]))
-        if majoraxis[idx] * OVERLAP > math.hypot(*s):
+        if majoraxis[idx] * overlap > math.hypot(*s):
             if not (len(vectors) <= 3 and any(abs(v[0] - s[0]) <= 1 and abs(v[1] - s[1]) <= 1 for v in vectors)):
                 continue
         inliers.append(idx)
@@ -226,13 +224,13 @@ def _compact(shape: Shapes, idx: int, vectors) -> bool:
     return True
 
 
-def max_unit_cell(neighbours: np.ndarray, g: Geometry) -> float | None:
+def max_unit_cell(neighbours: np.ndarray, g: Geometry, neighbour_bins: int) -> float | None:
     """1.5 x the d of the most probable (or 5th-percentile) neighbour distance among the inliers."""
     n = len(neighbours)
     if n <= 2:
         return None
     mean = float(np.mean(neighbours))
-    fine = max(g.pixel_size / 2.0, mean / (1.0 + n / NN_BIN))
+    fine = max(g.pixel_size / 2.0, mean / (1.0 + n / neighbour_bins))
     low = float(np.min(neighbours))
     bins = int(mean * 4 / fine)
     histogram = np.zeros(bins, dtype=int)

@@ -90,8 +90,8 @@ def _radius_px(geometry: Geometry, d: float) -> float:
 
 
 def _d_at_r2(geometry: Geometry, r2: float) -> float:
-    bx, _ = integer_beam(geometry)
-    return float(pixel_resolution(geometry, bx + math.sqrt(r2), integer_beam(geometry)[1]))
+    bx, by = integer_beam(geometry)
+    return float(pixel_resolution(geometry, bx + math.sqrt(r2), by))
 
 
 @dataclass(frozen=True)

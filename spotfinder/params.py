@@ -339,6 +339,8 @@ class Settings:
     compactness: bool
     bumpiness: int
     report_overloads: bool
+    overlap: float  # overlapping_spot_criterion: a spot this many major axes from its neighbour is close
+    neighbour_bins: int  # NspotMin // 2: the scale of the neighbour-distance histogram for the max cell
 
 
 def effective_settings(params: Params, family: str) -> Settings:
@@ -375,5 +377,7 @@ def effective_settings(params: Params, family: str) -> Settings:
         method2_ratio=100.0 / float(params["distl.method2_cutoff_percentage"]),
         compactness=bool(params["distl.compactness_filter"]),
         bumpiness=int(params["distl_profile_bumpiness"]),
+        overlap=float(params["overlapping_spot_criterion"]),
+        neighbour_bins=int(params["distl_minimum_number_spots_for_indexing"]) // 2,
         report_overloads=bool(params["distl_report_overloads"]),
     )

@@ -155,9 +155,8 @@ class Shells:
         return len(self.limit)
 
 
-def method2(shells: Shells, hi_pass_count: int, ratio: float, res_outer: float | None) -> float:
+def method2(shells: Shells, target_bins: int, ratio: float, res_outer: float | None) -> float:
     """The d at which the shell population falls below ``1/ratio`` of the target (Method 2)."""
-    target_bins = max(MIN_BIN_COUNT, hi_pass_count // 20)
     low = target_bins / ratio
     pop, n = shells.population, len(shells)
     if n > 2 and pop[1] > 2 * low and pop[1] > MIN_BIN_COUNT:
