@@ -39,11 +39,42 @@ class Region:
 @dataclass
 class Classification:
     z: np.ndarray  # float32 z-score of every pixel (0 where no window covered it)
-    local_mean: np.ndarray  # float32 background plane value of every pixel
     window_centres: np.ndarray  # (n, 2) int centre (x, y) of each window of the last cycle
     window_background: np.ndarray  # plane value at each centre
     window_sample: np.ndarray  # background sample size of each window
+    # (windows, planes) of each cycle that wrote z, in order: (n, 4) inclusive bounds, (n, >= 3) a, b, c
+    written: list[tuple[np.ndarray, np.ndarray]]
     error: str | None = None  # the "cannot distinguish" message when a cycle stopped early
+
+    def local_background(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        """The float32 background plane value at pixels (x, y): that of the last window that wrote their z
+        (0 where none did).  Computed for the few pixels asked about rather than kept for all 6M."""
+        x, y = np.asarray(x, dtype=np.int64), np.asarray(y, dtype=np.int64)
+        out = np.zeros(x.shape, dtype=np.float32)
+        todo = np.ones(x.shape, dtype=bool)
+        for windows, planes in reversed(self.written):
+            w = _window_of(windows, x, y)
+            hit = todo & (w >= 0)
+            w = w[hit]
+            a, b, c = planes[w, 0], planes[w, 1], planes[w, 2]
+            out[hit] = a * (x[hit] - windows[w, 0]) + b * (y[hit] - windows[w, 2]) + c  # the kernel's order
+            todo &= ~hit
+        return out
+
+
+def _window_of(windows: np.ndarray, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Index of the window holding each pixel, -1 for none (a cycle's windows never overlap, and lie on a
+    grid of slow spans by fast spans, some grid cells possibly absent)."""
+    xs, x_of = np.unique(windows[:, :2], axis=0, return_inverse=True)
+    ys, y_of = np.unique(windows[:, 2:], axis=0, return_inverse=True)
+    grid = np.full((len(xs), len(ys)), -1, dtype=np.int64)
+    grid[x_of.ravel(), y_of.ravel()] = np.arange(len(windows))
+    ix = np.searchsorted(xs[:, 0], x, side="right") - 1
+    iy = np.searchsorted(ys[:, 0], y, side="right") - 1
+    inside = (ix >= 0) & (iy >= 0)
+    ix, iy = np.maximum(ix, 0), np.maximum(iy, 0)
+    inside &= (x <= xs[ix, 1]) & (y <= ys[iy, 1])
+    return np.where(inside, grid[ix, iy], -1)
 
 
 def _module_spans(size: int, width: int, gap: int, box: int, start: int, end: int) -> list[tuple[int, int]]:
@@ -160,101 +191,161 @@ def _count_background(background, x0, x1, y0, y1):
     return n
 
 
-@njit(cache=True, error_model="numpy")
-def _fit_window(values, background, x0, y0, sx0, sx1, sy0, sy1):
-    """Least-squares plane v = a*(x-x0) + b*(y-y0) + c through the window's stride-2 background sample,
-    and the RMS residual about it (divided by n, as libdistl does).
+# Plane fits.  The sample is every second pixel of every second row; a window's moments are sums of integers,
+# exact in any order, so they are gathered row by row across a whole band of windows.  The residual sum is not
+# exact: each window adds its squares in libdistl's order (row by row, pixel by pixel) into its own total.
+MOMENTS = 9  # sxx, sxy, sx, syy, sy, sxv, syv, sv, n of a window's sample (dx, dy from its origin)
 
-    The sums are branch-free (a sample weight of 0 or 1) and, being sums of integers, exact in any order.
-    """
-    sxx = sxy = sx = syy = sy = sxv = syv = sv = 0.0
-    n = 0
-    for x in range(sx0, sx1 + 1, 2):
-        dx = float(x - x0)
-        value_row, sample_row = values[x, sy0:sy1 + 1:2], background[x, sy0:sy1 + 1:2]
-        for j in range(value_row.size):
-            w = 1.0 if sample_row[j] else 0.0
-            dy = float(sy0 + 2 * j - y0)
-            v = float(value_row[j]) * w
-            sxx += w * dx * dx
-            sxy += w * dx * dy
-            sx += w * dx
-            syy += w * dy * dy
-            sy += w * dy
-            sxv += dx * v
-            syv += dy * v
-            sv += v
-            n += sample_row[j]
-    m = np.array([[sxx, sxy, sx], [sxy, syy, sy], [sx, sy, float(n)]])
+
+@njit(cache=True)
+def _add_row_moments(value_row, sample_row, dx, dy0, sums):
+    """Add one sampled row (pixels dy = dy0 + 2j) to a window's moments; the row sums are int64, so the
+    loop vectorises and stays exact."""
+    n = swy = swyy = sv = svy = 0
+    for j in range(value_row.size):
+        w = np.int64(sample_row[j])
+        dy = dy0 + 2 * j
+        v = np.int64(value_row[j]) * w
+        n += w
+        swy += w * dy
+        swyy += w * dy * dy
+        sv += v
+        svy += v * dy
+    sums[0] += float(dx * dx * n)
+    sums[1] += float(dx * swy)
+    sums[2] += float(dx * n)
+    sums[3] += float(swyy)
+    sums[4] += float(swy)
+    sums[5] += float(dx * sv)
+    sums[6] += float(svy)
+    sums[7] += float(sv)
+    sums[8] += float(n)
+
+
+@njit(cache=True, error_model="numpy")
+def _plane(sums):
+    """Least-squares plane v = a*dx + b*dy + c from a window's moments (the mean when singular)."""
+    sxx, sxy, sx, syy, sy, sxv, syv, sv, n = sums
+    m = np.array([[sxx, sxy, sx], [sxy, syy, sy], [sx, sy, n]])
     ok, abc = _solve3(m, np.array([sxv, syv, sv]))
     if not ok:
-        abc[0] = 0.0
-        abc[1] = 0.0
-        abc[2] = sv / n
+        return 0.0, 0.0, sv / n
+    return abc[0], abc[1], abc[2]
+
+
+@njit(cache=True, error_model="numpy")
+def _add_row_squares(value_row, sample_row, row_plane, b, c, dy0, squares):
+    """Add one sampled row's squared residuals about the plane to a window's running total."""
+    for j in range(value_row.size):
+        e = float(value_row[j]) - (row_plane + b * (dy0 + 2 * j) + c)
+        squares += e * e if sample_row[j] else 0.0
+    return squares
+
+
+@njit(cache=True, error_model="numpy")
+def _fit_window(values, background, x0, y0, sx0, sx1, sy0, sy1):
+    """The plane of one window from the sample of a widened span, and the RMS residual about it (divided
+    by n, as libdistl does)."""
+    sums = np.zeros(MOMENTS)
+    for x in range(sx0, sx1 + 1, 2):
+        _add_row_moments(values[x, sy0:sy1 + 1:2], background[x, sy0:sy1 + 1:2], x - x0, sy0 - y0, sums)
+    a, b, c = _plane(sums)
     squares = 0.0
     for x in range(sx0, sx1 + 1, 2):
-        row_plane = abc[0] * (x - x0)
-        value_row, sample_row = values[x, sy0:sy1 + 1:2], background[x, sy0:sy1 + 1:2]
-        for j in range(value_row.size):
-            e = float(value_row[j]) - (row_plane + abc[1] * (sy0 + 2 * j - y0) + abc[2])
-            squares += e * e if sample_row[j] else 0.0
-    return abc[0], abc[1], abc[2], np.sqrt(squares / n), n
+        squares = _add_row_squares(values[x, sy0:sy1 + 1:2], background[x, sy0:sy1 + 1:2], a * (x - x0), b, c,
+                                   sy0 - y0, squares)
+    return a, b, c, np.sqrt(squares / sums[8]), int(sums[8])
 
 
 @njit(cache=True, error_model="numpy")  # numpy semantics for x/0: no per-division check
-def _classify_cycle(values, background, usable, z, local_mean, next_background, threshold, store, mark, sampled_rows,
-                    windows, size_x, size_y, centres, planes, samples):
+def _classify_cycle(values, background, usable, z, next_background, threshold, store, mark, sampled_rows,
+                    windows, size_x, size_y, planes, samples):
     """One cycle over all windows; returns how many windows were done (fewer when one found too little
     background even widened to MAX_WINDOW, libdistl's "cannot distinguish signal/background") and whether
-    any window had to be widened.
+    any window had to be widened.  ``planes`` gets each window's (a, b, c), ``samples`` its sample size.
 
-    ``store`` writes z and the local background; ``mark`` writes the next cycle's background sample
-    (usable and z below ``threshold``, z rounded to float32 first as libdistl stores it), on the rows the
-    next cycle samples (``sampled_rows``) only.
+    Windows come in bands that share their rows; each band is swept row by row across all its windows,
+    since walking a 6M frame window by window (short rows far apart) runs several times slower.
+    ``store`` writes z; ``mark`` writes the next cycle's background sample (usable and z below
+    ``threshold``, z rounded to float32 first as libdistl stores it), on the rows the next cycle samples
+    (``sampled_rows``) only.
     """
     widened = False
-    for i in range(windows.shape[0]):
-        x0, x1, y0, y1 = windows[i, 0], windows[i, 1], windows[i, 2], windows[i, 3]
-        w = x1 - x0 + 1
-        h = y1 - y0 + 1
-        needed = ((w * h * 2) // 3) // 4
-        sx0, sx1, sy0, sy1 = x0, x1, y0, y1
-        while _count_background(background, sx0, sx1, sy0, sy1) < needed:
+    count = windows.shape[0]
+    first = 0
+    while first < count:
+        end = first + 1
+        while end < count and windows[end, 0] == windows[first, 0] and windows[end, 1] == windows[first, 1]:
+            end += 1
+        x0, x1 = windows[first, 0], windows[first, 1]
+        sums = np.zeros((end - first, MOMENTS))
+        for x in range(x0, x1 + 1, 2):
+            for i in range(first, end):
+                y0, y1 = windows[i, 2], windows[i, 3]
+                _add_row_moments(values[x, y0:y1 + 1:2], background[x, y0:y1 + 1:2], x - x0, 0, sums[i - first])
+        stop = end
+        own_sample = np.ones(end - first, dtype=np.bool_)
+        for i in range(first, end):
+            y0, y1 = windows[i, 2], windows[i, 3]
+            needed = (((x1 - x0 + 1) * (y1 - y0 + 1) * 2) // 3) // 4
+            if sums[i - first, 8] >= needed:
+                planes[i, 0], planes[i, 1], planes[i, 2] = _plane(sums[i - first])
+                continue
             widened = True
-            grow = min(sx1 - sx0 + 1, sy1 - sy0 + 1) // 3
-            before = (sx0, sx1, sy0, sy1)
-            sx0, sx1 = _widen_axis(sx0, sx1, grow, size_x)
-            sy0, sy1 = _widen_axis(sy0, sy1, grow, size_y)
-            # libdistl gives up past MAX_WINDOW; on a frame smaller than that, once the window is the whole
-            # frame (or cannot grow), where DISTL itself crashes
-            if sx1 - sx0 + 1 > MAX_WINDOW or sy1 - sy0 + 1 > MAX_WINDOW or (sx0, sx1, sy0, sy1) == before:
-                return i, widened
-        a, b, c, sigma, n = _fit_window(values, background, x0, y0, sx0, sx1, sy0, sy1)
-        scale = sigma if sigma > 0 else np.inf  # z = 0 when sigma is 0, as libdistl has it
+            own_sample[i - first] = False
+            sx0, sx1, sy0, sy1 = x0, x1, y0, y1
+            gave_up = False
+            while _count_background(background, sx0, sx1, sy0, sy1) < needed:
+                grow = min(sx1 - sx0 + 1, sy1 - sy0 + 1) // 3
+                before = (sx0, sx1, sy0, sy1)
+                sx0, sx1 = _widen_axis(sx0, sx1, grow, size_x)
+                sy0, sy1 = _widen_axis(sy0, sy1, grow, size_y)
+                # libdistl gives up past MAX_WINDOW; on a frame smaller than that, once the window is the whole
+                # frame (or cannot grow), where DISTL itself crashes
+                if sx1 - sx0 + 1 > MAX_WINDOW or sy1 - sy0 + 1 > MAX_WINDOW or (sx0, sx1, sy0, sy1) == before:
+                    gave_up = True
+                    break
+            if gave_up:
+                stop = i
+                break
+            a, b, c, sigma, n = _fit_window(values, background, x0, y0, sx0, sx1, sy0, sy1)
+            planes[i, 0], planes[i, 1], planes[i, 2], planes[i, 3] = a, b, c, sigma
+            samples[i] = n
+        squares = np.zeros(end - first)
+        for x in range(x0, x1 + 1, 2):
+            for i in range(first, stop):
+                if own_sample[i - first]:
+                    y0, y1 = windows[i, 2], windows[i, 3]
+                    squares[i - first] = _add_row_squares(values[x, y0:y1 + 1:2], background[x, y0:y1 + 1:2],
+                                                          planes[i, 0] * (x - x0), planes[i, 1], planes[i, 2], 0,
+                                                          squares[i - first])
+        for i in range(first, stop):
+            if own_sample[i - first]:
+                n = sums[i - first, 8]
+                planes[i, 3] = np.sqrt(squares[i - first] / n)
+                samples[i] = int(n)
         for x in range(x0, x1 + 1):
-            row_plane = a * (x - x0)
-            if store:
-                _store_row(values[x, y0:y1 + 1], z[x, y0:y1 + 1], local_mean[x, y0:y1 + 1], row_plane, b, c, scale)
-            if mark and sampled_rows[x]:
-                _mark_row(values[x, y0:y1 + 1], usable[x, y0:y1 + 1], next_background[x, y0:y1 + 1], row_plane, b, c,
-                          scale, threshold)
-        cx = (x0 + x1) // 2
-        cy = (y0 + y1) // 2
-        centres[i, 0] = cx
-        centres[i, 1] = cy
-        planes[i] = a * (cx - x0) + b * (cy - y0) + c
-        samples[i] = n
-    return windows.shape[0], widened
+            for i in range(first, stop):
+                y0, y1 = windows[i, 2], windows[i, 3]
+                a, b, c, sigma = planes[i, 0], planes[i, 1], planes[i, 2], planes[i, 3]
+                scale = sigma if sigma > 0 else np.inf  # z = 0 when sigma is 0, as libdistl has it
+                if store:
+                    _store_row(values[x, y0:y1 + 1], z[x, y0:y1 + 1], a * (x - x0), b, c, scale)
+                if mark and sampled_rows[x]:
+                    _mark_row(values[x, y0:y1 + 1], usable[x, y0:y1 + 1], next_background[x, y0:y1 + 1], a * (x - x0),
+                              b, c, scale, threshold)
+        if stop < end:
+            return stop, widened
+        first = end
+    return count, widened
 
 
 # The row loops are functions of their own: plain loops over 0-based row views, which the compiler
 # vectorises (the same loops written inline in the window loop run several times slower).
 @njit(cache=True, error_model="numpy")
-def _store_row(value_row, z_row, mean_row, row_plane, b, c, scale):
+def _store_row(value_row, z_row, row_plane, b, c, scale):
     for j in range(value_row.size):
-        plane = row_plane + b * j + c
-        mean_row[j] = plane
-        z_row[j] = (value_row[j] - plane) / scale
+        z_row[j] = (value_row[j] - (row_plane + b * j + c)) / scale
 
 
 @njit(cache=True, error_model="numpy")
@@ -305,39 +396,52 @@ def _sampled_rows(windows: list[tuple[int, int, int, int]], size: int) -> np.nda
 
 def _run_cycles(pixels, geometry, settings, underload, cycles, mark_only) -> Classification | None:
     z = np.zeros(pixels.shape, dtype=np.float32)
-    local_mean = np.zeros(pixels.shape, dtype=np.float32)
     threshold = float(settings.signal_height)
-    usable = pixels > underload
-    if not settings.report_overloads:
-        usable &= pixels < geometry.saturation
-    background = usable & (0.0 < threshold)  # z starts at 0 everywhere
-    centres = np.zeros((0, 2), dtype=np.int64)
-    planes = samples = np.zeros(0)
+    usable = _usable(pixels, underload, geometry.saturation, settings.report_overloads)
+    background = usable if 0.0 < threshold else np.zeros_like(usable)  # z starts at 0 everywhere
+    windows = planes = np.zeros((0, 4))
+    samples = np.zeros(0, dtype=np.int64)
+    written = []
     error = None
-    for number, windows in enumerate(cycles):
+    for number, cycle in enumerate(cycles):
         last = number == len(cycles) - 1
-        windows = np.array(windows, dtype=np.int64).reshape(-1, 4)
-        centres = np.zeros((len(windows), 2), dtype=np.int64)
-        planes = np.zeros(len(windows))
+        windows = np.array(cycle, dtype=np.int64).reshape(-1, 4)
+        planes = np.zeros((len(windows), 4))  # a, b, c, sigma
         samples = np.zeros(len(windows), dtype=np.int64)
         mark = mark_only and not last
         next_background = background.copy() if mark else background
         sampled_rows = _sampled_rows(cycles[number + 1], pixels.shape[0]) if mark else np.zeros(0, dtype=np.bool_)
         # the sample is fixed from the previous cycle, so z can be rewritten in place
-        done, widened = _classify_cycle(pixels, background, usable, z, local_mean, next_background, threshold,
-                                        not mark, mark, sampled_rows, windows, pixels.shape[0], pixels.shape[1],
-                                        centres, planes, samples)
+        done, widened = _classify_cycle(pixels, background, usable, z, next_background, threshold, not mark, mark,
+                                        sampled_rows, windows, pixels.shape[0], pixels.shape[1], planes, samples)
         if mark_only and (done < len(windows) or (widened and number > 0)):
             return None
-        if done < len(windows):
+        windows, planes, samples = windows[:done], planes[:done], samples[:done]
+        if not mark:
+            written.append((windows, planes))
+        if done < len(cycle):
             # libdistl stops classifying at that window; the DISTL pipeline prints the message and goes on
             error = "cannot distinguish signal/background"
-            centres, planes, samples = centres[:done], planes[:done], samples[:done]
             break
         if not last:
             background = next_background if mark else usable & (z < np.float64(threshold))
-    return Classification(z=z, local_mean=local_mean, window_centres=centres, window_background=planes,
-                          window_sample=samples, error=error)
+    centres = np.stack([(windows[:, 0] + windows[:, 1]) // 2, (windows[:, 2] + windows[:, 3]) // 2], axis=1)
+    at_centres = planes[:, 0] * (centres[:, 0] - windows[:, 0]) + planes[:, 1] * (centres[:, 1] - windows[:, 2]) \
+        + planes[:, 2]
+    return Classification(z=z, window_centres=centres.astype(np.int64), window_background=at_centres,
+                          window_sample=samples, written=written, error=error)
+
+
+@njit(cache=True)
+def _usable(pixels, underload, saturation, overloads_usable):
+    """Pixels that can be background: not in a gap or bad, and not saturated unless overloads are kept
+    (one pass; the numpy way takes three)."""
+    usable = np.empty(pixels.shape, dtype=np.bool_)
+    for x in range(pixels.shape[0]):
+        for y in range(pixels.shape[1]):
+            v = pixels[x, y]
+            usable[x, y] = (v > underload) & (overloads_usable | (v < saturation))
+    return usable
 
 
 def _coverage(windows: list[tuple[int, int, int, int]]) -> tuple[tuple, tuple]:

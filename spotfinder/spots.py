@@ -230,9 +230,10 @@ def assemble(pixels: np.ndarray, cls: Classification, maxima: Maxima, region: Re
     area = np.bincount(owner, minlength=count)
     starts = np.concatenate(([0], np.cumsum(area))).astype(np.int64)
     nmaxima = np.bincount(owner, weights=maxima.map[bx, by], minlength=count).astype(int)
+    bkg = cls.local_background(bx, by)
     spots = Spots(peak_x=bx[peak], peak_y=by[peak], area=area, nmaxima=nmaxima,
                   intensity=cls.z[bx[peak], by[peak]].astype(np.float32), starts=starts, body_x=bx, body_y=by,
-                  wts=(pixels[bx, by] - cls.local_mean[bx, by]).astype(np.float32), bkg=cls.local_mean[bx, by])
+                  wts=(pixels[bx, by] - bkg).astype(np.float32), bkg=bkg)
     return spots.take(~on_ice) if on_ice.any() else spots
 
 
