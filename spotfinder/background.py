@@ -65,15 +65,13 @@ class Classification:
 def _window_of(windows: np.ndarray, x: np.ndarray, y: np.ndarray) -> np.ndarray:
     """Index of the window holding each pixel, -1 for none (a cycle's windows never overlap, and lie on a
     grid of slow spans by fast spans, some grid cells possibly absent)."""
-    xs, x_of = np.unique(windows[:, :2], axis=0, return_inverse=True)
-    ys, y_of = np.unique(windows[:, 2:], axis=0, return_inverse=True)
-    grid = np.full((len(xs), len(ys)), -1, dtype=np.int64)
-    grid[x_of.ravel(), y_of.ravel()] = np.arange(len(windows))
-    ix = np.searchsorted(xs[:, 0], x, side="right") - 1
-    iy = np.searchsorted(ys[:, 0], y, side="right") - 1
-    inside = (ix >= 0) & (iy >= 0)
-    ix, iy = np.maximum(ix, 0), np.maximum(iy, 0)
-    inside &= (x <= xs[ix, 1]) & (y <= ys[iy, 1])
+    x_starts, x_first, x_of = np.unique(windows[:, 0], return_index=True, return_inverse=True)
+    y_starts, y_first, y_of = np.unique(windows[:, 2], return_index=True, return_inverse=True)
+    grid = np.full((len(x_starts), len(y_starts)), -1, dtype=np.int64)
+    grid[x_of, y_of] = np.arange(len(windows))
+    ix = np.maximum(np.searchsorted(x_starts, x, side="right") - 1, 0)
+    iy = np.maximum(np.searchsorted(y_starts, y, side="right") - 1, 0)
+    inside = (x >= x_starts[ix]) & (x <= windows[x_first[ix], 1]) & (y >= y_starts[iy]) & (y <= windows[y_first[iy], 3])
     return np.where(inside, grid[ix, iy], -1)
 
 

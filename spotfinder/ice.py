@@ -40,7 +40,7 @@ def pixel_rings(z: np.ndarray, geometry: Geometry, region: Region) -> list[Pixel
     if last < first:
         return []
     counts = _ring_counts(z, region.x0, region.x1, region.y0, region.y1, bx, by, first, last,
-                          MEDIAN_Z_MIN, UPPER_Z_MIN)
+                          MEDIAN_Z_MIN, UPPER_Z_MIN).tolist()  # Python ints: hundreds of rings
     rings: list[PixelRing] = []
     previous_iced = False
     for ring in range(first, last + 1):
@@ -66,20 +66,116 @@ def _ring_counts(z, x0, x1, y0, y1, bx, by, first, last, low, high):
 
     The sorted z at index k is >= t exactly when at most k values are below t, so the ice test needs
     these counts only: one pass over the frame, no sort.
+
+    A pixel's annulus int(sqrt(r2) / RING_WIDTH) is computed in doubles from the integer r2 = dx^2 + dy^2
+    (the beam is on a pixel): r2 is exact, the division by the power of two RING_WIDTH is exact and the
+    truncation a floor, so by ``_floor_sqrt`` the annulus is >= m exactly when r2 >= (RING_WIDTH * m)^2.
+    Along a row r2 grows with |y - by|, so the pixels inside circle m form one interval around by, found
+    with an integer square root, and annulus k is the pixels inside circle k + 1 less those inside
+    circle k: two runs.  Adding every pixel into counts[its annulus] neither vectorises nor pipelines,
+    and a loop per run mispredicts its exit once a run (runs are ~6 pixels on a 6M frame).  So each row's
+    ``z < low`` and ``z < high`` are packed into bit words once (a vectorised loop), and the count of an
+    interval is two lookups in their running popcounts.  Everything past the sqrt is integer arithmetic:
+    the counts are exactly those of the per-pixel loop.
     """
-    rings = last - first + 1
-    counts = np.zeros((rings + 2, 3), dtype=np.int64)  # rows 0 and rings + 1 collect what lies outside
+    rings = max(last - first + 1, 0)
+    counts = np.zeros((3, rings), dtype=np.int64)  # pixels, below low, below high
+    if rings == 0 or x1 < x0 or y1 < y0:
+        return counts.T.copy()
+    n = y1 - y0 + 1
+    near = 0 if y0 <= by <= y1 else min(abs(y0 - by), abs(y1 - by))  # least and greatest |y - by| in a row
+    far = max(abs(y0 - by), abs(y1 - by))
+    words_low = np.zeros(n // 64 + 1, dtype=np.uint64)  # bit j of word i: row[64 i + j] < low
+    words_high = np.zeros(n // 64 + 1, dtype=np.uint64)
+    before_low = np.zeros(n // 64 + 1, dtype=np.int64)  # set bits in the words before word i
+    before_high = np.zeros(n // 64 + 1, dtype=np.int64)
+    # per circle of the row: its pixels inside are y0 + [left, right); how many of them lie below low, high
+    left = np.empty(rings + 1, dtype=np.int64)
+    right = np.empty(rings + 1, dtype=np.int64)
+    inside_low = np.empty(rings + 1, dtype=np.int64)
+    inside_high = np.empty(rings + 1, dtype=np.int64)
     for x in range(x0, x1 + 1):
-        dx2 = float(x - bx) ** 2
-        z_row = z[x]
-        for y in range(y0, y1 + 1):
-            k = int(np.sqrt(dx2 + float(y - by) ** 2) / RING_WIDTH) - first
-            k = min(max(k, -1), rings) + 1  # branch-free: the loop vectorises
-            v = z_row[y]
-            counts[k, 0] += 1
-            counts[k, 1] += v < low
-            counts[k, 2] += v < high
-    return counts[1:rings + 1]
+        dx2 = (x - bx) * (x - bx)
+        k_lo = max(first, _floor_sqrt(dx2 + near * near) // RING_WIDTH)  # the annuli this row meets
+        k_hi = min(last, _floor_sqrt(dx2 + far * far) // RING_WIDTH)
+        if k_lo > k_hi:
+            continue
+        circles = k_hi - k_lo + 2
+        for j in range(circles):
+            # inside circle k_lo + j, radius R: |y - by| < a, the least a >= 0 with dx2 + a^2 >= R^2
+            radius = RING_WIDTH * (k_lo + j)
+            v = radius * radius - dx2
+            a = _floor_sqrt(max(v, 0))
+            a += a * a < v
+            left[j] = min(max(by + 1 - max(a, 1) - y0, 0), n)  # by - a < y < by + a, none when a = 0
+            right[j] = min(max(by + a - y0, 0), n)
+        _pack_row(z[x, y0:y1 + 1], low, high, words_low, before_low, words_high, before_high)
+        for j in range(circles):
+            inside_low[j] = _bits_below(words_low, before_low, right[j]) - \
+                _bits_below(words_low, before_low, left[j])
+            inside_high[j] = _bits_below(words_high, before_high, right[j]) - \
+                _bits_below(words_high, before_high, left[j])
+        for j in range(circles - 1):  # annulus k_lo + j: inside circle j + 1, not inside circle j
+            k = k_lo - first + j
+            counts[0, k] += (right[j + 1] - left[j + 1]) - (right[j] - left[j])
+            counts[1, k] += inside_low[j + 1] - inside_low[j]
+            counts[2, k] += inside_high[j + 1] - inside_high[j]
+    return counts.T.copy()
+
+
+@njit(cache=True)
+def _floor_sqrt(v):
+    """The largest a with a * a <= v, for an integer 0 <= v < 2^52 (radii below 2^26 pixels).
+
+    For such v and an integer N >= 0 the correctly rounded double sqrt(v) is >= N exactly when v >= N^2:
+    if v >= N^2, sqrt(v) >= N and rounding keeps it there; if v <= N^2 - 1, sqrt(v) < N - 1/(2N), and
+    with N^2 < 2^52 that is more than half a double's spacing below N, so it cannot round up to N (with
+    N^2 >= 2^52 > v, sqrt(v) rounds to below 2^26 <= N).  Truncating it therefore gives the floor.
+    """
+    return int(np.sqrt(float(v)))
+
+
+@njit(cache=True)
+def _pack_row(row, low, high, words_low, before_low, words_high, before_high):
+    """Pack a row's ``z < low`` and ``z < high`` (float32 against double, as before) into bit words, bit j
+    of word i for row[64 i + j], with the number of set bits before each word; one word more than the
+    row fills, so that a position at the row's end can be looked up."""
+    total_low = total_high = 0
+    for i in range(words_low.size):
+        chunk = row[64 * i:min(64 * i + 64, row.size)]
+        if chunk.size == 64:  # a literal trip count: LLVM unrolls and vectorises it
+            w_low, w_high = _pack_chunk(chunk, 64, low), _pack_chunk(chunk, 64, high)
+        else:
+            w_low, w_high = _pack_chunk(chunk, chunk.size, low), _pack_chunk(chunk, chunk.size, high)
+        words_low[i], words_high[i] = w_low, w_high
+        before_low[i], before_high[i] = total_low, total_high
+        total_low += _popcount(w_low)
+        total_high += _popcount(w_high)
+
+
+@njit(cache=True)
+def _pack_chunk(values, size, t):
+    """Bit j set where values[j] < t, for j < size <= 64."""
+    w = np.uint64(0)
+    for j in range(size):
+        w |= np.uint64(values[j] < t) << np.uint64(j)
+    return w
+
+
+@njit(cache=True)
+def _bits_below(words, before, pos):
+    """How many bits are set before bit ``pos`` (0 <= pos <= row size) of the packed row."""
+    i = pos >> 6
+    return before[i] + _popcount(words[i] & ((np.uint64(1) << np.uint64(pos & 63)) - np.uint64(1)))
+
+
+@njit(cache=True)
+def _popcount(w):
+    """Set bits of a uint64 (LLVM turns this into one popcnt instruction)."""
+    w = w - ((w >> np.uint64(1)) & np.uint64(0x5555555555555555))
+    w = (w & np.uint64(0x3333333333333333)) + ((w >> np.uint64(2)) & np.uint64(0x3333333333333333))
+    w = (w + (w >> np.uint64(4))) & np.uint64(0x0F0F0F0F0F0F0F0F)
+    return np.int64((w * np.uint64(0x0101010101010101)) >> np.uint64(56))
 
 
 def _radius_px(geometry: Geometry, d: float) -> float:

@@ -231,7 +231,7 @@ def decode_pixels(data: bytes, section: BinarySection, shape: tuple[int, int]) -
     """The int32 pixels of a byte-offset binary section, checked against its Content-MD5."""
     if not section.complete:
         raise FrameError("truncated: binary section shorter than X-Binary-Size")
-    stream = data[section.start:section.start + section.size]
+    stream = memoryview(data)[section.start:section.start + section.size]  # a view: no copy of 6 MB
     if section.md5 is not None and base64.b64encode(hashlib.md5(stream).digest()) != section.md5:
         raise FrameError("corrupt binary section: Content-MD5 does not match")
     if not section.byte_offset:

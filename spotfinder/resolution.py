@@ -60,6 +60,9 @@ class _Edge:
         foot = -(self.right[0] * self.unit[0] + self.right[1] * self.unit[1])
         self.ortho = (self.right[0] + foot * self.unit[0], self.right[1] + foot * self.unit[1])
         self.handedness = _cross(self.right, self.left)
+        # the parts that do not depend on the circle: a coverage table asks for hundreds of circles
+        self.whole = self._angle(self.right, self.left)
+        self.ortho_length = math.hypot(*self.ortho)
 
     def _angle(self, a: tuple[float, float], b: tuple[float, float]) -> float:
         """Angle from a to b, signed by the edge's handedness."""
@@ -71,8 +74,7 @@ class _Edge:
         return angle if self.handedness * _cross(a, b) >= 0.0 else -angle
 
     def __call__(self, radius: float) -> float:
-        whole = self._angle(self.right, self.left)
-        ortho = math.hypot(*self.ortho)
+        whole, ortho = self.whole, self.ortho_length
         if radius <= ortho:
             return whole
         eta = math.sqrt(radius * radius - ortho * ortho)
