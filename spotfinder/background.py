@@ -373,21 +373,22 @@ def classify(pixels: np.ndarray, geometry: Geometry, settings: Settings, region:
     cycles = [scanbox_windows(geometry, region, box) for box in settings.scanbox_windows]
     if settings.res_outer is not None:
         cycles = [[w for w in windows if _window_reaches(geometry, w, settings.res_outer)] for windows in cycles]
+    cycles = [np.array(windows, dtype=np.int64).reshape(-1, 4) for windows in cycles]
     # When every cycle covers the same pixels, the last one rewrites all z-scores, so the earlier ones
     # only need to mark the next cycle's background sample, on the rows it samples: a byte on half the
     # pixels instead of two floats on all.  That holds unless a later window must be widened (its wider
     # sample reads other rows) or a cycle stops early; then everything is classified the long way.
-    if all(_coverage(w) == _coverage(cycles[0]) for w in cycles):
+    if _same_coverage(cycles):
         result = _run_cycles(pixels, geometry, settings, underload, cycles, mark_only=True)
         if result is not None:
             return result
     return _run_cycles(pixels, geometry, settings, underload, cycles, mark_only=False)
 
 
-def _sampled_rows(windows: list[tuple[int, int, int, int]], size: int) -> np.ndarray:
+def _sampled_rows(windows: np.ndarray, size: int) -> np.ndarray:
     """The rows a cycle's windows take their stride-2 background samples from."""
     rows = np.zeros(size, dtype=np.bool_)
-    for x0, x1 in {(w[0], w[1]) for w in windows}:
+    for x0, x1 in np.unique(windows[:, :2], axis=0):
         rows[x0:x1 + 1:2] = True
     return rows
 
@@ -397,13 +398,10 @@ def _run_cycles(pixels, geometry, settings, underload, cycles, mark_only) -> Cla
     threshold = float(settings.signal_height)
     usable = _usable(pixels, underload, geometry.saturation, settings.report_overloads)
     background = usable if 0.0 < threshold else np.zeros_like(usable)  # z starts at 0 everywhere
-    windows = planes = np.zeros((0, 4))
-    samples = np.zeros(0, dtype=np.int64)
     written = []
     error = None
-    for number, cycle in enumerate(cycles):
+    for number, windows in enumerate(cycles):
         last = number == len(cycles) - 1
-        windows = np.array(cycle, dtype=np.int64).reshape(-1, 4)
         planes = np.zeros((len(windows), 4))  # a, b, c, sigma
         samples = np.zeros(len(windows), dtype=np.int64)
         mark = mark_only and not last
@@ -414,12 +412,12 @@ def _run_cycles(pixels, geometry, settings, underload, cycles, mark_only) -> Cla
                                         sampled_rows, windows, pixels.shape[0], pixels.shape[1], planes, samples)
         if mark_only and (done < len(windows) or (widened and number > 0)):
             return None
-        windows, planes, samples = windows[:done], planes[:done], samples[:done]
         if not mark:
-            written.append((windows, planes))
-        if done < len(cycle):
+            written.append((windows[:done], planes[:done]))
+        if done < len(windows):
             # libdistl stops classifying at that window; the DISTL pipeline prints the message and goes on
             error = "cannot distinguish signal/background"
+            windows, planes, samples = windows[:done], planes[:done], samples[:done]
             break
         if not last:
             background = next_background if mark else usable & (z < np.float64(threshold))
@@ -442,19 +440,25 @@ def _usable(pixels, underload, saturation, overloads_usable):
     return usable
 
 
-def _coverage(windows: list[tuple[int, int, int, int]]) -> tuple[tuple, tuple]:
-    """The slow and fast pixel ranges a cycle's windows cover, as merged intervals."""
+def _same_coverage(cycles: list[np.ndarray]) -> bool:
+    """Whether every cycle's windows cover exactly the same pixels.
 
-    def merged(spans):
-        out: list[list[int]] = []
-        for lo, hi in sorted(set(spans)):
-            if out and lo <= out[-1][1] + 1:
-                out[-1][1] = max(out[-1][1], hi)
-            else:
-                out.append([lo, hi])
-        return tuple(map(tuple, out))
-
-    return merged((w[0], w[1]) for w in windows), merged((w[2], w[3]) for w in windows)
+    Compared on the grid cut by every window edge of every cycle: a window covers whole cells of it, so
+    equal cell masks mean equal pixel sets.  (The spans along each axis alone are not enough: with
+    ``res.outer`` a coarse window can be kept while a fine one inside it is dropped.)
+    """
+    xs = np.unique(np.concatenate([np.concatenate((w[:, 0], w[:, 1] + 1)) for w in cycles]))
+    ys = np.unique(np.concatenate([np.concatenate((w[:, 2], w[:, 3] + 1)) for w in cycles]))
+    masks = []
+    for w in cycles:
+        # each window adds 1 to its cells: +1/-1 at its corners of a difference grid, then two running sums
+        i0, i1 = np.searchsorted(xs, w[:, 0]), np.searchsorted(xs, w[:, 1] + 1)
+        j0, j1 = np.searchsorted(ys, w[:, 2]), np.searchsorted(ys, w[:, 3] + 1)
+        grid = np.zeros((len(xs) + 1, len(ys) + 1), dtype=np.int64)
+        for i, j, sign in ((i0, j0, 1), (i0, j1, -1), (i1, j0, -1), (i1, j1, 1)):
+            np.add.at(grid, (i, j), sign)
+        masks.append(grid.cumsum(axis=0).cumsum(axis=1) > 0)
+    return all(np.array_equal(masks[0], m) for m in masks[1:])
 
 
 def _window_reaches(geometry: Geometry, window: tuple[int, int, int, int], res_outer: float) -> bool:

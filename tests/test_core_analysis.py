@@ -126,7 +126,7 @@ def test_short_classification_path_equals_the_long_one(simulated):
     g = frame.geometry
     settings = effective_settings(Params(), g.family)
     region = background.Region.of(g, settings.margin)
-    cycles = [background.scanbox_windows(g, region, box) for box in settings.scanbox_windows]
+    cycles = [np.array(background.scanbox_windows(g, region, box)) for box in settings.scanbox_windows]
     dead = frame.pixels.copy()
     dead[100:180, 100:400] = -2  # a dead patch: windows over it find too little background
     for pixels in (frame.pixels, dead):
@@ -177,3 +177,35 @@ def test_integer_beam_rounds_the_beam_distl_hands_to_libdistl():
     g = Geometry(wavelength=1.0, distance=150.0, pixel_size=pixel, beam_x=309.5 * pixel, beam_y=243.5 * pixel,
                  saturation=65535, twotheta=0.0, size_slow=619, size_fast=487, vendortype="Pilatus-300K")
     assert integer_beam(g) == (310, 243)  # 41.882 / 0.17200000000000001 = 243.49999999999997
+
+
+def test_coverage_compares_pixels_not_spans():
+    """A coarse window kept where a finer one inside it is dropped (res.outer) covers other pixels, although
+    the spans along each axis agree: the short path must not be taken."""
+    import numpy as np
+
+    from spotfinder.background import _same_coverage
+
+    coarse = np.array([[0, 9, 0, 9]])
+    fine = np.array([[0, 4, 0, 9], [5, 9, 0, 4], [5, 9, 5, 9]])
+    assert _same_coverage([coarse, fine, fine])
+    assert not _same_coverage([coarse, fine[:2], fine[:2]])
+    assert not _same_coverage([fine, fine, fine[:2]])
+
+
+def test_res_outer_classification_equals_the_long_way(real_frames):
+    """distl.res.outer=1.5 on a thaumatin frame drops fine windows inside kept coarse ones."""
+    import numpy as np
+
+    from spotfinder import analysis, background
+    from spotfinder.params import effective_settings, parse_words
+
+    frame = read_frame(str(real_frames["thau_3_2_0005.cbf"]))
+    g = frame.geometry
+    settings = effective_settings(parse_words(["distl.res.outer=1.5"]), g.family)
+    region = background.Region.of(g, settings.margin)
+    cycles = [np.array([w for w in background.scanbox_windows(g, region, box)
+                        if background._window_reaches(g, w, settings.res_outer)]) for box in settings.scanbox_windows]
+    quick = background.classify(frame.pixels, g, settings, region, analysis.UNDERLOAD)
+    full = background._run_cycles(frame.pixels, g, settings, analysis.UNDERLOAD, cycles, mark_only=False)
+    assert np.array_equal(quick.z, full.z)
