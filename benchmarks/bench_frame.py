@@ -27,7 +27,9 @@ def ours(frames: list[Path], words: list[str], repeat: int) -> dict:
     code = r"""
 import json, resource, statistics, sys, time
 from spotfinder import analyse, parse_words
+from spotfinder.analysis import retain_freed_memory
 frames, words, repeat = json.loads(sys.argv[1])
+retain_freed_memory()  # as a worker runs
 params = parse_words(words)
 analyse(frames[0], params)  # warm-up: imports, caches
 per_frame = {}
@@ -50,6 +52,7 @@ def stage_profile(path: Path, words: list[str]) -> dict[str, float]:
     from spotfinder.params import effective_settings, parse_words
 
     params = parse_words(words)
+    analysis.retain_freed_memory()
     timings: dict[str, list[float]] = {}
 
     def clock(name, fn, *args):

@@ -7,6 +7,7 @@ import os
 import sys
 
 from spotfinder import ParameterError, Params, analyse, parse_words
+from spotfinder.analysis import retain_freed_memory
 from spotfinder.params import listing
 from spotfinder.report import BANNER, format_body
 
@@ -114,6 +115,7 @@ def find(args: argparse.Namespace) -> int:
     if not args.json:
         print(" ".join(head % title for (_, head, _), title in zip(TABLE_FIELDS, TABLE_HEADINGS)))
     failed = 0
+    retain_freed_memory()
     for path in frames:
         record = analyse(path, params).as_dict()
         failed += record["status"] != "ok"

@@ -24,7 +24,7 @@ import time
 import zmq
 
 from spotfinder import Params, Result, analyse
-from spotfinder.analysis import warm_up
+from spotfinder.analysis import retain_freed_memory, warm_up
 from spotfinder.report import format_body, format_post
 
 from .logs import setup_logging
@@ -113,6 +113,7 @@ class Worker:
         pull.setsockopt(zmq.LINGER, 0)
         pull.connect(self.work_endpoint)
         results = self._results_socket()
+        retain_freed_memory()
         try:  # compile the kernels before saying ready, so no query waits for the first frame's compilation
             log.debug("kernels ready in %.2f s", warm_up())
         except Exception as exc:

@@ -1,6 +1,8 @@
 """The single entry point: one frame in, one Result out (never an exception for a bad frame)."""
 from __future__ import annotations
 
+import ctypes
+import platform
 import time
 from dataclasses import replace
 
@@ -202,6 +204,21 @@ def _bin_tables(frame, found, shape, chain, g, coverage, cls, params) -> list:
                    "Fract": fract, "PxlBkgrd": pxl, "MnWndwSz": wsz, **cols}
         tables.append(report.BinTable(message=message % frame.path, columns=columns, legend=not tables))
     return tables
+
+
+def retain_freed_memory() -> bool:
+    """Keep the memory one frame's arrays free for the next frame, in a process that analyses many (glibc).
+
+    A 6M frame allocates about 100 MB of arrays.  By default glibc returns blocks that large to the kernel
+    when they are freed, and the kernel has to fault them in and zero them again for the next frame: about
+    8 ms a frame.  Served from a heap that is not trimmed below 256 MB, they are reused as they are; the
+    resident size stays that of one frame's peak.  Returns whether the allocator took the settings.
+    """
+    if platform.libc_ver()[0] != "glibc":
+        return False
+    libc = ctypes.CDLL("libc.so.6")
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    return bool(libc.mallopt(m_mmap_threshold, 32 << 20)) and bool(libc.mallopt(m_trim_threshold, 256 << 20))
 
 
 def warm_up() -> float:
