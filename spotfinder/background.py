@@ -379,10 +379,10 @@ def classify(pixels: np.ndarray, geometry: Geometry, settings: Settings, region:
     # pixels instead of two floats on all.  That holds unless a later window must be widened (its wider
     # sample reads other rows) or a cycle stops early; then everything is classified the long way.
     if _same_coverage(cycles):
-        result = _run_cycles(pixels, geometry, settings, underload, cycles, mark_only=True)
+        result = _run_short(pixels, geometry, settings, underload, cycles)
         if result is not None:
             return result
-    return _run_cycles(pixels, geometry, settings, underload, cycles, mark_only=False)
+    return _run_long(pixels, geometry, settings, underload, cycles)
 
 
 def _sampled_rows(windows: np.ndarray, size: int) -> np.ndarray:
@@ -393,7 +393,29 @@ def _sampled_rows(windows: np.ndarray, size: int) -> np.ndarray:
     return rows
 
 
-def _run_cycles(pixels, geometry, settings, underload, cycles, mark_only) -> Classification | None:
+def _run_short(pixels, geometry, settings, underload, cycles) -> Classification | None:
+    """Cycles before the last only mark the next one's sample; None when that does not hold (a window
+    widened after the first cycle, or a cycle stopped early)."""
+    threshold = float(settings.signal_height)
+    usable = _usable(pixels, underload, geometry.saturation, settings.report_overloads)
+    # the sample of each cycle; the marks cover every position the next cycle reads, so no copy is needed
+    sample = [usable if 0.0 < threshold else np.zeros_like(usable)] + [np.zeros_like(usable) for _ in cycles[1:]]
+    z = np.zeros(pixels.shape, dtype=np.float32)
+    last = len(cycles) - 1
+    for k, windows in enumerate(cycles):
+        planes = np.zeros((len(windows), 4))  # a, b, c, sigma
+        counts = np.zeros(len(windows), dtype=np.int64)
+        sampled_rows = _sampled_rows(cycles[k + 1], pixels.shape[0]) if k < last else np.zeros(0, dtype=np.bool_)
+        done, widened = _classify_cycle(pixels, sample[k], usable, z, sample[min(k + 1, last)], threshold, k == last,
+                                        k < last, sampled_rows, windows, pixels.shape[0], pixels.shape[1], planes,
+                                        counts)
+        if done < len(windows) or (widened and k > 0):
+            return None
+    return _classification(z, windows, planes, counts, [(windows, planes)], None)
+
+
+def _run_long(pixels, geometry, settings, underload, cycles) -> Classification:
+    """Every cycle writes z for all its windows and the next one's sample is taken from it, as libdistl does."""
     z = np.zeros(pixels.shape, dtype=np.float32)
     threshold = float(settings.signal_height)
     usable = _usable(pixels, underload, geometry.saturation, settings.report_overloads)
@@ -401,31 +423,30 @@ def _run_cycles(pixels, geometry, settings, underload, cycles, mark_only) -> Cla
     written = []
     error = None
     for number, windows in enumerate(cycles):
-        last = number == len(cycles) - 1
         planes = np.zeros((len(windows), 4))  # a, b, c, sigma
-        samples = np.zeros(len(windows), dtype=np.int64)
-        mark = mark_only and not last
-        next_background = background.copy() if mark else background
-        sampled_rows = _sampled_rows(cycles[number + 1], pixels.shape[0]) if mark else np.zeros(0, dtype=np.bool_)
+        counts = np.zeros(len(windows), dtype=np.int64)
         # the sample is fixed from the previous cycle, so z can be rewritten in place
-        done, widened = _classify_cycle(pixels, background, usable, z, next_background, threshold, not mark, mark,
-                                        sampled_rows, windows, pixels.shape[0], pixels.shape[1], planes, samples)
-        if mark_only and (done < len(windows) or (widened and number > 0)):
-            return None
-        if not mark:
-            written.append((windows[:done], planes[:done]))
+        done, _ = _classify_cycle(pixels, background, usable, z, background, threshold, True, False,
+                                  np.zeros(0, dtype=np.bool_), windows, pixels.shape[0], pixels.shape[1], planes,
+                                  counts)
+        written.append((windows[:done], planes[:done]))
         if done < len(windows):
             # libdistl stops classifying at that window; the DISTL pipeline prints the message and goes on
             error = "cannot distinguish signal/background"
-            windows, planes, samples = windows[:done], planes[:done], samples[:done]
+            windows, planes, counts = windows[:done], planes[:done], counts[:done]
             break
-        if not last:
-            background = next_background if mark else usable & (z < np.float64(threshold))
+        if number < len(cycles) - 1:
+            background = usable & (z < np.float64(threshold))
+    return _classification(z, windows, planes, counts, written, error)
+
+
+def _classification(z, windows, planes, counts, written, error) -> Classification:
+    """The result, with the background plane at each window's centre for the resolution tables."""
     centres = np.stack([(windows[:, 0] + windows[:, 1]) // 2, (windows[:, 2] + windows[:, 3]) // 2], axis=1)
     at_centres = planes[:, 0] * (centres[:, 0] - windows[:, 0]) + planes[:, 1] * (centres[:, 1] - windows[:, 2]) \
         + planes[:, 2]
     return Classification(z=z, window_centres=centres.astype(np.int64), window_background=at_centres,
-                          window_sample=samples, written=written, error=error)
+                          window_sample=counts, written=written, error=error)
 
 
 @njit(cache=True)

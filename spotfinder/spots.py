@@ -104,8 +104,9 @@ def local_maxima(pixels: np.ndarray, z: np.ndarray, region: Region, settings: Se
 @njit(cache=True)
 def _maxima(pixels, z, found, x0, x1, y0, y1, h, underload, saturation, needed):
     """Each row is first flagged branch-free (strong or saturated, which the compiler vectorises), then
-    only the few flagged pixels get the full test.  Also counts the flagged pixels: a bound on how many
-    pixels spot growth can collect."""
+    only the few flagged pixels get the full test, itself branch-free (a flagged pixel's neighbours are
+    as likely brighter as not, so branches on them mispredict).  Also counts the flagged pixels: a bound on
+    how many pixels spot growth can collect."""
     # room for every pixel: untouched pages of np.empty cost nothing, and fixed arrays keep the loop fast
     xs = np.empty((x1 - x0 + 1) * (y1 - y0 + 1), dtype=np.int64)
     ys = np.empty_like(xs)
@@ -114,33 +115,32 @@ def _maxima(pixels, z, found, x0, x1, y0, y1, h, underload, saturation, needed):
     flagged = 0
     for x in range(x0, x1 + 1):
         z_row, value_row = z[x, y0:y1 + 1], pixels[x, y0:y1 + 1]
-        for j in range(flags.size):
-            flags[j] = (z_row[j] > h) | (value_row[j] >= saturation)
+        _flag_row(z_row, value_row, flags, h, saturation)
         for j in range(flags.size):
             if not flags[j]:
                 continue
             flagged += 1
             y = y0 + j
             value = value_row[j]
-            if value < saturation:
-                if not (z_row[j] > h and value > underload):
-                    continue
-                strong = 0
-                brightest = True
-                for dx in range(-1, 2):
-                    for dy in range(-1, 2):
-                        if dx == 0 and dy == 0:
-                            continue
-                        if pixels[x + dx, y + dy] > value:
-                            brightest = False
-                        if z[x + dx, y + dy] > h:
-                            strong += 1
-                if not (brightest and strong > needed):
-                    continue
-            found[x, y] = True
+            brighter = 0
+            strong = 0
+            for dx in range(-1, 2):
+                for dy in range(-1, 2):
+                    if dx != 0 or dy != 0:
+                        brighter += pixels[x + dx, y + dy] > value
+                        strong += z[x + dx, y + dy] > h
+            maximum = (value >= saturation) | ((z_row[j] > h) & (value > underload) & (brighter == 0)
+                                               & (strong > needed))
+            found[x, y] = maximum
             xs[n], ys[n] = x, y
-            n += 1
+            n += maximum
     return xs[:n].copy(), ys[:n].copy(), flagged
+
+
+@njit(cache=True)
+def _flag_row(z_row, value_row, flags, h, saturation):
+    for j in range(flags.size):
+        flags[j] = (z_row[j] > h) | (value_row[j] >= saturation)
 
 
 # libdistl's flood-fill neighbour order (fast offset 1, 0, -1; within each, slow offset 1, 0, -1).  It

@@ -131,12 +131,12 @@ def test_short_classification_path_equals_the_long_one(simulated):
     dead[100:180, 100:400] = -2  # a dead patch: windows over it find too little background
     for pixels in (frame.pixels, dead):
         quick = background.classify(pixels, g, settings, region, analysis.UNDERLOAD)
-        full = background._run_cycles(pixels, g, settings, analysis.UNDERLOAD, cycles, mark_only=False)
+        full = background._run_long(pixels, g, settings, analysis.UNDERLOAD, cycles)
         assert np.array_equal(quick.z, full.z)
         xs, ys = np.nonzero(full.z)
         assert np.array_equal(quick.local_background(xs, ys), full.local_background(xs, ys))
         assert np.array_equal(quick.window_sample, full.window_sample)
-    assert background._run_cycles(dead, g, settings, analysis.UNDERLOAD, cycles, mark_only=True) is None
+    assert background._run_short(dead, g, settings, analysis.UNDERLOAD, cycles) is None
 
 
 def test_detector_coverage_of_resolution_circles():
@@ -207,5 +207,5 @@ def test_res_outer_classification_equals_the_long_way(real_frames):
     cycles = [np.array([w for w in background.scanbox_windows(g, region, box)
                         if background._window_reaches(g, w, settings.res_outer)]) for box in settings.scanbox_windows]
     quick = background.classify(frame.pixels, g, settings, region, analysis.UNDERLOAD)
-    full = background._run_cycles(frame.pixels, g, settings, analysis.UNDERLOAD, cycles, mark_only=False)
+    full = background._run_long(frame.pixels, g, settings, analysis.UNDERLOAD, cycles)
     assert np.array_equal(quick.z, full.z)
