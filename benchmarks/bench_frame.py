@@ -47,12 +47,13 @@ print(json.dumps({"seconds": per_frame, "maxrss_kb": resource.getrusage(resource
 
 
 def stage_profile(path: Path, words: list[str]) -> dict[str, float]:
-    """ms per pipeline stage on one frame (median of 3), for the performance table."""
+    """ms per pipeline stage on one frame (median of 5, kernels compiled first), for the performance table."""
     from spotfinder import analysis, background, heuristics, ice, read_frame, resolution, spots
     from spotfinder.params import effective_settings, parse_words
 
     params = parse_words(words)
     analysis.retain_freed_memory()
+    analysis.warm_up()
     timings: dict[str, list[float]] = {}
 
     def clock(name, fn, *args):
@@ -61,7 +62,7 @@ def stage_profile(path: Path, words: list[str]) -> dict[str, float]:
         timings.setdefault(name, []).append((time.perf_counter() - t) * 1000)
         return value
 
-    for _ in range(3):
+    for _ in range(5):
         frame = clock("decode", read_frame, str(path))
         g = frame.geometry
         s = effective_settings(params, g.family)
@@ -115,7 +116,7 @@ def main(argv=None) -> int:
         print(", DISTL %.0f MB" % (theirs["maxrss_kb"] / 1024) if theirs else "")
         if args.stages:
             print()
-            print("stage ms (median of 3, %s):" % frames[0].name)
+            print("stage ms (median of 5, %s):" % frames[0].name)
             for name, ms in stage_profile(frames[0], words).items():
                 print("  %-12s %8.1f" % (name, ms))
     return 0

@@ -116,17 +116,24 @@ class Pipeline:
         cpu_before = {pid: cpu_seconds(pid) for pid in [self.process.pid, *workers]}
         reaped_before = resource.getrusage(resource.RUSAGE_CHILDREN)
         started = time.monotonic()
-        replay = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env=self.env)
+        log = tempfile.TemporaryFile("w+")  # not a pipe: read only at the end, a long run would fill it
+        replay = subprocess.Popen(command, stdout=log, text=True, env=self.env)
         arrived: dict[str, tuple[float, dict]] = {}
         deadline = time.monotonic() + 120 + count * 5
+        quiet_since = time.monotonic()
         while len(arrived) < count and time.monotonic() < deadline:
+            if replay.poll() is not None and time.monotonic() - quiet_since > 30:
+                break  # the replay is over and nothing arrived for 30 s: report what is missing
             if self.sub.poll(200):
+                quiet_since = time.monotonic()
                 _topic, body = self.sub.recv_multipart()
                 message = json.loads(body)
                 arrived[message["file"]] = (time.time(), message)
                 os.unlink(message["file"])  # a rolling buffer, as at a beamline: see the module's note
-        written = {record["file"]: record["t_complete"]
-                   for record in map(json.loads, replay.communicate()[0].splitlines())}
+        replay.wait()
+        log.seek(0)
+        written = {record["file"]: record["t_complete"] for record in map(json.loads, log)}
+        log.close()
         wall = time.monotonic() - started
         cpu = {pid: cpu_seconds(pid) - before for pid, before in cpu_before.items()}
         reaped = resource.getrusage(resource.RUSAGE_CHILDREN)  # the replay process, now finished

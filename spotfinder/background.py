@@ -53,7 +53,9 @@ class Classification:
         out = np.zeros(x.shape, dtype=np.float32)
         todo = np.ones(x.shape, dtype=bool)
         for windows, planes in reversed(self.written):
-            w = _window_of(windows, x, y)
+            band_of_row, window_at = _window_map(windows, self.z.shape[0], self.z.shape[1])
+            band = band_of_row[x]
+            w = np.where(band >= 0, window_at[np.maximum(band, 0), y], -1)
             hit = todo & (w >= 0)
             w = w[hit]
             a, b, c = planes[w, 0], planes[w, 1], planes[w, 2]
@@ -62,17 +64,24 @@ class Classification:
         return out
 
 
-def _window_of(windows: np.ndarray, x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """Index of the window holding each pixel, -1 for none (a cycle's windows never overlap, and lie on a
-    grid of slow spans by fast spans, some grid cells possibly absent)."""
-    x_starts, x_first, x_of = np.unique(windows[:, 0], return_index=True, return_inverse=True)
-    y_starts, y_first, y_of = np.unique(windows[:, 2], return_index=True, return_inverse=True)
-    grid = np.full((len(x_starts), len(y_starts)), -1, dtype=np.int64)
-    grid[x_of, y_of] = np.arange(len(windows))
-    ix = np.maximum(np.searchsorted(x_starts, x, side="right") - 1, 0)
-    iy = np.maximum(np.searchsorted(y_starts, y, side="right") - 1, 0)
-    inside = (x >= x_starts[ix]) & (x <= windows[x_first[ix], 1]) & (y >= y_starts[iy]) & (y <= windows[y_first[iy], 3])
-    return np.where(inside, grid[ix, iy], -1)
+@njit(cache=True)
+def _window_map(windows, size_x, size_y):
+    """Which window holds each pixel: the band (windows sharing their rows; bands never share a row) of
+    each row, and the window at each column of each band, -1 for none."""
+    band_of_row = np.full(size_x, -1, dtype=np.int64)
+    bands = 0
+    for i in range(windows.shape[0]):
+        if i == 0 or windows[i, 0] != windows[i - 1, 0] or windows[i, 1] != windows[i - 1, 1]:
+            bands += 1
+    window_at = np.full((max(bands, 1), size_y), -1, dtype=np.int64)
+    band = -1
+    for i in range(windows.shape[0]):
+        x0, x1, y0, y1 = windows[i, 0], windows[i, 1], windows[i, 2], windows[i, 3]
+        if i == 0 or x0 != windows[i - 1, 0] or x1 != windows[i - 1, 1]:
+            band += 1
+            band_of_row[x0:x1 + 1] = band
+        window_at[band, y0:y1 + 1] = i
+    return band_of_row, window_at
 
 
 def _module_spans(size: int, width: int, gap: int, box: int, start: int, end: int) -> list[tuple[int, int]]:
@@ -400,7 +409,8 @@ def _run_short(pixels, geometry, settings, underload, cycles) -> Classification 
     usable = _usable(pixels, underload, geometry.saturation, settings.report_overloads)
     # the sample of each cycle; the marks cover every position the next cycle reads, so no copy is needed
     sample = [usable if 0.0 < threshold else np.zeros_like(usable)] + [np.zeros_like(usable) for _ in cycles[1:]]
-    z = np.zeros(pixels.shape, dtype=np.float32)
+    z = np.empty(pixels.shape, dtype=np.float32)  # the last cycle writes every covered pixel
+    _zero_outside(z, cycles[-1])
     last = len(cycles) - 1
     for k, windows in enumerate(cycles):
         planes = np.zeros((len(windows), 4))  # a, b, c, sigma
@@ -447,6 +457,28 @@ def _classification(z, windows, planes, counts, written, error) -> Classificatio
         + planes[:, 2]
     return Classification(z=z, window_centres=centres.astype(np.int64), window_background=at_centres,
                           window_sample=counts, written=written, error=error)
+
+
+@njit(cache=True)
+def _zero_outside(z, windows):
+    """Zero the pixels no window covers (rows outside every band, gaps between a band's windows)."""
+    covered = np.zeros(z.shape[0], dtype=np.bool_)
+    first = 0
+    while first < windows.shape[0]:
+        end = first + 1
+        while end < windows.shape[0] and windows[end, 0] == windows[first, 0] and windows[end, 1] == windows[first, 1]:
+            end += 1
+        for x in range(windows[first, 0], windows[first, 1] + 1):
+            covered[x] = True
+            y = 0
+            for i in range(first, end):  # a band's windows run left to right
+                z[x, y:windows[i, 2]] = 0.0
+                y = windows[i, 3] + 1
+            z[x, y:] = 0.0
+        first = end
+    for x in range(z.shape[0]):
+        if not covered[x]:
+            z[x, :] = 0.0
 
 
 @njit(cache=True)
