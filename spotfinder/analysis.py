@@ -65,8 +65,8 @@ def analyse_frame(frame: Frame, params: Params) -> Result:
                          % (g.size_fast, g.size_slow, settings.margin))
     pixels = frame.pixels
     cls = background.classify(pixels, g, settings, region, UNDERLOAD)
-    rings = ice.pixel_rings(cls.z, g, region)
-    maxima = spots.local_maxima(pixels, cls.z, region, settings, UNDERLOAD, g.saturation)
+    rings = ice.pixel_rings(cls.flags, g, region)
+    maxima = spots.local_maxima(pixels, cls.flags, region, settings, UNDERLOAD, g.saturation)
     found = spots.assemble(pixels, cls, maxima, region, settings, ice.IceTest.of(rings, g) if rings else None)
     screened = spots.screen(found, settings)
     method1 = resolution.method1(screened.peak_x, screened.peak_y, g, region)

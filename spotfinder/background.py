@@ -21,6 +21,16 @@ from .params import Settings
 MODULES = {"pilatus": ((195, 17), (487, 7)), "eiger": ((514, 37), (1030, 10))}
 MAX_WINDOW = 1000  # libdistl gives up widening a window beyond this width
 
+# Pixel classes, one byte a pixel, set where z is computed: the later stages test these and nothing else
+# of z, and reading a byte back costs a quarter of reading the float (the tests are the same comparisons,
+# float32 z against double thresholds).
+BELOW_MEDIAN = 1  # z < ICE_MEDIAN_Z: the ice-ring test ranks these ...
+BELOW_UPPER = 2  # ... and z < ICE_UPPER_Z
+STRONG = 4  # z > the spot height: maxima and spot growth
+SATURATED = 8  # value >= the saturation (Count_cutoff)
+ICE_MEDIAN_Z = 0.0  # the z-score at 45% of an ice ring's sorted pixels must reach this ...
+ICE_UPPER_Z = 1.5  # ... and the one at 80% this
+
 
 @dataclass(frozen=True)
 class Region:
@@ -39,6 +49,7 @@ class Region:
 @dataclass
 class Classification:
     z: np.ndarray  # float32 z-score of every pixel (0 where no window covered it)
+    flags: np.ndarray  # uint8 classes of every pixel (BELOW_MEDIAN, BELOW_UPPER, STRONG, SATURATED)
     window_centres: np.ndarray  # (n, 2) int centre (x, y) of each window of the last cycle
     window_background: np.ndarray  # plane value at each centre
     window_sample: np.ndarray  # background sample size of each window
@@ -265,15 +276,15 @@ def _fit_window(values, background, x0, y0, sx0, sx1, sy0, sy1):
 
 
 @njit(cache=True, error_model="numpy")  # numpy semantics for x/0: no per-division check
-def _classify_cycle(values, background, usable, z, next_background, threshold, store, mark, sampled_rows,
-                    windows, size_x, size_y, planes, samples):
+def _classify_cycle(values, background, usable, z, flags, next_background, threshold, spot_height, saturation, store,
+                    mark, sampled_rows, windows, size_x, size_y, planes, samples):
     """One cycle over all windows; returns how many windows were done (fewer when one found too little
     background even widened to MAX_WINDOW, libdistl's "cannot distinguish signal/background") and whether
     any window had to be widened.  ``planes`` gets each window's (a, b, c), ``samples`` its sample size.
 
     Windows come in bands that share their rows; each band is swept row by row across all its windows,
     since walking a 6M frame window by window (short rows far apart) runs several times slower.
-    ``store`` writes z; ``mark`` writes the next cycle's background sample (usable and z below
+    ``store`` writes z and the pixel classes; ``mark`` writes the next cycle's background sample (usable and z below
     ``threshold``, z rounded to float32 first as libdistl stores it), on the rows the next cycle samples
     (``sampled_rows``) only.
     """
@@ -337,7 +348,8 @@ def _classify_cycle(values, background, usable, z, next_background, threshold, s
                 a, b, c, sigma = planes[i, 0], planes[i, 1], planes[i, 2], planes[i, 3]
                 scale = sigma if sigma > 0 else np.inf  # z = 0 when sigma is 0, as libdistl has it
                 if store:
-                    _store_row(values[x, y0:y1 + 1], z[x, y0:y1 + 1], a * (x - x0), b, c, scale)
+                    _store_row(values[x, y0:y1 + 1], z[x, y0:y1 + 1], flags[x, y0:y1 + 1], a * (x - x0), b, c, scale,
+                               spot_height, saturation)
                 if mark and sampled_rows[x]:
                     _mark_row(values[x, y0:y1 + 1], usable[x, y0:y1 + 1], next_background[x, y0:y1 + 1], a * (x - x0),
                               b, c, scale, threshold)
@@ -350,9 +362,17 @@ def _classify_cycle(values, background, usable, z, next_background, threshold, s
 # The row loops are functions of their own: plain loops over 0-based row views, which the compiler
 # vectorises (the same loops written inline in the window loop run several times slower).
 @njit(cache=True, error_model="numpy")
-def _store_row(value_row, z_row, row_plane, b, c, scale):
+def _store_row(value_row, z_row, flag_row, row_plane, b, c, scale, spot_height, saturation):
     for j in range(value_row.size):
-        z_row[j] = (value_row[j] - (row_plane + b * j + c)) / scale
+        zj = np.float32((value_row[j] - (row_plane + b * j + c)) / scale)
+        z_row[j] = zj
+        flag_row[j] = _pixel_flags(zj, value_row[j], spot_height, saturation)
+
+
+@njit(cache=True, inline="always")
+def _pixel_flags(z, value, spot_height, saturation):
+    return np.uint8((z < ICE_MEDIAN_Z) * BELOW_MEDIAN | (z < ICE_UPPER_Z) * BELOW_UPPER | (z > spot_height) * STRONG
+                    | (value >= saturation) * SATURATED)
 
 
 @njit(cache=True, error_model="numpy")
@@ -409,25 +429,29 @@ def _run_short(pixels, geometry, settings, underload, cycles) -> Classification 
     usable = _usable(pixels, underload, geometry.saturation, settings.report_overloads)
     # the sample of each cycle; the marks cover every position the next cycle reads, so no copy is needed
     sample = [usable if 0.0 < threshold else np.zeros_like(usable)] + [np.zeros_like(usable) for _ in cycles[1:]]
+    spot_height = float(settings.spot_height)
     z = np.empty(pixels.shape, dtype=np.float32)  # the last cycle writes every covered pixel
-    _zero_outside(z, cycles[-1])
+    flags = np.empty(pixels.shape, dtype=np.uint8)
+    _zero_outside(z, flags, pixels, cycles[-1], spot_height, geometry.saturation)
     last = len(cycles) - 1
     for k, windows in enumerate(cycles):
         planes = np.zeros((len(windows), 4))  # a, b, c, sigma
         counts = np.zeros(len(windows), dtype=np.int64)
         sampled_rows = _sampled_rows(cycles[k + 1], pixels.shape[0]) if k < last else np.zeros(0, dtype=np.bool_)
-        done, widened = _classify_cycle(pixels, sample[k], usable, z, sample[min(k + 1, last)], threshold, k == last,
-                                        k < last, sampled_rows, windows, pixels.shape[0], pixels.shape[1], planes,
-                                        counts)
+        done, widened = _classify_cycle(pixels, sample[k], usable, z, flags, sample[min(k + 1, last)], threshold,
+                                        spot_height, geometry.saturation, k == last, k < last, sampled_rows, windows,
+                                        pixels.shape[0], pixels.shape[1], planes, counts)
         if done < len(windows) or (widened and k > 0):
             return None
-    return _classification(z, windows, planes, counts, [(windows, planes)], None)
+    return _classification(z, flags, windows, planes, counts, [(windows, planes)], None)
 
 
 def _run_long(pixels, geometry, settings, underload, cycles) -> Classification:
     """Every cycle writes z for all its windows and the next one's sample is taken from it, as libdistl does."""
     z = np.zeros(pixels.shape, dtype=np.float32)
+    flags = np.empty(pixels.shape, dtype=np.uint8)  # each cycle writes its windows' classes; all set at the end
     threshold = float(settings.signal_height)
+    spot_height = float(settings.spot_height)
     usable = _usable(pixels, underload, geometry.saturation, settings.report_overloads)
     background = usable if 0.0 < threshold else np.zeros_like(usable)  # z starts at 0 everywhere
     written = []
@@ -436,9 +460,9 @@ def _run_long(pixels, geometry, settings, underload, cycles) -> Classification:
         planes = np.zeros((len(windows), 4))  # a, b, c, sigma
         counts = np.zeros(len(windows), dtype=np.int64)
         # the sample is fixed from the previous cycle, so z can be rewritten in place
-        done, _ = _classify_cycle(pixels, background, usable, z, background, threshold, True, False,
-                                  np.zeros(0, dtype=np.bool_), windows, pixels.shape[0], pixels.shape[1], planes,
-                                  counts)
+        done, _ = _classify_cycle(pixels, background, usable, z, flags, background, threshold, spot_height,
+                                  geometry.saturation, True, False, np.zeros(0, dtype=np.bool_), windows,
+                                  pixels.shape[0], pixels.shape[1], planes, counts)
         written.append((windows[:done], planes[:done]))
         if done < len(windows):
             # libdistl stops classifying at that window; the DISTL pipeline prints the message and goes on
@@ -447,21 +471,30 @@ def _run_long(pixels, geometry, settings, underload, cycles) -> Classification:
             break
         if number < len(cycles) - 1:
             background = usable & (z < np.float64(threshold))
-    return _classification(z, windows, planes, counts, written, error)
+    _flag_all(z, flags, pixels, spot_height, geometry.saturation)  # a pixel's z may come from any cycle
+    return _classification(z, flags, windows, planes, counts, written, error)
 
 
-def _classification(z, windows, planes, counts, written, error) -> Classification:
+def _classification(z, flags, windows, planes, counts, written, error) -> Classification:
     """The result, with the background plane at each window's centre for the resolution tables."""
     centres = np.stack([(windows[:, 0] + windows[:, 1]) // 2, (windows[:, 2] + windows[:, 3]) // 2], axis=1)
     at_centres = planes[:, 0] * (centres[:, 0] - windows[:, 0]) + planes[:, 1] * (centres[:, 1] - windows[:, 2]) \
         + planes[:, 2]
-    return Classification(z=z, window_centres=centres.astype(np.int64), window_background=at_centres,
+    return Classification(z=z, flags=flags, window_centres=centres.astype(np.int64), window_background=at_centres,
                           window_sample=counts, written=written, error=error)
 
 
 @njit(cache=True)
-def _zero_outside(z, windows):
-    """Zero the pixels no window covers (rows outside every band, gaps between a band's windows)."""
+def _flag_all(z, flags, pixels, spot_height, saturation):
+    for x in range(z.shape[0]):
+        for y in range(z.shape[1]):
+            flags[x, y] = _pixel_flags(z[x, y], pixels[x, y], spot_height, saturation)
+
+
+@njit(cache=True)
+def _zero_outside(z, flags, pixels, windows, spot_height, saturation):
+    """Zero the z-scores of the pixels no window covers (rows outside every band, gaps between a band's
+    windows), and set their classes."""
     covered = np.zeros(z.shape[0], dtype=np.bool_)
     first = 0
     while first < windows.shape[0]:
@@ -472,13 +505,20 @@ def _zero_outside(z, windows):
             covered[x] = True
             y = 0
             for i in range(first, end):  # a band's windows run left to right
-                z[x, y:windows[i, 2]] = 0.0
+                _zero_span(z, flags, pixels, x, y, windows[i, 2], spot_height, saturation)
                 y = windows[i, 3] + 1
-            z[x, y:] = 0.0
+            _zero_span(z, flags, pixels, x, y, z.shape[1], spot_height, saturation)
         first = end
     for x in range(z.shape[0]):
         if not covered[x]:
-            z[x, :] = 0.0
+            _zero_span(z, flags, pixels, x, 0, z.shape[1], spot_height, saturation)
+
+
+@njit(cache=True)
+def _zero_span(z, flags, pixels, x, start, stop, spot_height, saturation):
+    for y in range(start, stop):
+        z[x, y] = 0.0
+        flags[x, y] = _pixel_flags(np.float32(0.0), pixels[x, y], spot_height, saturation)
 
 
 @njit(cache=True)

@@ -7,14 +7,12 @@ from dataclasses import dataclass
 import numpy as np
 from numba import njit
 
-from .background import Region, integer_beam, pixel_d, pixel_resolution
+from .background import BELOW_MEDIAN, BELOW_UPPER, Region, integer_beam, pixel_d, pixel_resolution
 from .image import Geometry
 from .resolution import Shells
 
 RING_WIDTH = 4  # pixels
 ICE_D_MAX = 8.0  # Angstrom: no ring is tested at lower resolution than this
-MEDIAN_Z_MIN = 0.0  # the z-score at 45% of a ring's sorted pixels must reach this ...
-UPPER_Z_MIN = 1.5  # ... and the one at 80% this, for the ring to be ice
 
 
 @dataclass(frozen=True)
@@ -27,8 +25,10 @@ class PixelRing:
     outer_d: float
 
 
-def pixel_rings(z: np.ndarray, geometry: Geometry, region: Region) -> list[PixelRing]:
-    """Annuli 4 px wide around the integer beam whose z-scores are lifted as a whole."""
+def pixel_rings(flags: np.ndarray, geometry: Geometry, region: Region) -> list[PixelRing]:
+    """Annuli 4 px wide around the integer beam whose z-scores are lifted as a whole: the z at 45% of an
+    annulus's sorted pixels reaches ICE_MEDIAN_Z and the one at 80% ICE_UPPER_Z (the classification's
+    BELOW_MEDIAN and BELOW_UPPER pixel classes)."""
     bx, by = integer_beam(geometry)
     d_min = max(geometry.wavelength / 2.0, 1.0)
     corners = [(x, y) for x in (region.x0, region.x1) for y in (region.y0, region.y1)]
@@ -39,8 +39,8 @@ def pixel_rings(z: np.ndarray, geometry: Geometry, region: Region) -> list[Pixel
     last = nrings - 2
     if last < first:
         return []
-    counts = _ring_counts(z, region.x0, region.x1, region.y0, region.y1, bx, by, first, last,
-                          MEDIAN_Z_MIN, UPPER_Z_MIN).tolist()  # Python ints: hundreds of rings
+    counts = _ring_counts(flags, region.x0, region.x1, region.y0, region.y1, bx, by, first, last,
+                          BELOW_MEDIAN, BELOW_UPPER).tolist()  # Python ints: hundreds of rings
     rings: list[PixelRing] = []
     previous_iced = False
     for ring in range(first, last + 1):
@@ -61,8 +61,9 @@ def pixel_rings(z: np.ndarray, geometry: Geometry, region: Region) -> list[Pixel
 
 
 @njit(cache=True)
-def _ring_counts(z, x0, x1, y0, y1, bx, by, first, last, low, high):
-    """Per annulus first..last: its pixel count and how many of its z-scores lie below ``low`` and ``high``.
+def _ring_counts(flags, x0, x1, y0, y1, bx, by, first, last, low, high):
+    """Per annulus first..last: its pixel count and how many of its pixels have the class bits ``low`` and
+    ``high`` (z below the two ranks' thresholds).
 
     The sorted z at index k is >= t exactly when at most k values are below t, so the ice test needs
     these counts only: one pass over the frame, no sort.
@@ -74,7 +75,7 @@ def _ring_counts(z, x0, x1, y0, y1, bx, by, first, last, low, high):
     with an integer square root, and annulus k is the pixels inside circle k + 1 less those inside
     circle k: two runs.  Adding every pixel into counts[its annulus] neither vectorises nor pipelines,
     and a loop per run mispredicts its exit once a run (runs are ~6 pixels on a 6M frame).  So each row's
-    ``z < low`` and ``z < high`` are packed into bit words once (a vectorised loop), and the count of an
+    classes ``low`` and ``high`` are packed into bit words once (a vectorised loop), and the count of an
     interval is two lookups in their running popcounts.  Everything past the sqrt is integer arithmetic:
     the counts are exactly those of the per-pixel loop.
     """
@@ -109,7 +110,7 @@ def _ring_counts(z, x0, x1, y0, y1, bx, by, first, last, low, high):
             a += a * a < v
             left[j] = min(max(by + 1 - max(a, 1) - y0, 0), n)  # by - a < y < by + a, none when a = 0
             right[j] = min(max(by + a - y0, 0), n)
-        _pack_row(z[x, y0:y1 + 1], low, high, words_low, before_low, words_high, before_high)
+        _pack_row(flags[x, y0:y1 + 1], low, high, words_low, before_low, words_high, before_high)
         for j in range(circles):
             inside_low[j] = _bits_below(words_low, before_low, right[j]) - \
                 _bits_below(words_low, before_low, left[j])
@@ -137,7 +138,7 @@ def _floor_sqrt(v):
 
 @njit(cache=True)
 def _pack_row(row, low, high, words_low, before_low, words_high, before_high):
-    """Pack a row's ``z < low`` and ``z < high`` (float32 against double, as before) into bit words, bit j
+    """Pack whether a row's classes have the bits ``low`` and ``high`` into bit words, bit j
     of word i for row[64 i + j], with the number of set bits before each word; one word more than the
     row fills, so that a position at the row's end can be looked up."""
     total_low = total_high = 0
@@ -154,11 +155,11 @@ def _pack_row(row, low, high, words_low, before_low, words_high, before_high):
 
 
 @njit(cache=True)
-def _pack_chunk(values, size, t):
-    """Bit j set where values[j] < t, for j < size <= 64."""
+def _pack_chunk(values, size, bit):
+    """Bit j set where values[j] has ``bit``, for j < size <= 64."""
     w = np.uint64(0)
     for j in range(size):
-        w |= np.uint64(values[j] < t) << np.uint64(j)
+        w |= np.uint64((values[j] & bit) != 0) << np.uint64(j)
     return w
 
 

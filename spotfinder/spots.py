@@ -6,7 +6,7 @@ from dataclasses import dataclass
 import numpy as np
 from numba import njit
 
-from .background import Classification, Region
+from .background import SATURATED, STRONG, Classification, Region
 from .ice import IceTest, pixel_on_ice
 from .params import Settings
 
@@ -85,62 +85,58 @@ class Maxima:
     growth_bound: int
 
 
-def local_maxima(pixels: np.ndarray, z: np.ndarray, region: Region, settings: Settings, underload: int,
+def local_maxima(pixels: np.ndarray, flags: np.ndarray, region: Region, settings: Settings, underload: int,
                  saturation: int) -> Maxima:
-    """Spot maxima (libdistl's rules, one pixel inside the region).
+    """Spot maxima (libdistl's rules, one pixel inside the region), from the classification's pixel classes.
 
     A maximum is a saturated pixel, or a strong pixel (Z > h) at least as bright as its 8 neighbours with
     more than ``min(4, area_min - 1) - 1`` strong neighbours.
     """
     needed = min(4, settings.spot_area_min - 1) - 1
     found = np.zeros(pixels.shape, dtype=np.bool_)
-    xs, ys, flagged = _maxima(pixels, z, found, region.x0 + 1, region.x1 - 1, region.y0 + 1, region.y1 - 1,
-                             float(settings.spot_height), underload, saturation, needed)
+    xs, ys, flagged = _maxima(pixels, flags, found, region.x0 + 1, region.x1 - 1, region.y0 + 1, region.y1 - 1,
+                              underload, saturation, needed)
     # maxima are looked for one pixel inside the region, spots grow up to its edge: add that edge's pixels
     edge = 2 * (region.x1 - region.x0 + region.y1 - region.y0 + 2)
     return Maxima(found, xs, ys, flagged + edge)
 
 
 @njit(cache=True)
-def _maxima(pixels, z, found, x0, x1, y0, y1, h, underload, saturation, needed):
-    """Each row is first flagged branch-free (strong or saturated, which the compiler vectorises), then
-    only the few flagged pixels get the full test, itself branch-free (a flagged pixel's neighbours are
-    as likely brighter as not, so branches on them mispredict).  Also counts the flagged pixels: a bound on
-    how many pixels spot growth can collect."""
+def _maxima(pixels, flags, found, x0, x1, y0, y1, underload, saturation, needed):
+    """Only the strong or saturated pixels get the full test.  Also counts them: a bound on how many pixels
+    spot growth can collect."""
     # room for every pixel: untouched pages of np.empty cost nothing, and fixed arrays keep the loop fast
     xs = np.empty((x1 - x0 + 1) * (y1 - y0 + 1), dtype=np.int64)
     ys = np.empty_like(xs)
-    flags = np.empty(y1 - y0 + 1, dtype=np.bool_)
     n = 0
     flagged = 0
     for x in range(x0, x1 + 1):
-        z_row, value_row = z[x, y0:y1 + 1], pixels[x, y0:y1 + 1]
-        _flag_row(z_row, value_row, flags, h, saturation)
-        for j in range(flags.size):
-            if not flags[j]:
+        flag_row = flags[x, y0:y1 + 1]
+        for j in range(flag_row.size):
+            if not flag_row[j] & (STRONG | SATURATED):
                 continue
             flagged += 1
             y = y0 + j
-            value = value_row[j]
-            brighter = 0
-            strong = 0
-            for dx in range(-1, 2):
-                for dy in range(-1, 2):
-                    if dx != 0 or dy != 0:
-                        brighter += pixels[x + dx, y + dy] > value
-                        strong += z[x + dx, y + dy] > h
-            maximum = (value >= saturation) | ((z_row[j] > h) & (value > underload) & (brighter == 0)
-                                               & (strong > needed))
-            found[x, y] = maximum
+            value = pixels[x, y]
+            if value < saturation:
+                if not (flag_row[j] & STRONG and value > underload):
+                    continue
+                strong = 0
+                brightest = True
+                for dx in range(-1, 2):
+                    for dy in range(-1, 2):
+                        if dx == 0 and dy == 0:
+                            continue
+                        if pixels[x + dx, y + dy] > value:
+                            brightest = False
+                        if flags[x + dx, y + dy] & STRONG:
+                            strong += 1
+                if not (brightest and strong > needed):
+                    continue
+            found[x, y] = True
             xs[n], ys[n] = x, y
-            n += maximum
+            n += 1
     return xs[:n].copy(), ys[:n].copy(), flagged
-
-
-@njit(cache=True)
-def _flag_row(z_row, value_row, flags, h, saturation):
-    for j in range(flags.size):
-        flags[j] = (z_row[j] > h) | (value_row[j] >= saturation)
 
 
 # libdistl's flood-fill neighbour order (fast offset 1, 0, -1; within each, slow offset 1, 0, -1).  It
@@ -151,9 +147,9 @@ FILL_DY = np.array([1, 1, 1, 0, 0, -1, -1, -1])
 
 
 @njit(cache=True)
-def _grow(z, pixels, maxima, visited, seeds_x, seeds_y, capacity, h, x0, x1, y0, y1, fill_dx, fill_dy, ice):
-    """Depth-first flood fill (8-connected, Z > h, inside the region) from each not yet visited maximum,
-    in the given seed order, pixels recorded as first visited.
+def _grow(flags, pixels, maxima, visited, seeds_x, seeds_y, capacity, x0, x1, y0, y1, fill_dx, fill_dy, ice):
+    """Depth-first flood fill (8-connected, strong pixels, inside the region) from each not yet visited
+    maximum, in the given seed order, pixels recorded as first visited.
 
     Returns the body pixels spot after spot, the spot of each, each spot's peak (the first visited of its
     brightest maxima), and whether a perimeter pixel (a neighbour that failed the test) lies on an ice
@@ -179,7 +175,7 @@ def _grow(z, pixels, maxima, visited, seeds_x, seeds_y, capacity, h, x0, x1, y0,
         if visited[sx, sy]:
             continue
         visited[sx, sy] = True
-        if not z[sx, sy] > h:
+        if not flags[sx, sy] & STRONG:
             continue
         spots += 1
         best = pixels[sx, sy]
@@ -198,7 +194,7 @@ def _grow(z, pixels, maxima, visited, seeds_x, seeds_y, capacity, h, x0, x1, y0,
             if not (x0 <= nx <= x1 and y0 <= ny <= y1) or visited[nx, ny]:
                 continue
             visited[nx, ny] = True
-            if not z[nx, ny] > h:
+            if not flags[nx, ny] & STRONG:
                 if inner_d.size and not on_ice[spots - 1]:
                     on_ice[spots - 1] = pixel_on_ice(nx, ny, bx, by, k, wavelength, inner_d, outer_d)
                 continue
@@ -223,9 +219,9 @@ def assemble(pixels: np.ndarray, cls: Classification, maxima: Maxima, region: Re
     rings = (0, 0, 0.0, 1.0, np.zeros(0), np.zeros(0)) if ice is None else \
         (ice.bx, ice.by, ice.k, ice.wavelength, ice.inner_d, ice.outer_d)
     visited = np.zeros(pixels.shape, dtype=np.bool_)
-    bx, by, owner, peak, on_ice = _grow(cls.z, pixels, maxima.map, visited, maxima.x[::-1].copy(),
-                                        maxima.y[::-1].copy(), maxima.growth_bound, settings.spot_height, region.x0,
-                                        region.x1, region.y0, region.y1, FILL_DX, FILL_DY, rings)
+    bx, by, owner, peak, on_ice = _grow(cls.flags, pixels, maxima.map, visited, maxima.x[::-1].copy(),
+                                        maxima.y[::-1].copy(), maxima.growth_bound, region.x0, region.x1, region.y0,
+                                        region.y1, FILL_DX, FILL_DY, rings)
     count = len(peak)
     area = np.bincount(owner, minlength=count)
     starts = np.concatenate(([0], np.cumsum(area))).astype(np.int64)
