@@ -48,31 +48,46 @@ class Region:
 
 @dataclass
 class Classification:
-    z: np.ndarray  # float32 z-score of every pixel (0 where no window covered it)
     flags: np.ndarray  # uint8 classes of every pixel (BELOW_MEDIAN, BELOW_UPPER, STRONG, SATURATED)
+    pixels: np.ndarray  # the frame's values, for z at the pixels asked about
     window_centres: np.ndarray  # (n, 2) int centre (x, y) of each window of the last cycle
     window_background: np.ndarray  # plane value at each centre
     window_sample: np.ndarray  # background sample size of each window
-    # (windows, planes) of each cycle that wrote z, in order: (n, 4) inclusive bounds, (n, >= 3) a, b, c
+    # (windows, planes) of each cycle that wrote z, in order: (n, 4) inclusive bounds, (n, 4) a, b, c, sigma
     written: list[tuple[np.ndarray, np.ndarray]]
     error: str | None = None  # the "cannot distinguish" message when a cycle stopped early
 
+    # Z and the background plane are computed for the few pixels asked about (spot bodies and peaks) rather
+    # than kept for all 6M: the same arithmetic as the kernel's, from the plane of the last window that
+    # classified the pixel; 0 where none did.
     def local_background(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
-        """The float32 background plane value at pixels (x, y): that of the last window that wrote their z
-        (0 where none did).  Computed for the few pixels asked about rather than kept for all 6M."""
+        """The float32 background plane value at pixels (x, y)."""
+        covered, plane, _ = self._planes_at(x, y)
+        return np.where(covered, plane, 0.0).astype(np.float32)
+
+    def z_at(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        """The float32 z-score at pixels (x, y)."""
+        covered, plane, sigma = self._planes_at(x, y)
+        with np.errstate(invalid="ignore"):
+            z = (self.pixels[x, y] - plane) / np.where(sigma > 0, sigma, np.inf)  # z = 0 when sigma is 0
+        return np.where(covered, z, 0.0).astype(np.float32)
+
+    def _planes_at(self, x, y) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Whether a window classified each pixel, its plane value there (double) and the window's sigma."""
         x, y = np.asarray(x, dtype=np.int64), np.asarray(y, dtype=np.int64)
-        out = np.zeros(x.shape, dtype=np.float32)
-        todo = np.ones(x.shape, dtype=bool)
+        covered = np.zeros(x.shape, dtype=bool)
+        plane, sigma = np.zeros(x.shape), np.zeros(x.shape)
         for windows, planes in reversed(self.written):
-            band_of_row, window_at = _window_map(windows, self.z.shape[0], self.z.shape[1])
+            band_of_row, window_at = _window_map(windows, self.flags.shape[0], self.flags.shape[1])
             band = band_of_row[x]
             w = np.where(band >= 0, window_at[np.maximum(band, 0), y], -1)
-            hit = todo & (w >= 0)
+            hit = ~covered & (w >= 0)
             w = w[hit]
             a, b, c = planes[w, 0], planes[w, 1], planes[w, 2]
-            out[hit] = a * (x[hit] - windows[w, 0]) + b * (y[hit] - windows[w, 2]) + c  # the kernel's order
-            todo &= ~hit
-        return out
+            plane[hit] = a * (x[hit] - windows[w, 0]) + b * (y[hit] - windows[w, 2]) + c  # the kernel's order
+            sigma[hit] = planes[w, 3]
+            covered |= hit
+        return covered, plane, sigma
 
 
 @njit(cache=True)
@@ -276,17 +291,17 @@ def _fit_window(values, background, x0, y0, sx0, sx1, sy0, sy1):
 
 
 @njit(cache=True, error_model="numpy")  # numpy semantics for x/0: no per-division check
-def _classify_cycle(values, background, usable, z, flags, next_background, threshold, spot_height, saturation, store,
-                    mark, sampled_rows, windows, size_x, size_y, planes, samples):
+def _classify_cycle(values, background, usable, z, flags, next_background, threshold, spot_height, saturation,
+                    store_z, store_flags, mark, sampled_rows, windows, size_x, size_y, planes, samples):
     """One cycle over all windows; returns how many windows were done (fewer when one found too little
     background even widened to MAX_WINDOW, libdistl's "cannot distinguish signal/background") and whether
     any window had to be widened.  ``planes`` gets each window's (a, b, c), ``samples`` its sample size.
 
     Windows come in bands that share their rows; each band is swept row by row across all its windows,
     since walking a 6M frame window by window (short rows far apart) runs several times slower.
-    ``store`` writes z and the pixel classes; ``mark`` writes the next cycle's background sample (usable and z below
-    ``threshold``, z rounded to float32 first as libdistl stores it), on the rows the next cycle samples
-    (``sampled_rows``) only.
+    ``store_z`` writes z, ``store_flags`` the pixel classes, ``mark`` the next cycle's background sample
+    (usable and z below ``threshold``), on the rows the next cycle samples (``sampled_rows``) only.  Z is
+    rounded to float32 before any test, as libdistl stores it.
     """
     widened = False
     count = windows.shape[0]
@@ -347,9 +362,11 @@ def _classify_cycle(values, background, usable, z, flags, next_background, thres
                 y0, y1 = windows[i, 2], windows[i, 3]
                 a, b, c, sigma = planes[i, 0], planes[i, 1], planes[i, 2], planes[i, 3]
                 scale = sigma if sigma > 0 else np.inf  # z = 0 when sigma is 0, as libdistl has it
-                if store:
-                    _store_row(values[x, y0:y1 + 1], z[x, y0:y1 + 1], flags[x, y0:y1 + 1], a * (x - x0), b, c, scale,
-                               spot_height, saturation)
+                if store_z:
+                    _store_row(values[x, y0:y1 + 1], z[x, y0:y1 + 1], a * (x - x0), b, c, scale)
+                if store_flags:
+                    _flag_row(values[x, y0:y1 + 1], flags[x, y0:y1 + 1], a * (x - x0), b, c, scale, spot_height,
+                              saturation)
                 if mark and sampled_rows[x]:
                     _mark_row(values[x, y0:y1 + 1], usable[x, y0:y1 + 1], next_background[x, y0:y1 + 1], a * (x - x0),
                               b, c, scale, threshold)
@@ -362,17 +379,31 @@ def _classify_cycle(values, background, usable, z, flags, next_background, thres
 # The row loops are functions of their own: plain loops over 0-based row views, which the compiler
 # vectorises (the same loops written inline in the window loop run several times slower).
 @njit(cache=True, error_model="numpy")
-def _store_row(value_row, z_row, flag_row, row_plane, b, c, scale, spot_height, saturation):
+def _store_row(value_row, z_row, row_plane, b, c, scale):
+    for j in range(value_row.size):
+        z_row[j] = (value_row[j] - (row_plane + b * j + c)) / scale
+
+
+@njit(cache=True, error_model="numpy")
+def _flag_row(value_row, flag_row, row_plane, b, c, scale, spot_height, saturation):
     for j in range(value_row.size):
         zj = np.float32((value_row[j] - (row_plane + b * j + c)) / scale)
-        z_row[j] = zj
         flag_row[j] = _pixel_flags(zj, value_row[j], spot_height, saturation)
 
 
 @njit(cache=True, inline="always")
 def _pixel_flags(z, value, spot_height, saturation):
-    return np.uint8((z < ICE_MEDIAN_Z) * BELOW_MEDIAN | (z < ICE_UPPER_Z) * BELOW_UPPER | (z > spot_height) * STRONG
-                    | (value >= saturation) * SATURATED)
+    """The classes of a pixel from its float32 z (compared in double, as libdistl compares) and its value."""
+    flags = np.uint8(0)
+    if z < ICE_MEDIAN_Z:
+        flags |= np.uint8(BELOW_MEDIAN)
+    if z < ICE_UPPER_Z:
+        flags |= np.uint8(BELOW_UPPER)
+    if z > spot_height:
+        flags |= np.uint8(STRONG)
+    if value >= saturation:
+        flags |= np.uint8(SATURATED)
+    return flags
 
 
 @njit(cache=True, error_model="numpy")
@@ -430,26 +461,26 @@ def _run_short(pixels, geometry, settings, underload, cycles) -> Classification 
     # the sample of each cycle; the marks cover every position the next cycle reads, so no copy is needed
     sample = [usable if 0.0 < threshold else np.zeros_like(usable)] + [np.zeros_like(usable) for _ in cycles[1:]]
     spot_height = float(settings.spot_height)
-    z = np.empty(pixels.shape, dtype=np.float32)  # the last cycle writes every covered pixel
-    flags = np.empty(pixels.shape, dtype=np.uint8)
-    _zero_outside(z, flags, pixels, cycles[-1], spot_height, geometry.saturation)
+    flags = np.empty(pixels.shape, dtype=np.uint8)  # the last cycle classes every covered pixel
+    _flag_outside(flags, pixels, cycles[-1], spot_height, geometry.saturation)
+    no_z = np.zeros((0, 0), dtype=np.float32)  # this path keeps no z: the classes are all the stages test
     last = len(cycles) - 1
     for k, windows in enumerate(cycles):
         planes = np.zeros((len(windows), 4))  # a, b, c, sigma
         counts = np.zeros(len(windows), dtype=np.int64)
         sampled_rows = _sampled_rows(cycles[k + 1], pixels.shape[0]) if k < last else np.zeros(0, dtype=np.bool_)
-        done, widened = _classify_cycle(pixels, sample[k], usable, z, flags, sample[min(k + 1, last)], threshold,
-                                        spot_height, geometry.saturation, k == last, k < last, sampled_rows, windows,
-                                        pixels.shape[0], pixels.shape[1], planes, counts)
+        done, widened = _classify_cycle(pixels, sample[k], usable, no_z, flags, sample[min(k + 1, last)], threshold,
+                                        spot_height, geometry.saturation, False, k == last, k < last, sampled_rows,
+                                        windows, pixels.shape[0], pixels.shape[1], planes, counts)
         if done < len(windows) or (widened and k > 0):
             return None
-    return _classification(z, flags, windows, planes, counts, [(windows, planes)], None)
+    return _classification(flags, pixels, windows, planes, counts, [(windows, planes)], None)
 
 
 def _run_long(pixels, geometry, settings, underload, cycles) -> Classification:
     """Every cycle writes z for all its windows and the next one's sample is taken from it, as libdistl does."""
     z = np.zeros(pixels.shape, dtype=np.float32)
-    flags = np.empty(pixels.shape, dtype=np.uint8)  # each cycle writes its windows' classes; all set at the end
+    flags = np.empty(pixels.shape, dtype=np.uint8)  # set from the final z at the end
     threshold = float(settings.signal_height)
     spot_height = float(settings.spot_height)
     usable = _usable(pixels, underload, geometry.saturation, settings.report_overloads)
@@ -461,7 +492,7 @@ def _run_long(pixels, geometry, settings, underload, cycles) -> Classification:
         counts = np.zeros(len(windows), dtype=np.int64)
         # the sample is fixed from the previous cycle, so z can be rewritten in place
         done, _ = _classify_cycle(pixels, background, usable, z, flags, background, threshold, spot_height,
-                                  geometry.saturation, True, False, np.zeros(0, dtype=np.bool_), windows,
+                                  geometry.saturation, True, False, False, np.zeros(0, dtype=np.bool_), windows,
                                   pixels.shape[0], pixels.shape[1], planes, counts)
         written.append((windows[:done], planes[:done]))
         if done < len(windows):
@@ -472,16 +503,16 @@ def _run_long(pixels, geometry, settings, underload, cycles) -> Classification:
         if number < len(cycles) - 1:
             background = usable & (z < np.float64(threshold))
     _flag_all(z, flags, pixels, spot_height, geometry.saturation)  # a pixel's z may come from any cycle
-    return _classification(z, flags, windows, planes, counts, written, error)
+    return _classification(flags, pixels, windows, planes, counts, written, error)
 
 
-def _classification(z, flags, windows, planes, counts, written, error) -> Classification:
+def _classification(flags, pixels, windows, planes, counts, written, error) -> Classification:
     """The result, with the background plane at each window's centre for the resolution tables."""
     centres = np.stack([(windows[:, 0] + windows[:, 1]) // 2, (windows[:, 2] + windows[:, 3]) // 2], axis=1)
     at_centres = planes[:, 0] * (centres[:, 0] - windows[:, 0]) + planes[:, 1] * (centres[:, 1] - windows[:, 2]) \
         + planes[:, 2]
-    return Classification(z=z, flags=flags, window_centres=centres.astype(np.int64), window_background=at_centres,
-                          window_sample=counts, written=written, error=error)
+    return Classification(flags=flags, pixels=pixels, window_centres=centres.astype(np.int64),
+                          window_background=at_centres, window_sample=counts, written=written, error=error)
 
 
 @njit(cache=True)
@@ -492,10 +523,9 @@ def _flag_all(z, flags, pixels, spot_height, saturation):
 
 
 @njit(cache=True)
-def _zero_outside(z, flags, pixels, windows, spot_height, saturation):
-    """Zero the z-scores of the pixels no window covers (rows outside every band, gaps between a band's
-    windows), and set their classes."""
-    covered = np.zeros(z.shape[0], dtype=np.bool_)
+def _flag_outside(flags, pixels, windows, spot_height, saturation):
+    """Class the pixels no window covers (rows outside every band, gaps between a band's windows) as z = 0."""
+    covered = np.zeros(flags.shape[0], dtype=np.bool_)
     first = 0
     while first < windows.shape[0]:
         end = first + 1
@@ -505,19 +535,18 @@ def _zero_outside(z, flags, pixels, windows, spot_height, saturation):
             covered[x] = True
             y = 0
             for i in range(first, end):  # a band's windows run left to right
-                _zero_span(z, flags, pixels, x, y, windows[i, 2], spot_height, saturation)
+                _flag_zero_span(flags, pixels, x, y, windows[i, 2], spot_height, saturation)
                 y = windows[i, 3] + 1
-            _zero_span(z, flags, pixels, x, y, z.shape[1], spot_height, saturation)
+            _flag_zero_span(flags, pixels, x, y, flags.shape[1], spot_height, saturation)
         first = end
-    for x in range(z.shape[0]):
+    for x in range(flags.shape[0]):
         if not covered[x]:
-            _zero_span(z, flags, pixels, x, 0, z.shape[1], spot_height, saturation)
+            _flag_zero_span(flags, pixels, x, 0, flags.shape[1], spot_height, saturation)
 
 
 @njit(cache=True)
-def _zero_span(z, flags, pixels, x, start, stop, spot_height, saturation):
+def _flag_zero_span(flags, pixels, x, start, stop, spot_height, saturation):
     for y in range(start, stop):
-        z[x, y] = 0.0
         flags[x, y] = _pixel_flags(np.float32(0.0), pixels[x, y], spot_height, saturation)
 
 

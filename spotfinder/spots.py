@@ -228,7 +228,7 @@ def assemble(pixels: np.ndarray, cls: Classification, maxima: Maxima, region: Re
     nmaxima = np.bincount(owner, weights=maxima.map[bx, by], minlength=count).astype(int)
     bkg = cls.local_background(bx, by)
     spots = Spots(peak_x=bx[peak], peak_y=by[peak], area=area, nmaxima=nmaxima,
-                  intensity=cls.z[bx[peak], by[peak]].astype(np.float32), starts=starts, body_x=bx, body_y=by,
+                  intensity=cls.z_at(bx[peak], by[peak]), starts=starts, body_x=bx, body_y=by,
                   wts=(pixels[bx, by] - bkg).astype(np.float32), bkg=bkg)
     return spots.take(~on_ice) if on_ice.any() else spots
 
