@@ -49,7 +49,7 @@ def spot_resolution(spots: Spots, shape: Shapes, g: Geometry) -> np.ndarray:
     if len(spots) == 0:
         return np.zeros(0)
     if g.twotheta == 0:
-        return np.array([resolution.resolution_at_mm(g, v) for v in spot_radius_mm(spots, g)])
+        return resolution.resolutions_at_mm(g, spot_radius_mm(spots, g))
     tt = np.radians(g.twotheta)
     rotation = np.array([[np.cos(tt), 0.0, np.sin(tt)], [0.0, 1.0, 0.0], [-np.sin(tt), 0.0, np.cos(tt)]])
     film = np.stack([g.beam_x - shape.com_x * g.pixel_size, g.beam_y - shape.com_y * g.pixel_size,
@@ -148,21 +148,18 @@ def _quality(spots: Spots, shape: Shapes, unimodal: np.ndarray, chain: Chain, g:
 
     everything = np.column_stack([spots.peak_x, spots.peak_y]).astype(float)
     tree = cKDTree(everything)
-    nn_index, nn_dist2 = _nearest_other(tree, everything, everything[good])
-    neighbours = g.pixel_size * np.sqrt(nn_dist2)
-    vectors = _neighbour_vector_maxima(tree, everything, a_ave, len(good))
-    majoraxis = shape.majoraxis
-    inliers, kept_nn = [], []
-    for j, idx in enumerate(good):
-        if 0 < len(vectors) <= 3 and not _compact(shape, idx, vectors):
-            continue
-        s = (int(everything[nn_index[j], 0] - everything[idx, 0]), int(everything[nn_index[j], 1] - everything[idx, 1]))
-        if majoraxis[idx] * overlap > math.hypot(*s):
-            if not (len(vectors) <= 3 and any(abs(v[0] - s[0]) <= 1 and abs(v[1] - s[1]) <= 1 for v in vectors)):
-                continue
-        inliers.append(idx)
-        kept_nn.append(neighbours[j])
-    return np.array(inliers, dtype=int), np.array(kept_nn)
+    nearest, dist2 = _nearest_other(tree, everything, everything)  # each query is answered on its own
+    nn_index, neighbours = nearest[good], g.pixel_size * np.sqrt(dist2[good])
+    vectors = _neighbour_vector_maxima(everything, nearest, a_ave, len(good))
+    few = len(vectors) <= 3
+    keep = _compact(shape, good, vectors) if 0 < len(vectors) and few else np.ones(len(good), dtype=bool)
+    # int() of each component, as DISTL truncates the vector to the nearest neighbour
+    s = (everything[nn_index] - everything[good]).astype(np.int64)
+    close = shape.majoraxis[good] * overlap > resolution.hypots(s[:, 0], s[:, 1])
+    if few:
+        close &= ~np.any([(np.abs(s[:, 0] - vx) <= 1) & (np.abs(s[:, 1] - vy) <= 1) for vx, vy in vectors], axis=0)
+    keep &= ~close
+    return good[keep], neighbours[keep]
 
 
 def _nearest_other(tree: cKDTree, data: np.ndarray, query: np.ndarray):
@@ -184,44 +181,53 @@ def _nearest_other(tree: cKDTree, data: np.ndarray, query: np.ndarray):
     return index, dist2
 
 
-def _neighbour_vector_maxima(tree: cKDTree, data: np.ndarray, ave_area: float, n_current: int):
-    """Peaks of the histogram of nearest-neighbour vectors: candidate lattice vectors (half-plane)."""
+def _neighbour_vector_maxima(data: np.ndarray, nearest: np.ndarray, ave_area: float, n_current: int):
+    """Peaks of the histogram of nearest-neighbour vectors: candidate lattice vectors (half-plane), as
+    (x, y) in the order of DISTL's scan (x outer, y inner)."""
     limit = int(math.sqrt(20.0 * ave_area) / 2.0) + 1
-    plot = np.zeros((2 * limit + 1, 2 * limit + 1), dtype=int)
-    nn_index, _ = _nearest_other(tree, data, data)
-    for i, j in enumerate(nn_index):
-        vx, vy = int(data[j, 0] - data[i, 0]), int(data[j, 1] - data[i, 1])
-        if abs(vx) <= limit and abs(vy) <= limit:
-            plot[vx + limit, vy + limit] += 1
-            plot[-vx + limit, -vy + limit] += 1
+    size = 2 * limit + 1
+    v = (data[nearest] - data).astype(np.int64)  # int(): truncation toward zero
+    v = v[(np.abs(v) <= limit).all(axis=1)]
+    cells = np.concatenate([(v[:, 0] + limit) * size + v[:, 1] + limit, (limit - v[:, 0]) * size + limit - v[:, 1]])
+    plot = np.bincount(cells, minlength=size * size).reshape(size, size)
     highest = plot[1:-1, 1:-1].max() if plot.shape[0] > 2 else 0
-    found = []
-    for x in range(-limit + 1, limit):
-        for y in range(-limit + 1, limit):
-            if not (y > 0 or (y == 0 and x > 0)):
-                continue
-            hood = plot[x + limit - 1:x + limit + 2, y + limit - 1:y + limit + 2]  # hood[1 + dx, 1 + dy]
-            c = hood[1, 1]
-            ahead = (hood[1, 2], hood[2, 2], hood[2, 1], hood[2, 0])  # (0,+1) (+1,+1) (+1,0) (+1,-1): ties allowed
-            behind = (hood[1, 0], hood[0, 0], hood[0, 1], hood[0, 2])  # (0,-1) (-1,-1) (-1,0) (-1,+1): strictly less
-            if c > 0.2 * highest and c > 0.05 * n_current and all(c >= v for v in ahead) and all(c > v for v in behind):
-                found.append((x, y))
-    return found
+
+    def shifted(dx: int, dy: int) -> np.ndarray:  # plot at (x + dx, y + dy) for every inner (x, y)
+        return plot[1 + dx:size - 1 + dx, 1 + dy:size - 1 + dy]
+
+    c = shifted(0, 0)
+    peak = (c > 0.2 * highest) & (c > 0.05 * n_current)
+    for dx, dy in ((0, 1), (1, 1), (1, 0), (1, -1)):  # ahead: ties allowed
+        peak &= c >= shifted(dx, dy)
+    for dx, dy in ((0, -1), (-1, -1), (-1, 0), (-1, 1)):  # behind: strictly less
+        peak &= c > shifted(dx, dy)
+    x, y = np.meshgrid(np.arange(-limit + 1, limit), np.arange(-limit + 1, limit), indexing="ij")
+    peak &= (y > 0) | ((y == 0) & (x > 0))
+    return [(int(x[i, j]), int(y[i, j])) for i, j in zip(*np.nonzero(peak))]
 
 
-def _compact(shape: Shapes, idx: int, vectors) -> bool:
-    """False when the spot's ellipse is as wide as a candidate lattice vector along it (two spots in one)."""
-    a, b = shape.a[idx], shape.b[idx]
-    ux, uy = shape.major_dir[idx]
+def _compact(shape: Shapes, subset: np.ndarray, vectors) -> np.ndarray:
+    """False where the spot's ellipse is as wide as a candidate lattice vector along it (two spots in one).
+
+    The squares go through pow(), as ``x ** 2`` on a float does: in the last bit pow(x, 2) is not always
+    x * x, and numpy's ``**`` on arrays multiplies.
+    """
+    a, b = shape.a[subset], shape.b[subset]
+    ux, uy = shape.major_dir[subset, 0], shape.major_dir[subset, 1]
+    compact = np.ones(len(subset), dtype=bool)
     for vx, vy in vectors:
         length2 = vx * vx + vy * vy
         cos = (ux * vx + uy * vy) / math.sqrt(length2)
-        cos2 = min(cos * cos, 1.0)
-        sin = math.sqrt(1.0 - cos2)
-        width2 = 4.0 * (a * a * b * b / ((a * sin) ** 2 + (b * cos) ** 2))
-        if width2 >= length2:
-            return False
-    return True
+        cos2 = np.minimum(cos * cos, 1.0)
+        sin = np.sqrt(1.0 - cos2)
+        width2 = 4.0 * (a * a * b * b / (_square(a * sin) + _square(b * cos)))
+        compact &= ~(width2 >= length2)
+    return compact
+
+
+def _square(x: np.ndarray) -> np.ndarray:
+    """pow(v, 2) element by element."""
+    return np.array([math.pow(v, 2.0) for v in x.tolist()], dtype=float)
 
 
 def max_unit_cell(neighbours: np.ndarray, g: Geometry, neighbour_bins: int) -> float | None:

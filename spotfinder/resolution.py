@@ -1,6 +1,7 @@
 """Resolution estimates: Method 1 (Zhang et al. 2006), equal-volume shells, Method 2, and the bin tables."""
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -63,6 +64,7 @@ class _Edge:
         # the parts that do not depend on the circle: a coverage table asks for hundreds of circles
         self.whole = self._angle(self.right, self.left)
         self.ortho_length = math.hypot(*self.ortho)
+        self.left_length, self.right_length = math.hypot(*self.left), math.hypot(*self.right)
 
     def _angle(self, a: tuple[float, float], b: tuple[float, float]) -> float:
         """Angle from a to b, signed by the edge's handedness."""
@@ -89,6 +91,43 @@ def _cross(a: tuple[float, float], b: tuple[float, float]) -> float:
     return a[0] * b[1] - a[1] * b[0]
 
 
+def _crossing_angles(edge: dict[str, np.ndarray], radius: np.ndarray) -> np.ndarray:
+    """``_Edge.__call__`` for pairs of an edge (its parts given per pair) and a finite radius beyond its
+    ``ortho_length``, with the same float operations pair by pair.
+
+    Only +, -, *, / and sqrt go through numpy (IEEE-exact, so bit-identical); hypot and acos stay math's,
+    as numpy's own do not always agree with them in the last bit.
+    """
+    eta = np.sqrt(radius * radius - edge["ortho_length"] * edge["ortho_length"])
+    ortho, unit, left, right = edge["ortho"].T, edge["unit"].T, edge["left"].T, edge["right"].T
+    at_left = (ortho[0] + eta * unit[0], ortho[1] + eta * unit[1])
+    at_right = (ortho[0] - eta * unit[0], ortho[1] - eta * unit[1])
+    at_left_length, at_right_length = hypots(*at_left), hypots(*at_right)
+    handedness = edge["handedness"]
+    use_left = _angles(handedness, at_left, at_left_length, left, edge["left_length"]) > 0.0
+    use_right = _angles(handedness, at_right, at_right_length, right, edge["right_length"]) > 0.0
+    true_left = (np.where(use_left, at_left[0], left[0]), np.where(use_left, at_left[1], left[1]))
+    true_right = (np.where(use_right, right[0], at_right[0]), np.where(use_right, right[1], at_right[1]))
+    true_left_length = np.where(use_left, at_left_length, edge["left_length"])
+    true_right_length = np.where(use_right, edge["right_length"], at_right_length)
+    return edge["whole"] - _angles(handedness, true_right, true_right_length, true_left, true_left_length)
+
+
+def _angles(handedness, a, a_length, b, b_length) -> np.ndarray:
+    """``_Edge._angle`` over arrays of vectors, given their lengths (math.hypot of each)."""
+    denominator = a_length * b_length
+    with np.errstate(divide="ignore", invalid="ignore"):
+        cosine = np.clip((a[0] * b[0] + a[1] * b[1]) / denominator, -1.0, 1.0)
+    cosine[denominator == 0.0] = 1.0  # acos(1.0) is 0.0, what _angle returns for a zero vector
+    angle = np.array(list(map(math.acos, cosine.tolist())), dtype=float)
+    return np.where(handedness * (a[0] * b[1] - a[1] * b[0]) >= 0.0, angle, -angle)
+
+
+def hypots(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """math.hypot element by element (numpy's hypot can differ from it in the last bit)."""
+    return np.array(list(map(math.hypot, x.tolist(), y.tolist())), dtype=float)
+
+
 class DetectorCoverage:
     """Fraction of a resolution circle around the beam that falls on the detector, and the d of its
     corners (DISTL's Geom2d).
@@ -104,9 +143,34 @@ class DetectorCoverage:
         beam = (geometry.beam_x, geometry.beam_y)
         self.edges = [_Edge(beam, self.corners[n], self.corners[(n + 1) % 4]) for n in range(4)]
 
+    @functools.cached_property
+    def stacked(self) -> dict[str, np.ndarray]:
+        """The edges' circle-free parts side by side (one row per edge), for fractions()."""
+        return {name: np.array([getattr(edge, name) for edge in self.edges]) for name in
+                ("whole", "ortho_length", "ortho", "unit", "left", "right", "left_length", "right_length",
+                 "handedness")}
+
     def __call__(self, d: float) -> float:
         radius = radius_mm(self.g, d)
         return sum(edge(radius) for edge in self.edges) / (2.0 * math.pi)
+
+    def fractions(self, ds) -> np.ndarray:
+        """``self(d)`` for each d, bit for bit, at numpy speed: all (edge, circle) pairs where the circle
+        crosses the edge's line go through ``_Edge.__call__``'s operations at once (``_crossing_angles``),
+        and each circle's edges are summed in the same order."""
+        ds = np.asarray(ds, dtype=float)
+        radius = radii_mm(self.g, ds)
+        finite = np.isfinite(radius)
+        per_edge = self.stacked
+        angles = np.repeat(per_edge["whole"][:, np.newaxis], len(radius), axis=1)  # [edge, circle]
+        edge, circle = np.nonzero(finite & (radius > per_edge["ortho_length"][:, np.newaxis]))
+        if len(edge) < 12:  # numpy's fixed cost would outweigh a few scalar calls
+            angles[edge, circle] = [self.edges[e](r) for e, r in zip(edge.tolist(), radius[circle].tolist())]
+        else:
+            angles[edge, circle] = _crossing_angles({k: v[edge] for k, v in per_edge.items()}, radius[circle])
+        out = sum(angles, 0.0) / (2.0 * math.pi)  # edge rows in order: ((0.0 + edge 0) + edge 1) + ...
+        out[~finite] = [self(d) for d in ds[~finite].tolist()]
+        return out
 
     def corner_resolutions(self) -> list[float]:
         g = self.g
@@ -127,9 +191,29 @@ def radius_mm(geometry: Geometry, d: float) -> float:
     return geometry.distance * math.tan(2.0 * math.asin(ratio))
 
 
+def radii_mm(geometry: Geometry, d: np.ndarray) -> np.ndarray:
+    """``radius_mm`` of each d, bit for bit: math's asin and tan, the arithmetic in numpy."""
+    with np.errstate(divide="ignore"):
+        ratio = geometry.wavelength / (2.0 * np.asarray(d, dtype=float))
+    radius = np.full(ratio.shape, math.inf)
+    on = np.flatnonzero(~(ratio >= 1.0))
+    angle = 2.0 * np.array(list(map(math.asin, ratio[on].tolist())), dtype=float)
+    radius[on] = geometry.distance * np.array(list(map(math.tan, angle.tolist())), dtype=float)
+    return radius
+
+
 def resolution_at_mm(geometry: Geometry, r: float) -> float:
     theta = math.atan2(r, geometry.distance) / 2.0
     return geometry.wavelength / (2.0 * math.sin(theta)) if theta > 0 else math.inf
+
+
+def resolutions_at_mm(geometry: Geometry, r: np.ndarray) -> np.ndarray:
+    """``resolution_at_mm`` of each r, bit for bit: math's atan2 and sin, the arithmetic in numpy."""
+    r = np.asarray(r, dtype=float).tolist()
+    theta = np.array(list(map(math.atan2, r, [geometry.distance] * len(r))), dtype=float) / 2.0
+    sine = np.array(list(map(math.sin, theta.tolist())), dtype=float)
+    with np.errstate(divide="ignore"):
+        return np.where(theta > 0, geometry.wavelength / (2.0 * sine), math.inf)
 
 
 def populations(d_sorted: np.ndarray, limit0: float, rows: int) -> np.ndarray:
@@ -140,13 +224,21 @@ def populations(d_sorted: np.ndarray, limit0: float, rows: int) -> np.ndarray:
     return np.bincount(index, minlength=rows)[:rows]
 
 
+@functools.lru_cache(maxsize=64)
+def _cube_roots(rows: int) -> np.ndarray:
+    """(k + 1) ** (1/3) for k < rows, by Python's pow (numpy's may differ in the last bit); read-only."""
+    roots = np.array([(k + 1) ** (1.0 / 3.0) for k in range(rows)], dtype=float)
+    roots.flags.writeable = False
+    return roots
+
+
 class Shells:
     """Equal reciprocal-volume shells from a target resolution (DISTL's ResolutionShells)."""
 
     def __init__(self, d_sorted: np.ndarray, target: float, coverage: DetectorCoverage):
         rows = int((target / d_sorted[-1]) ** 3) + 1
-        self.limit = np.array([target / (k + 1) ** (1.0 / 3.0) for k in range(rows)])
-        self.fract = np.array([1.0] + [coverage(self.limit[k]) for k in range(1, rows)])
+        self.limit = target / _cube_roots(rows)
+        self.fract = np.concatenate(([1.0], coverage.fractions(self.limit[1:])))
         self.population = populations(d_sorted, target, rows)
         # population per covered fraction; 0 where nothing is covered (a fraction a rounding error below 0
         # divides, as in DISTL)
