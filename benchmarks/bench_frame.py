@@ -1,6 +1,6 @@
 """Time per frame (decode + analysis) and peak memory, ours beside the real DISTL's in the same run.
 
-    python benchmarks/bench_frame.py [FRAME...] [--repeat N] [--stages] [distl.param=value ...]
+    python benchmarks/bench_frame.py [FRAME...] [--repeat N] [--stages] [--no-verify-md5] [distl.param=value ...]
 
 Without frames it uses the PILATUS 6M frames of ../shared/data/real (decompressed into a temporary folder,
 since DISTL cannot read .bz2).  Our figure is the median over ``--repeat`` runs of each frame in one warm
@@ -22,27 +22,27 @@ from peer import THAUMATIN, plain_frames, run_distl
 
 
 
-def ours(frames: list[Path], words: list[str], repeat: int) -> dict:
+def ours(frames: list[Path], words: list[str], repeat: int, verify_md5: bool) -> dict:
     """Run in a child process so its peak RSS is ours alone."""
     code = r"""
 import json, resource, statistics, sys, time
 from spotfinder import analyse, parse_words
 from spotfinder.analysis import retain_freed_memory
-frames, words, repeat = json.loads(sys.argv[1])
+frames, words, repeat, verify_md5 = json.loads(sys.argv[1])
 retain_freed_memory()  # as a worker runs
 params = parse_words(words)
-analyse(frames[0], params)  # warm-up: imports, caches
+analyse(frames[0], params, verify_md5=verify_md5)  # warm-up: imports, caches
 per_frame = {}
 for path in frames:
     times = []
     for _ in range(repeat):
-        t = time.perf_counter(); r = analyse(path, params); times.append(time.perf_counter() - t)
+        t = time.perf_counter(); r = analyse(path, params, verify_md5=verify_md5); times.append(time.perf_counter() - t)
         assert r.status == "ok", r.error
     per_frame[path] = statistics.median(times)
 print(json.dumps({"seconds": per_frame, "maxrss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))
 """
-    out = subprocess.run([sys.executable, "-c", code, json.dumps([[str(f) for f in frames], words, repeat])],
-                         capture_output=True, text=True, check=True)
+    job = json.dumps([[str(f) for f in frames], words, repeat, verify_md5])
+    out = subprocess.run([sys.executable, "-c", code, job], capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -86,6 +86,8 @@ def main(argv=None) -> int:
     ap.add_argument("items", nargs="*", metavar="FRAME|distl.param=value")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--stages", action="store_true", help="also print ms per pipeline stage")
+    ap.add_argument("--no-verify-md5", action="store_true",
+                    help="do not check the Content-MD5 (as DISTL does not; the service's verify_md5: false)")
     args = ap.parse_args(argv)
     words = [w for w in args.items if "=" in w]
     items = [w for w in args.items if "=" not in w]
@@ -95,7 +97,9 @@ def main(argv=None) -> int:
             print("no frames: give FRAME arguments or provide %s" % THAUMATIN)
             return 2
         theirs = run_distl(frames, words)  # first, so the children's peak RSS is DISTL's alone
-        mine = ours(frames, words, args.repeat)
+        mine = ours(frames, words, args.repeat, not args.no_verify_md5)
+        if args.no_verify_md5:
+            print("ours without the Content-MD5 check (verify_md5: false)")
         print("%-22s %10s %10s %7s" % ("frame", "ours ms", "DISTL ms", "ratio"))
         ratios = []
         for f in frames:

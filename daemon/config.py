@@ -57,6 +57,7 @@ class Settings:
     http_timeout_s: float = 10.0
     http_max_connections: int = 128
     log_level: str = "info"
+    verify_md5: bool = True
 
     @property
     def worker_count(self) -> int:
@@ -130,8 +131,9 @@ def validate(raw: dict) -> Settings:
         raise ConfigError("unknown setting %r (known settings: %s)" % (unknown[0], ", ".join(KEYS)))
     values = {f.name: f.default for f in fields(Settings)}
     values.update(raw)
-    if not isinstance(values["polling"], bool):
-        raise ConfigError("polling: expected true or false, got %r" % values["polling"])
+    for name in ("polling", "verify_md5"):
+        if not isinstance(values[name], bool):
+            raise ConfigError("%s: expected true or false, got %r" % (name, values[name]))
     for key in ("poll_interval_s", "incomplete_timeout_s", "reconcile_interval_s", "dispatch_timeout_s",
                 "frame_timeout_s", "worker_liveness_s", "heartbeat_interval_s", "drain_timeout_s", "pub_settle_s",
                 "ondemand_timeout_s", "http_timeout_s", "retention_days"):

@@ -39,13 +39,14 @@ class Expiry:
 
 class Dispatcher:
     def __init__(self, context: zmq.Context, endpoint: str, ledger: Ledger, params: dict,
-                 dispatch_timeout_s: float, max_tries: int, lane: Lane):
+                 dispatch_timeout_s: float, max_tries: int, lane: Lane, verify_md5: bool = True):
         self.socket = context.socket(zmq.PUSH)
         self.socket.setsockopt(zmq.SNDHWM, 1)
         self.socket.setsockopt(zmq.LINGER, 0)  # unsent jobs stay queued in the ledger anyway
         self.socket.bind(endpoint)
         self.ledger = ledger
         self.params = params
+        self.verify_md5 = verify_md5  # sent with every job, so remote workers follow the service's setting
         self.dispatch_timeout_s = dispatch_timeout_s
         self.max_tries = max_tries
         self.lane = lane
@@ -58,7 +59,7 @@ class Dispatcher:
         jobs = self.lane.take(room)
         for n, job in enumerate(jobs):
             try:
-                self.socket.send_json(job.message(), zmq.NOBLOCK)
+                self.socket.send_json(dict(job.message(), verify_md5=self.verify_md5), zmq.NOBLOCK)
             except zmq.Again:
                 for unsent in reversed(jobs[n:]):
                     self.lane.put_back(unsent)
@@ -67,7 +68,8 @@ class Dispatcher:
             sent += 1
         for frame in self.ledger.queued(room - sent):
             try:
-                self.socket.send_json({"id": frame.id, "path": frame.path, "params": self.params}, zmq.NOBLOCK)
+                self.socket.send_json({"id": frame.id, "path": frame.path, "params": self.params,
+                                       "verify_md5": self.verify_md5}, zmq.NOBLOCK)
             except zmq.Again:  # every worker's pipe is full: try again on the next pass
                 break
             self.ledger.mark_dispatched(frame.id, time.monotonic() + self.dispatch_timeout_s)

@@ -110,7 +110,7 @@ class Service:
             self.roll))
         self.dispatcher = self._bind("work", s.work_endpoint, lambda: Dispatcher(
             self.context, s.work_endpoint, self.ledger, s.params().explicit(), s.dispatch_timeout_s, s.max_tries,
-            self.lane))
+            self.lane, s.verify_md5))
         try:
             self.http = HttpServer(*s.http_address, timeout_s=s.http_timeout_s, max_connections=s.http_max_connections)
         except OSError as exc:

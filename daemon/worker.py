@@ -57,7 +57,7 @@ def analyse_job(job: dict) -> tuple[dict, str | None]:
     formatter = FORMATTERS.get(job.get("reply"))
     try:
         params = Params({k: tuple(v) if isinstance(v, list) else v for k, v in (job.get("params") or {}).items()})
-        result = analyse(path, params)
+        result = analyse(path, params, verify_md5=job.get("verify_md5", True))
         return result.as_dict(), formatter(result) if formatter else None
     except Exception as exc:  # a bug or a bad parameter must cost one frame, not the worker
         log.error("analysis of %s raised %s: %s", path, type(exc).__name__, exc)

@@ -21,16 +21,17 @@ def _overrides(params: Params) -> dict:
             "wavelength": params["autoindex_override_wavelength"], "twotheta": params["autoindex_override_twotheta"]}
 
 
-def analyse(path: str, params: Params | None = None, shown_as: str | None = None) -> Result:
+def analyse(path: str, params: Params | None = None, shown_as: str | None = None, verify_md5: bool = True) -> Result:
     """Analyse one frame the DISTL way. Bad frames give ``status="error"`` with a one-line cause.
 
     ``shown_as`` is the name the result and the report use when it differs from the path opened (a
-    service opens the resolved path it checked, and reports the one it was asked about).
+    service opens the resolved path it checked, and reports the one it was asked about).  ``verify_md5``
+    checks the binary section against its Content-MD5 (see ``read_frame``).
     """
     params = params or Params()
     start = time.perf_counter()
     try:
-        frame = read_frame(path, _overrides(params))
+        frame = read_frame(path, _overrides(params), verify_md5)
         if shown_as is not None:
             template, number, _ = name_template(shown_as)
             frame = replace(frame, path=shown_as, template=template, image_number=number)

@@ -47,6 +47,21 @@ def test_bad_frame_gives_error_result(bad_frames, kind, cause):
     assert cause in result.error and "\n" not in result.error
 
 
+def test_md5_check_can_be_turned_off(simulated, tmp_path):
+    """A wrong Content-MD5 over good pixels is refused when checked, and analysed as the original when not."""
+    import re
+
+    data = simulated["paths"]["spots"].read_bytes()
+    wrong = tmp_path / "wrongmd5_0001.cbf"
+    wrong.write_bytes(re.sub(rb"Content-MD5: \S+", b"Content-MD5: AAAAAAAAAAAAAAAAAAAAAA==", data))
+    assert "Content-MD5" in analyse(str(wrong)).error
+    unchecked = analyse(str(wrong), verify_md5=False).as_dict()
+    original = analyse(str(simulated["paths"]["spots"])).as_dict()
+    assert unchecked["status"] == "ok"
+    assert {k: v for k, v in unchecked.items() if k not in ("file", "proc_ms")} == \
+        {k: v for k, v in original.items() if k not in ("file", "proc_ms")}
+
+
 def test_cli_reports_bad_frame_in_one_line(bad_frames):
     proc = run_distl(str(bad_frames["truncated"]))
     assert proc.returncode == 2

@@ -38,6 +38,7 @@ def test_the_documented_example_config_is_valid(tmp_path):
     ({"heartbeat_interval_s": 6, "worker_liveness_s": 5}, "must be at least 3 x heartbeat_interval_s"),
     ({"state_dir": 5}, "state_dir: expected a folder"),
     ({"retention_days": -1}, "retention_days: must be at least 0"),
+    ({"verify_md5": "no"}, "verify_md5: expected true or false"),
 ])
 def test_bad_settings_are_refused_with_a_clear_message(raw, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(")):

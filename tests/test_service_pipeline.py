@@ -229,6 +229,20 @@ def test_incomplete_corrupt_and_vanished_frames_give_error_results(make_service,
     service.wait_status(lambda s: s["frames_failed"] == 2 and s["frames_done"] == 2, what="2 failed, 2 done")
 
 
+def test_verify_md5_off_reaches_the_workers_with_each_job(make_service, subscribe):
+    """With verify_md5: false a frame whose Content-MD5 is wrong (its pixels are fine) is analysed."""
+    import re
+
+    frames = real_frames()
+    service = make_service(verify_md5=False)
+    subscriber = subscribe(service.pub)
+    service.start()
+    data = open(frames[0], "rb").read()
+    (service.watch / "wrongmd5_00001.cbf").write_bytes(re.sub(rb"Content-MD5: \S+", b"Content-MD5: AAAA", data))
+    (result,) = subscriber.settled_results(service, 1, 30)
+    assert result["status"] == "ok" and result["spot_total"] > 0
+
+
 def test_a_frame_that_kills_its_workers_is_failed_after_max_tries(make_service, subscribe):
     frames = real_frames()
     service = make_service(max_tries=2)
