@@ -9,6 +9,7 @@ double precision, as its C++ does: thresholds then fall on the same pixels.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -430,32 +431,55 @@ def _widen_axis(lo, hi, grow, size):
 def classify(pixels: np.ndarray, geometry: Geometry, settings: Settings, region: Region,
              underload: int) -> Classification:
     """Run the three classification cycles; later cycles refine the sample with earlier z-scores."""
-    cycles = [scanbox_windows(geometry, region, box) for box in settings.scanbox_windows]
-    if settings.res_outer is not None:
-        cycles = [[w for w in windows if _window_reaches(geometry, w, settings.res_outer)] for windows in cycles]
-    cycles = [np.array(windows, dtype=np.int64).reshape(-1, 4) for windows in cycles]
+    tiling = Tiling.of(geometry, region, settings.scanbox_windows, settings.res_outer)
     # When every cycle covers the same pixels, the last one rewrites all z-scores, so the earlier ones
     # only need to mark the next cycle's background sample, on the rows it samples: a byte on half the
     # pixels instead of two floats on all.  That holds unless a later window must be widened (its wider
     # sample reads other rows) or a cycle stops early; then everything is classified the long way.
-    if _same_coverage(cycles):
-        result = _run_short(pixels, geometry, settings, underload, cycles)
+    if tiling.same_coverage:
+        result = _run_short(pixels, geometry, settings, underload, tiling)
         if result is not None:
             return result
-    return _run_long(pixels, geometry, settings, underload, cycles)
+    return _run_long(pixels, geometry, settings, underload, tiling.cycles)
+
+
+@dataclass(frozen=True)
+class Tiling:
+    """The windows of each cycle, and what the short path needs to know of them.  The same for every frame
+    of a run (one detector, one geometry), so it is made once: building it is ~2 ms of Python a frame."""
+
+    cycles: tuple[np.ndarray, ...]  # (n, 4) windows (x0, x1, y0, y1) of each cycle, read-only
+    same_coverage: bool
+    sampled_rows: tuple[np.ndarray, ...]  # the rows each cycle after the first samples, read-only
+
+    @staticmethod
+    @functools.lru_cache(maxsize=16)
+    def of(geometry: Geometry, region: Region, boxes: tuple[int, ...], res_outer: float | None) -> Tiling:
+        cycles = [scanbox_windows(geometry, region, box) for box in boxes]
+        if res_outer is not None:
+            cycles = [[w for w in windows if _window_reaches(geometry, w, res_outer)] for windows in cycles]
+        arrays = tuple(_read_only(np.array(windows, dtype=np.int64).reshape(-1, 4)) for windows in cycles)
+        rows = tuple(_read_only(_sampled_rows(windows, geometry.size_slow)) for windows in arrays[1:])
+        return Tiling(arrays, _same_coverage(arrays), rows)
+
+
+def _read_only(array: np.ndarray) -> np.ndarray:
+    array.flags.writeable = False
+    return array
 
 
 def _sampled_rows(windows: np.ndarray, size: int) -> np.ndarray:
     """The rows a cycle's windows take their stride-2 background samples from."""
     rows = np.zeros(size, dtype=np.bool_)
-    for x0, x1 in np.unique(windows[:, :2], axis=0):
+    for x0, x1 in {(int(w[0]), int(w[1])) for w in windows}:
         rows[x0:x1 + 1:2] = True
     return rows
 
 
-def _run_short(pixels, geometry, settings, underload, cycles) -> Classification | None:
+def _run_short(pixels, geometry, settings, underload, tiling: Tiling) -> Classification | None:
     """Cycles before the last only mark the next one's sample; None when that does not hold (a window
     widened after the first cycle, or a cycle stopped early)."""
+    cycles = tiling.cycles
     threshold = float(settings.signal_height)
     usable = _usable(pixels, underload, geometry.saturation, settings.report_overloads)
     # the sample of each cycle; the marks cover every position the next cycle reads, so no copy is needed
@@ -468,7 +492,7 @@ def _run_short(pixels, geometry, settings, underload, cycles) -> Classification 
     for k, windows in enumerate(cycles):
         planes = np.zeros((len(windows), 4))  # a, b, c, sigma
         counts = np.zeros(len(windows), dtype=np.int64)
-        sampled_rows = _sampled_rows(cycles[k + 1], pixels.shape[0]) if k < last else np.zeros(0, dtype=np.bool_)
+        sampled_rows = tiling.sampled_rows[k] if k < last else np.zeros(0, dtype=np.bool_)
         done, widened = _classify_cycle(pixels, sample[k], usable, no_z, flags, sample[min(k + 1, last)], threshold,
                                         spot_height, geometry.saturation, False, k == last, k < last, sampled_rows,
                                         windows, pixels.shape[0], pixels.shape[1], planes, counts)

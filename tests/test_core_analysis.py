@@ -127,7 +127,8 @@ def test_short_classification_path_equals_the_long_one(simulated):
     g = frame.geometry
     settings = effective_settings(Params(), g.family)
     region = background.Region.of(g, settings.margin)
-    cycles = [np.array(background.scanbox_windows(g, region, box)) for box in settings.scanbox_windows]
+    tiling = background.Tiling.of(g, region, settings.scanbox_windows, settings.res_outer)
+    cycles = tiling.cycles
     dead = frame.pixels.copy()
     dead[100:180, 100:400] = -2  # a dead patch: windows over it find too little background
     for pixels in (frame.pixels, dead):
@@ -138,7 +139,7 @@ def test_short_classification_path_equals_the_long_one(simulated):
         assert np.array_equal(quick.z_at(xs, ys), full.z_at(xs, ys))
         assert np.array_equal(quick.local_background(xs, ys), full.local_background(xs, ys))
         assert np.array_equal(quick.window_sample, full.window_sample)
-    assert background._run_short(dead, g, settings, analysis.UNDERLOAD, cycles) is None
+    assert background._run_short(dead, g, settings, analysis.UNDERLOAD, tiling) is None
 
 
 def test_detector_coverage_of_resolution_circles():
