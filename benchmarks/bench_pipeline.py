@@ -1,8 +1,8 @@
 """Pipeline benchmark: PILATUS 6M frames through `spotfinder serve` with 2 workers, beside the real DISTL.
 
 Two phases, both with `spotfinder replay` writing into the watched folder the way a detector does:
-  1. burst: the frames written as fast as possible; frames/s = frames / (last result published - first
-     frame complete), the most the pipeline can do;
+  1. burst: ``--burst`` frames written as fast as possible; frames/s = frames / (last result published -
+     first frame complete), the most the pipeline can do;
   2. sustained: frames written at the detector rate (``--rate``, 25 Hz) for ``--seconds``; it keeps up when
      every result arrives, the achieved rate is the written one and latency (file complete -> result on
      the PUB socket) stays flat: p50/p99 and how many took over 1 s.  The CPU each process used in this
@@ -15,7 +15,8 @@ detector's own server pays, not the analysis host; deleted frames leave pages th
 Then the real DISTL (/work/shared/peer/distl_batch, one process) runs on the same frames in the same run,
 and its per-frame time is printed beside our per-frame analysis time (proc_ms).
 
-    /work/venv/bin/python benchmarks/bench_pipeline.py [--frames N] [--workers 2] [--rate 25] [--seconds 12]
+    /work/venv/bin/python benchmarks/bench_pipeline.py [--frames N] [--workers 2] [--burst 100] [--rate 25]
+                                                       [--seconds 12] [--no-verify-md5]
 """
 from __future__ import annotations
 
@@ -54,6 +55,14 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def peak_rss_mb(pid: int) -> float:
+    """The largest resident size a live process has had (VmHWM), in MB."""
+    for line in Path("/proc/%d/status" % pid).read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024.0
+    return float("nan")
+
+
 def children(pid: int) -> list[int]:
     """The live child processes of ``pid`` (the service's workers)."""
     found = []
@@ -74,7 +83,7 @@ def percentile(values: list[float], fraction: float) -> float:
 class Pipeline:
     """A `spotfinder serve` process on free ports with a SUB socket connected to it."""
 
-    def __init__(self, work: Path, workers: int):
+    def __init__(self, work: Path, workers: int, verify_md5: bool = True):
         self.watch = work / "watch"
         self.watch.mkdir()
         self.http, pub_port, work_port, results_port = free_ports(4)
@@ -83,7 +92,8 @@ class Pipeline:
         config.write_text("\n".join([
             "watch: [%s]" % self.watch, "pub: %s" % self.pub, "http: 127.0.0.1:%d" % self.http,
             "work_endpoint: tcp://127.0.0.1:%d" % work_port, "results_endpoint: tcp://127.0.0.1:%d" % results_port,
-            "workers: %d" % workers, "state_dir: %s" % (work / "state"), "log_level: warning", ""]))
+            "workers: %d" % workers, "state_dir: %s" % (work / "state"), "log_level: warning",
+            "verify_md5: %s" % str(verify_md5).lower(), ""]))
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
         self.env = env
         self.process = subprocess.Popen([sys.executable, "-m", "daemon.commands", "serve", "--config", str(config)],
@@ -136,6 +146,7 @@ class Pipeline:
         log.close()
         wall = time.monotonic() - started
         cpu = {pid: cpu_seconds(pid) - before for pid, before in cpu_before.items()}
+        worker_rss = max(peak_rss_mb(pid) for pid in workers)
         reaped = resource.getrusage(resource.RUSAGE_CHILDREN)  # the replay process, now finished
         replay_cpu = reaped.ru_utime + reaped.ru_stime - reaped_before.ru_utime - reaped_before.ru_stime
         shares = {"service": cpu[self.process.pid], "workers": sum(cpu[pid] for pid in workers), "replay": replay_cpu}
@@ -155,6 +166,7 @@ class Pipeline:
                 "latency_p99_s": percentile(latencies, 0.99), "over_1s": sum(t > 1.0 for t in latencies),
                 "proc_ms_mean": statistics.mean(m["proc_ms"] for _, m in arrived.values()),
                 "errors": sum(m["status"] != "ok" for _, m in arrived.values()),
+                "worker_peak_rss_mb": worker_rss,
                 "cpu_ms_per_frame": {k: 1000.0 * v / count for k, v in shares.items()},
                 "cpu_share": {k: v / (wall * os.cpu_count()) for k, v in shares.items()}}
 
@@ -172,8 +184,10 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--frames", type=int, default=19, help="distinct 6M frames to use (default 19)")
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--burst", type=int, default=100, help="burst phase: frames written at once (default 100)")
     parser.add_argument("--rate", type=float, default=25.0, help="sustained phase: frames/s written (default 25)")
     parser.add_argument("--seconds", type=float, default=12.0, help="sustained phase: how long (default 12 s)")
+    parser.add_argument("--no-verify-md5", action="store_true", help="run the service with verify_md5: false")
     parser.add_argument("--json", action="store_true", help="print the figures as one JSON object too")
     args = parser.parse_args()
     if not THAUMATIN.is_dir():
@@ -183,15 +197,16 @@ def main() -> int:
         work = Path(tmp)
         (work / "frames").mkdir()
         frames = thaumatin_frames(work / "frames", args.frames)
-        pipeline = Pipeline(work, args.workers)
+        pipeline = Pipeline(work, args.workers, not args.no_verify_md5)
         try:
-            burst = pipeline.run(frames, len(frames), None, "burst_#####.cbf")
+            burst = pipeline.run(frames, args.burst, None, "burst_#####.cbf")
             sustained = pipeline.run(frames, round(args.rate * args.seconds), args.rate, "paced_#####.cbf")
         finally:
             pipeline.close()
         distl = per_frame(run_distl(frames))
     ours_s = sustained["proc_ms_mean"] / 1000.0
-    print("PILATUS 6M, %d distinct frames, %d workers, %d cores" % (len(frames), args.workers, os.cpu_count()))
+    print("PILATUS 6M, %d distinct frames, %d workers, %d cores, Content-MD5 %s" % (
+        len(frames), args.workers, os.cpu_count(), "not checked" if args.no_verify_md5 else "checked"))
     print("  burst (%d frames):         %6.2f frames/s" % (burst["frames"], burst["frames_per_s"]))
     print("  sustained, written at %g Hz for %g s (%d frames): results published at %.2f frames/s, none lost"
           % (args.rate, args.seconds, sustained["frames"], sustained["published_per_s"]))
@@ -201,6 +216,7 @@ def main() -> int:
     print("    CPU per frame: %s" % ", ".join("%s %.1f ms (%.0f%% of the machine)"
                                                % (k, v, 100 * sustained["cpu_share"][k])
                                                for k, v in sustained["cpu_ms_per_frame"].items()))
+    print("    largest worker resident size: %.0f MB" % sustained["worker_peak_rss_mb"])
     print("  analysis per frame (ours): %6.3f s mean proc_ms" % ours_s)
     if distl:
         print("  real DISTL per frame:      %6.3f s mean (%d frames, one process)"
