@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import ctypes
+import os
 import platform
 import time
 from dataclasses import replace
@@ -203,7 +204,9 @@ def _bin_tables(frame, found, shape, chain, g, coverage, cls, params) -> list:
                 cols["MeanIsigI"][k] = float(np.mean(ratios))
         columns = {"Limit": list(limits), "Population": [int(p) for p in pops], "Missing": list(missing),
                    "Fract": fract, "PxlBkgrd": pxl, "MnWndwSz": wsz, **cols}
-        tables.append(report.BinTable(message=message % frame.path, columns=columns, legend=not tables))
+        # DISTL names the frame by its absolute path here, even when it was given a relative one
+        tables.append(report.BinTable(message=message % os.path.abspath(frame.path), columns=columns,
+                                      legend=not tables))
     return tables
 
 

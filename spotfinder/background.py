@@ -4,8 +4,10 @@ Each cycle fits a plane to the background sample of every scanbox window and tur
 into a z-score against that plane.  The sample of a cycle excludes pixels the previous cycle found to be
 signal, so spots do not lift their own background.  The per-window loop is a numba kernel: it is the
 largest cost of the analysis, and compiled it takes milliseconds where numpy needs hundreds per 6M frame.
-Z and the local background are kept as float32, as libdistl keeps them, and compared with thresholds in
-double precision, as its C++ does: thresholds then fall on the same pixels.
+Z is rounded to float32, as libdistl keeps it, and compared with thresholds in double precision, as its
+C++ does: thresholds then fall on the same pixels.  The later stages test nothing of z but its thresholds,
+so the last cycle writes each pixel's classes (a byte) instead of z (a float), and z and the background
+plane are computed afterwards only at the pixels that need them.
 """
 from __future__ import annotations
 
@@ -296,7 +298,8 @@ def _classify_cycle(values, background, usable, z, flags, next_background, thres
                     store_z, store_flags, mark, sampled_rows, windows, size_x, size_y, planes, samples):
     """One cycle over all windows; returns how many windows were done (fewer when one found too little
     background even widened to MAX_WINDOW, libdistl's "cannot distinguish signal/background") and whether
-    any window had to be widened.  ``planes`` gets each window's (a, b, c), ``samples`` its sample size.
+    any window had to be widened.  ``planes`` gets each window's (a, b, c, sigma), ``samples`` its sample
+    size.
 
     Windows come in bands that share their rows; each band is swept row by row across all its windows,
     since walking a 6M frame window by window (short rows far apart) runs several times slower.

@@ -295,6 +295,8 @@ def _show(value: object) -> str:
         return '"%s"' % value
     if isinstance(value, tuple):
         return " ".join(_show(v) for v in value)
+    if isinstance(value, float):
+        return "%.10g" % value  # phil's float format: 20.0 prints as 20
     return str(value)
 
 
@@ -303,8 +305,6 @@ def listing(params: Params, max_expert_level: int = 1) -> str:
     lines: list[str] = []
     open_scopes: list[str] = []
     for p in PARAMETERS:
-        if p.expert_level > max_expert_level:
-            continue
         *scopes, name = p.path.split(".")
         common = 0
         while common < min(len(scopes), len(open_scopes)) and scopes[common] == open_scopes[common]:
@@ -315,7 +315,8 @@ def listing(params: Params, max_expert_level: int = 1) -> str:
         for scope in scopes[common:]:
             lines.append("  " * len(open_scopes) + scope + " {")
             open_scopes.append(scope)
-        lines.append("  " * len(open_scopes) + "%s = %s" % (name, _show(params[p.path])))
+        if p.expert_level <= max_expert_level:  # a scope is shown even when all it holds is hidden, as phil does
+            lines.append("  " * len(open_scopes) + "%s = %s" % (name, _show(params[p.path])))
     while open_scopes:
         open_scopes.pop()
         lines.append("  " * len(open_scopes) + "}")

@@ -85,3 +85,18 @@ def test_synthetic_probe_frames_match_the_captured_cli(capture):
     expected = "".join(line for line in text.splitlines(keepends=True) if not line.startswith("WALL_"))
     result = analyse(str(frame), parse_words(words))
     assert format_body(result).replace(str(frame.parent) + "/", "<DIR>/") == expected
+
+
+@pytest.mark.parametrize("capture", sorted(PROBE_CASES))
+def test_the_whole_cli_text_is_the_captured_one(capture, monkeypatch, capsys):
+    """Banner, parameter echo (phil's empty scopes and float format included) and body, byte for byte."""
+    from daemon.cli import distl_signal_strength
+
+    if not (PROBE / capture).exists():
+        pytest.skip("DISTL's captured outputs live in ../shared/peer/probe; not present in this checkout")
+    number, words = PROBE_CASES[capture]
+    expected = "".join(line for line in (PROBE / capture).read_text().splitlines(keepends=True)
+                       if not line.startswith("WALL_"))
+    monkeypatch.chdir(PROBE)  # the captures name the frame relative to it (and show its folder as <DIR>)
+    assert distl_signal_strength(["raster_1_%s.cbf" % number, *words]) == 0
+    assert capsys.readouterr().out.replace(str(PROBE) + "/", "<DIR>/") == expected
