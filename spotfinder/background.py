@@ -33,6 +33,8 @@ STRONG = 4  # z > the spot height: maxima and spot growth
 SATURATED = 8  # value >= the saturation (Count_cutoff)
 ICE_MEDIAN_Z = 0.0  # the z-score at 45% of an ice ring's sorted pixels must reach this ...
 ICE_UPPER_Z = 1.5  # ... and the one at 80% this
+assert np.float32(ICE_MEDIAN_Z) == ICE_MEDIAN_Z and np.float32(ICE_UPPER_Z) == ICE_UPPER_Z  # tested in float32
+assert (BELOW_MEDIAN, BELOW_UPPER, STRONG, SATURATED) == (1, 2, 4, 8)  # the bits _pixel_flags sets
 
 
 @dataclass(frozen=True)
@@ -397,17 +399,18 @@ def _flag_row(value_row, flag_row, row_plane, b, c, scale, spot_height, saturati
 
 @njit(cache=True, inline="always")
 def _pixel_flags(z, value, spot_height, saturation):
-    """The classes of a pixel from its float32 z (compared in double, as libdistl compares) and its value."""
-    flags = np.uint8(0)
-    if z < ICE_MEDIAN_Z:
-        flags |= np.uint8(BELOW_MEDIAN)
-    if z < ICE_UPPER_Z:
-        flags |= np.uint8(BELOW_UPPER)
-    if z > spot_height:
-        flags |= np.uint8(STRONG)
-    if value >= saturation:
-        flags |= np.uint8(SATURATED)
-    return flags
+    """The classes of a pixel from its float32 z and its value.  ``spot_height`` is ``float32_at_most`` of
+    the double threshold, so that the float32 tests here are exactly libdistl's double ones (and run twice as
+    wide); the ice thresholds are float32 numbers."""
+    # bits 0-3: BELOW_MEDIAN, BELOW_UPPER, STRONG, SATURATED (shifts of int32 vectorise; products are int64)
+    return np.uint8(np.int32(z < np.float32(ICE_MEDIAN_Z)) | (np.int32(z < np.float32(ICE_UPPER_Z)) << 1)
+                    | (np.int32(z > spot_height) << 2) | (np.int32(value >= saturation) << 3))
+
+
+def float32_at_most(threshold: float) -> np.float32:
+    """The largest float32 not above ``threshold``: for a float32 z, z > it exactly when z > threshold."""
+    f = np.float32(threshold)
+    return np.nextafter(f, np.float32(-np.inf)) if float(f) > threshold else f
 
 
 @njit(cache=True, error_model="numpy")
@@ -487,7 +490,7 @@ def _run_short(pixels, geometry, settings, underload, tiling: Tiling) -> Classif
     usable = _usable(pixels, underload, geometry.saturation, settings.report_overloads)
     # the sample of each cycle; the marks cover every position the next cycle reads, so no copy is needed
     sample = [usable if 0.0 < threshold else np.zeros_like(usable)] + [np.zeros_like(usable) for _ in cycles[1:]]
-    spot_height = float(settings.spot_height)
+    spot_height = float32_at_most(settings.spot_height)
     flags = np.empty(pixels.shape, dtype=np.uint8)  # the last cycle classes every covered pixel
     _flag_outside(flags, pixels, cycles[-1], spot_height, geometry.saturation)
     no_z = np.zeros((0, 0), dtype=np.float32)  # this path keeps no z: the classes are all the stages test
@@ -509,7 +512,7 @@ def _run_long(pixels, geometry, settings, underload, cycles) -> Classification:
     z = np.zeros(pixels.shape, dtype=np.float32)
     flags = np.empty(pixels.shape, dtype=np.uint8)  # set from the final z at the end
     threshold = float(settings.signal_height)
-    spot_height = float(settings.spot_height)
+    spot_height = float32_at_most(settings.spot_height)
     usable = _usable(pixels, underload, geometry.saturation, settings.report_overloads)
     background = usable if 0.0 < threshold else np.zeros_like(usable)  # z starts at 0 everywhere
     written = []

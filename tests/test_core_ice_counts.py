@@ -88,7 +88,20 @@ def test_classes_compare_float32_z_with_double_thresholds():
     reached by z = 3 (compared in float32 it would be); saturation is value >= the cutoff."""
     z = np.array([[-0.0, np.nextafter(np.float32(1.5), np.float32(0)), 1.5, 3.0]], dtype=np.float32)
     flags = np.empty(z.shape, dtype=np.uint8)
-    background._flag_all(z, flags, np.array([[0, 0, 99, 100]], dtype=np.int32), 3.0000000001, 100)
+    height = background.float32_at_most(3.0000000001)
+    background._flag_all(z, flags, np.array([[0, 0, 99, 100]], dtype=np.int32), height, 100)
     assert flags.tolist() == [[BELOW_UPPER, BELOW_UPPER, 0, background.SATURATED]]
-    background._flag_all(z, flags, np.zeros(z.shape, dtype=np.int32), 2.9999999999, 100)
+    background._flag_all(z, flags, np.zeros(z.shape, dtype=np.int32), background.float32_at_most(2.9999999999), 100)
     assert flags[0, 3] == background.STRONG
+
+
+def test_float32_threshold_decides_as_the_double_one():
+    """z > float32_at_most(h) exactly when z > h, for float32 z: h representable or not, around the nearest
+    float32 values."""
+    rng = np.random.default_rng(5)
+    for h in [3.0, 2.5, 0.1, 1e-9, 7.3, 123456.789, *rng.uniform(0.01, 20.0, size=200)]:
+        h32 = background.float32_at_most(h)
+        near = np.float32(h)
+        zs = [near, np.nextafter(near, np.float32(np.inf)), np.nextafter(near, np.float32(-np.inf)), h32]
+        for z in zs:
+            assert (np.float32(z) > h32) == (float(np.float32(z)) > h), (h, z)
