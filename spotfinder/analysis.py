@@ -93,7 +93,7 @@ def analyse_frame(frame: Frame, params: Params) -> Result:
         tables = _bin_tables(frame, final, shape, chain, pg, coverage, cls, params)
     listing = None
     if params["distl.verbose"]:
-        listing = [_listing(final, i, pixels, wts_sum, wts_max) for i in focus]
+        listing = [_listing(final, i, pixels, cls) for i in focus]
     result = Result(
         path=frame.path, file=frame.label, image_number=frame.image_number,
         spot_total=len(final),
@@ -119,13 +119,17 @@ def analyse_frame(frame: Frame, params: Params) -> Result:
     return result
 
 
-def _listing(found: spots.Spots, i: int, pixels: np.ndarray, wts_sum, wts_max) -> report.SpotListing:
-    bx, by, wts = found.body(i)
+def _listing(found: spots.Spots, i: int, pixels: np.ndarray, cls: background.Classification) -> report.SpotListing:
+    """One spot of the distl.verbose listing.  Its heights above background are value minus the unrounded
+    plane, not the float32 weights the spot's shape and signal use: DISTL's listing differs from those in
+    the first decimal where a value sits on a rounding boundary."""
+    bx, by, _ = found.body(i)
+    heights = cls.above_background(bx, by)
     px, py = int(found.peak_x[i]), int(found.peak_y[i])
     return report.SpotListing(
-        area=int(found.area[i]), peak_wts=wts_max[i], signal=wts_sum[i], peak_z=float(found.intensity[i]),
-        x=px, y=py, value=int(pixels[px, py]),
-        body=[(int(x), int(y), int(pixels[x, y]), float(w)) for x, y, w in zip(bx, by, wts)])
+        area=int(found.area[i]), peak_wts=float(heights.max()), signal=float(heights.sum()),
+        peak_z=float(found.intensity[i]), x=px, y=py, value=int(pixels[px, py]),
+        body=[(int(x), int(y), int(pixels[x, y]), float(h)) for x, y, h in zip(bx, by, heights)])
 
 
 TABLE_MESSAGES = (

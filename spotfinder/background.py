@@ -70,6 +70,12 @@ class Classification:
         covered, plane, _ = self._planes_at(x, y)
         return np.where(covered, plane, 0.0).astype(np.float32)
 
+    def above_background(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        """Value minus the background plane at pixels (x, y), in double: a spot's weights, which libdistl
+        takes from the unrounded plane (its listing shows the difference in the first decimal)."""
+        covered, plane, _ = self._planes_at(x, y)
+        return self.pixels[x, y] - np.where(covered, plane, 0.0)
+
     def z_at(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
         """The float32 z-score at pixels (x, y)."""
         covered, plane, sigma = self._planes_at(x, y)
