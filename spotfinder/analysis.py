@@ -93,7 +93,8 @@ def analyse_frame(frame: Frame, params: Params) -> Result:
         tables = _bin_tables(frame, final, shape, chain, pg, coverage, cls, params)
     listing = None
     if params["distl.verbose"]:
-        listing = [_listing(final, i, pixels, cls) for i in focus]
+        heights = cls.above_background(final.body_x, final.body_y)
+        listing = [_listing(final, i, pixels, heights) for i in focus]
     result = Result(
         path=frame.path, file=frame.label, image_number=frame.image_number,
         spot_total=len(final),
@@ -119,12 +120,12 @@ def analyse_frame(frame: Frame, params: Params) -> Result:
     return result
 
 
-def _listing(found: spots.Spots, i: int, pixels: np.ndarray, cls: background.Classification) -> report.SpotListing:
-    """One spot of the distl.verbose listing.  Its heights above background are value minus the unrounded
-    plane, not the float32 weights the spot's shape and signal use: DISTL's listing differs from those in
-    the first decimal where a value sits on a rounding boundary."""
+def _listing(found: spots.Spots, i: int, pixels: np.ndarray, all_heights: np.ndarray) -> report.SpotListing:
+    """One spot of the distl.verbose listing.  Its heights above background (``all_heights``, per body pixel
+    of all spots) are value minus the unrounded plane, not the float32 weights the spot's shape and signal
+    use: DISTL's listing differs from those in the first decimal where a value sits on a rounding boundary."""
     bx, by, _ = found.body(i)
-    heights = cls.above_background(bx, by)
+    heights = all_heights[found.starts[i]:found.starts[i + 1]]
     px, py = int(found.peak_x[i]), int(found.peak_y[i])
     return report.SpotListing(
         area=int(found.area[i]), peak_wts=float(heights.max()), signal=float(heights.sum()),
@@ -152,7 +153,7 @@ def _bin_tables(frame, found, shape, chain, g, coverage, cls, params) -> list:
         last_d_star = 1.0 / free_d[-1]
     fraction = last_d_star ** 3 / rows
     limits = np.array([1.0 / ((k + 1) * fraction) ** (1.0 / 3.0) for k in range(rows)])
-    fract = [coverage(v) for v in limits]
+    fract = coverage.fractions(limits).tolist()
     missing = resolution.missing_cone(limits, g.wavelength)
     window_d = background.pixel_resolution(frame.geometry, cls.window_centres[:, 0], cls.window_centres[:, 1])
     order = np.argsort(-window_d, kind="stable")

@@ -71,8 +71,9 @@ class Classification:
         return np.where(covered, plane, 0.0).astype(np.float32)
 
     def above_background(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
-        """Value minus the background plane at pixels (x, y), in double: a spot's weights, which libdistl
-        takes from the unrounded plane (its listing shows the difference in the first decimal)."""
+        """Value minus the unrounded background plane at pixels (x, y), in double: the heights DISTL's
+        distl.verbose listing shows (a spot's weights, from the float32 plane, can differ in the first
+        decimal)."""
         covered, plane, _ = self._planes_at(x, y)
         return self.pixels[x, y] - np.where(covered, plane, 0.0)
 
@@ -88,8 +89,7 @@ class Classification:
         x, y = np.asarray(x, dtype=np.int64), np.asarray(y, dtype=np.int64)
         covered = np.zeros(x.shape, dtype=bool)
         plane, sigma = np.zeros(x.shape), np.zeros(x.shape)
-        for windows, planes in reversed(self.written):
-            band_of_row, window_at = _window_map(windows, self.flags.shape[0], self.flags.shape[1])
+        for (windows, planes), (band_of_row, window_at) in zip(reversed(self.written), reversed(self._window_maps)):
             band = band_of_row[x]
             w = np.where(band >= 0, window_at[np.maximum(band, 0), y], -1)
             hit = ~covered & (w >= 0)
@@ -99,6 +99,11 @@ class Classification:
             sigma[hit] = planes[w, 3]
             covered |= hit
         return covered, plane, sigma
+
+    @functools.cached_property
+    def _window_maps(self) -> list[tuple[np.ndarray, np.ndarray]]:
+        """``_window_map`` of each cycle in ``written``, made once for all the lookups of a frame."""
+        return [_window_map(windows, *self.flags.shape) for windows, _ in self.written]
 
 
 @njit(cache=True)
