@@ -16,14 +16,13 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from urllib.parse import quote
 
 from bench_pipeline import free_ports, per_frame, percentile
-from peer import REPO, THAUMATIN, run_distl, thaumatin_frames
+from peer import REPO, run_distl, thaumatin_present, thaumatin_workspace
 
 WARM_UP_REQUESTS = 4  # the first frame in each worker compiles the numba kernels
 
@@ -106,13 +105,9 @@ def main() -> int:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--json", action="store_true", help="print the figures as one JSON object too")
     args = parser.parse_args()
-    if not THAUMATIN.is_dir():
-        print("benchmark skipped: %s not found" % THAUMATIN, file=sys.stderr)
+    if not thaumatin_present():
         return 0
-    with tempfile.TemporaryDirectory(prefix="bench-http-") as tmp:
-        work = Path(tmp)
-        (work / "frames").mkdir()
-        frames = thaumatin_frames(work / "frames", args.frames)
+    with thaumatin_workspace("bench-http-", args.frames) as (work, frames):
         service = Service(work, work / "frames", args.workers, queue=2 * max(args.concurrency))
         try:
             for frame in frames[:WARM_UP_REQUESTS]:

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import zmq
 
-from peer import REPO, THAUMATIN, run_distl, thaumatin_frames
+from peer import REPO, run_distl, thaumatin_present, thaumatin_workspace
 
 sys.path.insert(0, str(REPO / "tests"))
 from service_helpers import free_ports  # noqa: E402  (the tests' one way of picking distinct ports)
@@ -190,13 +190,9 @@ def main() -> int:
     parser.add_argument("--no-verify-md5", action="store_true", help="run the service with verify_md5: false")
     parser.add_argument("--json", action="store_true", help="print the figures as one JSON object too")
     args = parser.parse_args()
-    if not THAUMATIN.is_dir():
-        print("benchmark skipped: %s not found" % THAUMATIN, file=sys.stderr)
+    if not thaumatin_present():
         return 0
-    with tempfile.TemporaryDirectory(prefix="bench-pipeline-") as tmp:
-        work = Path(tmp)
-        (work / "frames").mkdir()
-        frames = thaumatin_frames(work / "frames", args.frames)
+    with thaumatin_workspace("bench-pipeline-", args.frames) as (work, frames):
         pipeline = Pipeline(work, args.workers, not args.no_verify_md5)
         try:
             burst = pipeline.run(frames, args.burst, None, "burst_#####.cbf")

@@ -6,6 +6,7 @@ runs in one process through ``../shared/peer/distl_batch`` (set up once by ``../
 from __future__ import annotations
 
 import bz2
+import contextlib
 import gzip
 import json
 import os
@@ -13,6 +14,7 @@ import resource
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -42,6 +44,22 @@ def plain_frames(sources, into: Path) -> dict[str, Path]:
 def thaumatin_frames(into: Path, limit: int = 19) -> list[str]:
     """The PILATUS3 6M frames (one per frame number) as plain .cbf paths."""
     return [str(p) for p in list(plain_frames(THAUMATIN.glob("thau_3_2_*.cbf*"), into).values())[:limit]]
+
+
+def thaumatin_present() -> bool:
+    """Whether the shared PILATUS3 6M frames are there; when not, says so on stderr (the benchmark skips)."""
+    if not THAUMATIN.is_dir():
+        print("benchmark skipped: %s not found" % THAUMATIN, file=sys.stderr)
+    return THAUMATIN.is_dir()
+
+
+@contextlib.contextmanager
+def thaumatin_workspace(prefix: str, limit: int):
+    """A temporary working folder, and ``limit`` PILATUS3 6M frames as plain CBFs in its "frames" folder."""
+    with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
+        work = Path(tmp)
+        (work / "frames").mkdir()
+        yield work, thaumatin_frames(work / "frames", limit)
 
 
 def run_distl(frames, words=()) -> dict | None:
