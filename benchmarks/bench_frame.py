@@ -27,8 +27,8 @@ def ours(frames: list[Path], words: list[str], repeat: int, verify_md5: bool) ->
     """Run in a child process so its peak RSS is ours alone."""
     code = r"""
 import json, resource, statistics, sys, time
-from spotfinder import analyse, parse_words
-from spotfinder.analysis import retain_freed_memory
+from spotfinder_core import analyse, parse_words
+from spotfinder_core.analysis import retain_freed_memory
 frames, words, repeat, verify_md5 = json.loads(sys.argv[1])
 retain_freed_memory()  # as a worker runs
 params = parse_words(words)
@@ -49,8 +49,8 @@ print(json.dumps({"seconds": per_frame, "maxrss_kb": resource.getrusage(resource
 
 def stage_profile(path: Path, words: list[str]) -> dict[str, float]:
     """ms per pipeline stage on one frame (median of 5, kernels compiled first), for the performance table."""
-    from spotfinder import analysis, background, heuristics, ice, read_frame, resolution, spots
-    from spotfinder.params import effective_settings, parse_words
+    from spotfinder_core import analysis, background, heuristics, ice, read_frame, resolution, spots
+    from spotfinder_core.params import effective_settings, parse_words
 
     params = parse_words(words)
     analysis.retain_freed_memory()

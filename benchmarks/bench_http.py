@@ -39,7 +39,7 @@ class Service:
             "workers: %d" % workers, "ondemand_queue: %d" % queue, "state_dir: %s" % (work / "state"),
             "log_level: warning", ""]))
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
-        self.process = subprocess.Popen([sys.executable, "-m", "daemon.commands", "serve", "--config", str(config)],
+        self.process = subprocess.Popen([sys.executable, "-m", "spotfinder_daemon.commands", "serve", "--config", str(config)],
                                         env=env, start_new_session=True)
         deadline = time.monotonic() + 60
         while self._workers_alive() < workers:

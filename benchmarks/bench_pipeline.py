@@ -96,7 +96,7 @@ class Pipeline:
             "verify_md5: %s" % str(verify_md5).lower(), ""]))
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
         self.env = env
-        self.process = subprocess.Popen([sys.executable, "-m", "daemon.commands", "serve", "--config", str(config)],
+        self.process = subprocess.Popen([sys.executable, "-m", "spotfinder_daemon.commands", "serve", "--config", str(config)],
                                         env=env, start_new_session=True)
         self.context = zmq.Context()
         self.sub = self.context.socket(zmq.SUB)
@@ -118,7 +118,7 @@ class Pipeline:
 
     def run(self, frames: list[str], count: int, rate: float | None, template: str) -> dict:
         """Replay ``count`` frames; per file, when it became complete and when its result arrived."""
-        command = [sys.executable, "-m", "daemon.commands", "replay", *frames, "--to", str(self.watch),
+        command = [sys.executable, "-m", "spotfinder_daemon.commands", "replay", *frames, "--to", str(self.watch),
                    "--count", str(count), "--template", template]
         if rate:
             command += ["--rate", "%g" % rate]

@@ -16,8 +16,8 @@ import tempfile
 from pathlib import Path
 
 from peer import SHARED, plain_frames
-from spotfinder import analyse, parse_words
-from spotfinder.report import format_body
+from spotfinder_core import analyse, parse_words
+from spotfinder_core.report import format_body
 
 SETS = {"default": [], "res4.9_bins": ["distl.res.outer=4.9", "distl.bins.verbose=True"],
         "bins": ["distl.bins.verbose=True"]}

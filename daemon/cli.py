@@ -6,10 +6,10 @@ import json
 import os
 import sys
 
-from spotfinder import ParameterError, Params, analyse, parse_words
-from spotfinder.analysis import retain_freed_memory
-from spotfinder.params import listing
-from spotfinder.report import BANNER, format_body
+from spotfinder_core import ParameterError, Params, analyse, parse_words
+from spotfinder_core.analysis import retain_freed_memory
+from spotfinder_core.params import listing
+from spotfinder_core.report import BANNER, format_body
 
 EXIT_OK, EXIT_USAGE = 0, 2
 
@@ -129,14 +129,14 @@ def find(args: argparse.Namespace) -> int:
 
 def distl_thin_client(argv: list[str] | None = None) -> int:
     """``distl.thin_client FRAME|EXIT HOST PORT``: DISTL's client of the old server's POST protocol."""
-    from daemon.legacy import thin_client
+    from spotfinder_daemon.legacy import thin_client
 
     return thin_client(sys.argv[1:] if argv is None else argv)
 
 
 def distl_mp_spotfinder_server_read_file(argv: list[str] | None = None) -> int:
     """``distl.mp_spotfinder_server_read_file distl.port=P distl.processors=N ...``: the service, the old way."""
-    from daemon.legacy import mp_spotfinder_server_read_file
+    from spotfinder_daemon.legacy import mp_spotfinder_server_read_file
 
     return mp_spotfinder_server_read_file(sys.argv[1:] if argv is None else argv)
 
@@ -149,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="one JSON object per frame per line")
     p.set_defaults(func=find)
     try:
-        from daemon.commands import add_service_commands
+        from spotfinder_daemon.commands import add_service_commands
     except ImportError:
         pass
     else:

@@ -1,7 +1,7 @@
 """The service subcommands of ``spotfinder``: serve, worker, listen, replay, stop.
 
 ``add_service_commands(subparsers)`` adds them to the main parser; each sets ``func=handler(args) -> int``.
-``python -m daemon.commands ...`` runs them without the rest of the CLI.
+``python -m spotfinder_daemon.commands ...`` runs them without the rest of the CLI.
 """
 from __future__ import annotations
 

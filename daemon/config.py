@@ -12,7 +12,7 @@ from pathlib import Path
 
 import yaml
 
-from spotfinder import ParameterError, parse_words
+from spotfinder_core import ParameterError, parse_words
 
 
 class ConfigError(ValueError):

@@ -9,7 +9,7 @@ goes back to the queue free of charge; one whose worker died or overran ``frame_
 with a try counted against it, and after ``max_tries`` it is failed instead of looping.  A worker that
 overran the frame timeout is reported as hung, for the service to kill.  Deadlines are ``time.monotonic()``.
 
-On-demand jobs (HTTP queries, :mod:`daemon.ondemand`) share the same credit and go first: a query waits
+On-demand jobs (HTTP queries, :mod:`spotfinder_daemon.ondemand`) share the same credit and go first: a query waits
 at most for the frames its worker already holds, never for the watcher's backlog.  The lane keeps its
 own resend rules; the dispatcher only tells it when time passes and workers are lost.
 """

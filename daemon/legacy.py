@@ -19,7 +19,7 @@ import socket
 import sys
 import time
 
-from spotfinder import ParameterError, parse_words
+from spotfinder_core import ParameterError, parse_words
 
 from . import config
 from .config import ConfigError

@@ -1,7 +1,7 @@
 """Local worker processes: start N, notice the ones that die, start replacements.
 
 Used by the service and by ``spotfinder worker`` on other hosts.  The pool names each process it starts
-(``--id``, see :mod:`daemon.roll`), so deaths match the roll and the ledger by id, never by a pid the
+(``--id``, see :mod:`spotfinder_daemon.roll`), so deaths match the roll and the ledger by id, never by a pid the
 kernel may have recycled.  Each worker exits by itself if we disappear (``--parent``), so a killed service
 leaves no orphans.
 """
@@ -25,7 +25,7 @@ class WorkerPool:
     def __init__(self, count: int, work_endpoint: str, results_endpoint: str, heartbeat_s: float = 1.0,
                  log_level: str = "info"):
         self.count = count
-        self.command = [sys.executable, "-m", "daemon.worker", "--work", work_endpoint, "--results", results_endpoint,
+        self.command = [sys.executable, "-m", "spotfinder_daemon.worker", "--work", work_endpoint, "--results", results_endpoint,
                         "--heartbeat", str(heartbeat_s), "--parent", str(os.getpid()), "--log-level", log_level]
         self.processes: list[subprocess.Popen | None] = [None] * count
         self.ids: list[str | None] = [None] * count
@@ -34,12 +34,8 @@ class WorkerPool:
         self.stopping = False  # the service is shutting down: nothing is restarted any more
 
     def _spawn(self, slot: int) -> None:
-        env = dict(os.environ)
-        package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
         self.ids[slot] = new_worker_id()
-        self.processes[slot] = subprocess.Popen(self.command + ["--id", self.ids[slot]], env=env,
-                                                stdin=subprocess.DEVNULL)
+        self.processes[slot] = subprocess.Popen(self.command + ["--id", self.ids[slot]], stdin=subprocess.DEVNULL)
         self.started_at[slot] = time.monotonic()
         log.info("started worker %s (pid %d)", self.ids[slot], self.processes[slot].pid)
 

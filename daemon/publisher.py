@@ -18,8 +18,8 @@ from datetime import datetime, UTC
 
 import zmq
 
-from spotfinder.image import name_template
-from spotfinder.result import FIELDS, Result
+from spotfinder_core.image import name_template
+from spotfinder_core.result import FIELDS, Result
 
 from .roll import HOST
 

@@ -1,6 +1,6 @@
 """On-demand queries over HTTP: DISTL's legacy URLs (byte-identical text) and the JSON API.
 
-Routes (registered on the service's :class:`~daemon.http.HttpServer`):
+Routes (registered on the service's :class:`~spotfinder_daemon.http.HttpServer`):
 
 * ``GET /spotfinder/distl.signal_strength?distl.image=...&...`` (any path no other route names: DISTL's
   server ignored it): DISTL's text, with DISTL's error texts at status 200; ``format=json`` gives JSON;
@@ -23,8 +23,8 @@ import os
 from collections.abc import Callable
 from urllib.parse import parse_qs
 
-from spotfinder import ParameterError, Params
-from spotfinder.params import parse_word
+from spotfinder_core import ParameterError, Params
+from spotfinder_core.params import parse_word
 
 from .http import Request, Response, error_response, json_response
 from .ondemand import Lane, LaneClosed, LaneFull, Outcome

@@ -15,7 +15,7 @@ import re
 import sys
 import time
 
-from spotfinder.image import name_template
+from spotfinder_core.image import name_template
 
 COMPRESSORS = {".gz": gzip, ".bz2": bz2}
 

@@ -26,7 +26,7 @@ from watchdog.events import FileClosedEvent, FileMovedEvent, FileSystemEvent, Fi
 from watchdog.observers import Observer
 from watchdog.observers.polling import PollingObserver
 
-from spotfinder.image import binary_complete
+from spotfinder_core.image import binary_complete
 
 from .wakeup import Wakeup
 

@@ -7,7 +7,7 @@ own socket, so a long frame does not make the worker look dead.
 A job may ask for DISTL's text as well (``reply``: ``body`` for the GET text, ``post`` for the short POST
 text, used by on-demand HTTP queries): it is formatted here, where the live Result with its details is.
 
-Run by the service (``python -m daemon.worker``) or on other hosts by ``spotfinder worker --connect HOST``.
+Run by the service (``python -m spotfinder_daemon.worker``) or on other hosts by ``spotfinder worker --connect HOST``.
 """
 from __future__ import annotations
 
@@ -23,9 +23,9 @@ import time
 
 import zmq
 
-from spotfinder import Params, Result, analyse
-from spotfinder.analysis import retain_freed_memory, warm_up
-from spotfinder.report import format_body, format_post
+from spotfinder_core import Params, Result, analyse
+from spotfinder_core.analysis import retain_freed_memory, warm_up
+from spotfinder_core.report import format_body, format_post
 
 from .logs import setup_logging
 from .roll import HOST, new_worker_id
@@ -146,7 +146,7 @@ class Worker:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m daemon.worker", description="One spot-finding worker process.")
+    parser = argparse.ArgumentParser(prog="python -m spotfinder_daemon.worker", description="One spot-finding worker process.")
     parser.add_argument("--work", required=True, help="dispatcher endpoint to PULL jobs from")
     parser.add_argument("--results", required=True, help="collector endpoint to PUSH results to")
     parser.add_argument("--heartbeat", type=float, default=1.0, help="seconds between heartbeats")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from spotfinder.simulate import Scene, random_spots, write_cbf
+from spotfinder_core.simulate import Scene, random_spots, write_cbf
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 REAL = SHARED / "data" / "real"

@@ -73,7 +73,7 @@ class LegacyServer:
     def __init__(self, tmp: Path, cwd: Path, *words: str, processors: int = 2):
         self.port = free_port()
         self.log = tmp / "mp-server.log"
-        command = [sys.executable, "-c", "import sys; from daemon.cli import distl_mp_spotfinder_server_read_file "
+        command = [sys.executable, "-c", "import sys; from spotfinder_daemon.cli import distl_mp_spotfinder_server_read_file "
                    "as main; sys.exit(main())", "distl.port=%d" % self.port, "distl.processors=%d" % processors, *words]
         with open(self.log, "wb") as log:
             self.process = subprocess.Popen(command, cwd=cwd, stdout=log, stderr=subprocess.STDOUT,

@@ -1,6 +1,6 @@
 """Helpers for the service tests: real frames, free ports, a service process, a PUB subscriber.
 
-Everything runs for real on 127.0.0.1: the service is ``python -m daemon.commands serve`` in its own
+Everything runs for real on 127.0.0.1: the service is ``python -m spotfinder_daemon.commands serve`` in its own
 process group (killed as a group at teardown), the subscriber a real SUB socket.
 """
 from __future__ import annotations
@@ -78,7 +78,7 @@ def wait_for(predicate, timeout: float, what: str, interval: float = 0.05):
 
 
 def python_command(*args: str) -> list[str]:
-    return [sys.executable, "-m", "daemon.commands", *args]
+    return [sys.executable, "-m", "spotfinder_daemon.commands", *args]
 
 
 def child_env(**extra: str) -> dict:

@@ -5,8 +5,8 @@ import math
 
 import numpy as np
 
-from spotfinder import analyse, parse_words, read_frame
-from spotfinder.report import format_body
+from spotfinder_core import analyse, parse_words, read_frame
+from spotfinder_core.report import format_body
 
 
 def test_spots_are_recovered_at_their_positions(simulated):
@@ -19,8 +19,8 @@ def test_spots_are_recovered_at_their_positions(simulated):
 
 
 def test_found_spots_sit_on_the_simulated_ones(simulated):
-    from spotfinder import analysis, background, spots
-    from spotfinder.params import Params, effective_settings
+    from spotfinder_core import analysis, background, spots
+    from spotfinder_core.params import Params, effective_settings
 
     frame = read_frame(str(simulated["paths"]["spots"]))
     settings = effective_settings(Params(), frame.geometry.family)
@@ -104,7 +104,7 @@ def test_result_dict_is_plain_json(simulated):
 
 
 def test_shown_as_names_the_result_and_report(simulated, tmp_path):
-    from spotfinder.report import format_body
+    from spotfinder_core.report import format_body
 
     link = tmp_path / "asked_0001.cbf"
     link.symlink_to(simulated["paths"]["spots"])
@@ -120,8 +120,8 @@ def test_short_classification_path_equals_the_long_one(simulated):
     also when a dead patch forces windows to widen (then the long way is taken)."""
     import numpy as np
 
-    from spotfinder import analysis, background
-    from spotfinder.params import Params, effective_settings
+    from spotfinder_core import analysis, background
+    from spotfinder_core.params import Params, effective_settings
 
     frame = read_frame(str(simulated["paths"]["spots"]))
     g = frame.geometry
@@ -146,8 +146,8 @@ def test_detector_coverage_of_resolution_circles():
     """A 10 x 10 mm detector, beam at (3, 6) mm, 200 mm away, 1 A: the values DISTL's Geom2d gives."""
     import pytest
 
-    from spotfinder.image import Geometry
-    from spotfinder.resolution import DetectorCoverage
+    from spotfinder_core.image import Geometry
+    from spotfinder_core.resolution import DetectorCoverage
 
     g = Geometry(wavelength=1.0, distance=200.0, pixel_size=1.0, beam_x=3.0, beam_y=6.0, saturation=65535,
                  twotheta=0.0, size_slow=10, size_fast=10, vendortype="test")
@@ -157,7 +157,7 @@ def test_detector_coverage_of_resolution_circles():
 
 
 def test_header_overrides_supply_and_replace_geometry(simulated, tmp_path):
-    from spotfinder import parse_words
+    from spotfinder_core import parse_words
 
     data = simulated["paths"]["spots"].read_bytes()
     no_distance = tmp_path / "nodist_0001.cbf"
@@ -173,8 +173,8 @@ def test_header_overrides_supply_and_replace_geometry(simulated, tmp_path):
 
 def test_integer_beam_rounds_the_beam_distl_hands_to_libdistl():
     """DISTL passes the beam as a "%f" string in mm: a beam on a half pixel can round down."""
-    from spotfinder.background import integer_beam
-    from spotfinder.image import Geometry
+    from spotfinder_core.background import integer_beam
+    from spotfinder_core.image import Geometry
 
     pixel = 172e-6 * 1000.0  # "Pixel_size 172e-6 m", as the header reader converts it: 0.17200000000000001
     g = Geometry(wavelength=1.0, distance=150.0, pixel_size=pixel, beam_x=309.5 * pixel, beam_y=243.5 * pixel,
@@ -187,7 +187,7 @@ def test_coverage_compares_pixels_not_spans():
     the spans along each axis agree: the short path must not be taken."""
     import numpy as np
 
-    from spotfinder.background import _same_coverage
+    from spotfinder_core.background import _same_coverage
 
     coarse = np.array([[0, 9, 0, 9]])
     fine = np.array([[0, 4, 0, 9], [5, 9, 0, 4], [5, 9, 5, 9]])
@@ -200,8 +200,8 @@ def test_res_outer_classification_equals_the_long_way(real_frames):
     """distl.res.outer=1.5 on a thaumatin frame drops fine windows inside kept coarse ones."""
     import numpy as np
 
-    from spotfinder import analysis, background
-    from spotfinder.params import effective_settings, parse_words
+    from spotfinder_core import analysis, background
+    from spotfinder_core.params import effective_settings, parse_words
 
     frame = read_frame(str(real_frames["thau_3_2_0005.cbf"]))
     g = frame.geometry

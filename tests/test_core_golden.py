@@ -6,8 +6,8 @@ import json
 import pytest
 
 from conftest import REFERENCE
-from spotfinder import analyse, parse_words
-from spotfinder.report import format_body
+from spotfinder_core import analyse, parse_words
+from spotfinder_core.report import format_body
 
 SETS = {"default": [], "res4.9_bins": ["distl.res.outer=4.9", "distl.bins.verbose=True"],
         "bins": ["distl.bins.verbose=True"]}
@@ -90,7 +90,7 @@ def test_synthetic_probe_frames_match_the_captured_cli(capture):
 @pytest.mark.parametrize("capture", sorted(PROBE_CASES))
 def test_the_whole_cli_text_is_the_captured_one(capture, monkeypatch, capsys):
     """Banner, parameter echo (phil's empty scopes and float format included) and body, byte for byte."""
-    from daemon.cli import distl_signal_strength
+    from spotfinder_daemon.cli import distl_signal_strength
 
     if not (PROBE / capture).exists():
         pytest.skip("DISTL's captured outputs live in ../shared/peer/probe; not present in this checkout")

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from scipy.spatial import cKDTree
 
-from spotfinder import heuristics
-from spotfinder.resolution import (DetectorCoverage, Shells, radii_mm, radius_mm, resolution_at_mm,
+from spotfinder_core import heuristics
+from spotfinder_core.resolution import (DetectorCoverage, Shells, radii_mm, radius_mm, resolution_at_mm,
                                    resolutions_at_mm)
 
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from spotfinder import background, ice
-from spotfinder.background import BELOW_MEDIAN, BELOW_UPPER, ICE_MEDIAN_Z, ICE_UPPER_Z
+from spotfinder_core import background, ice
+from spotfinder_core.background import BELOW_MEDIAN, BELOW_UPPER, ICE_MEDIAN_Z, ICE_UPPER_Z
 
 
 def reference_counts(z, x0, x1, y0, y1, bx, by, first, last):

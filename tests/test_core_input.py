@@ -7,16 +7,16 @@ import sys
 
 import pytest
 
-from spotfinder import ParameterError, analyse, parse_words
-from spotfinder.params import resolve_key
+from spotfinder_core import ParameterError, analyse, parse_words
+from spotfinder_core.params import resolve_key
 
 
 def run(*args):
-    return subprocess.run([sys.executable, "-m", "daemon.cli", *args], capture_output=True, text=True, timeout=120)
+    return subprocess.run([sys.executable, "-m", "spotfinder_daemon.cli", *args], capture_output=True, text=True, timeout=120)
 
 
 def run_distl(*args):
-    code = "import sys; from daemon.cli import distl_signal_strength; sys.exit(distl_signal_strength())"
+    code = "import sys; from spotfinder_daemon.cli import distl_signal_strength; sys.exit(distl_signal_strength())"
     return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=120)
 
 
@@ -117,7 +117,7 @@ def test_values_convert_like_distl():
 def test_binary_complete_follows_the_bytes_on_disk(simulated, tmp_path):
     import bz2
 
-    from spotfinder.image import binary_complete, binary_section
+    from spotfinder_core.image import binary_complete, binary_section
 
     data = simulated["paths"]["spots"].read_bytes()
     section = binary_section(data)
@@ -141,7 +141,7 @@ def test_byte_offset_decoder_handles_every_delta_width():
     import numpy as np
     from fabio.compression import compByteOffset
 
-    from spotfinder.image import _byte_offset
+    from spotfinder_core.image import _byte_offset
 
     values = np.array([0, 5, -3, 127, -128, 200, -30000, 40000, 1046527, -2, 2**31 - 1, -2**31, 7, -1],
                       dtype=np.int32)

@@ -8,14 +8,14 @@ import sys
 import numpy as np
 import pytest
 
-from spotfinder import analyse, parse_words
-from spotfinder.analysis import analyse_frame
-from spotfinder.params import Params
-from spotfinder.simulate import Scene, frame_of, random_spots, render, write_cbf
+from spotfinder_core import analyse, parse_words
+from spotfinder_core.analysis import analyse_frame
+from spotfinder_core.params import Params
+from spotfinder_core.simulate import Scene, frame_of, random_spots, render, write_cbf
 
 RUNNER = """
 import json, sys
-from spotfinder import analyse, parse_words
+from spotfinder_core import analyse, parse_words
 print(json.dumps(analyse(sys.argv[1], parse_words(sys.argv[2:])).as_dict(), allow_nan=False))
 """
 
@@ -81,7 +81,7 @@ def test_non_finite_geometry_is_refused(tmp_path, field, value):
 @pytest.mark.parametrize("word", ["distl.bins.N=0", "distl.method2_cutoff_percentage=0", "distl.res.inner=0",
                                   "distl.minimum_signal_height=0"])
 def test_parameters_that_cannot_work_are_refused(word):
-    from spotfinder import ParameterError
+    from spotfinder_core import ParameterError
 
     with pytest.raises(ParameterError, match="below the minimum"):
         parse_words([word])
@@ -97,6 +97,6 @@ def test_in_memory_frames_match_their_files(tmp_path):
 
 def test_a_broken_pipe_ends_the_command_quietly(simulated):
     frames = [str(simulated["paths"]["spots"])] * 40
-    proc = subprocess.run("%s -m daemon.cli find %s | head -1" % (sys.executable, " ".join(frames)), shell=True,
+    proc = subprocess.run("%s -m spotfinder_daemon.cli find %s | head -1" % (sys.executable, " ".join(frames)), shell=True,
                           capture_output=True, text=True, timeout=120)
     assert proc.stdout.startswith("frame") and "Traceback" not in proc.stderr

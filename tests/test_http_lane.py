@@ -7,9 +7,9 @@ import time
 import pytest
 import zmq
 
-from daemon.dispatcher import Dispatcher
-from daemon.ledger import Ledger
-from daemon.ondemand import Lane, LaneClosed, LaneFull
+from spotfinder_daemon.dispatcher import Dispatcher
+from spotfinder_daemon.ledger import Ledger
+from spotfinder_daemon.ondemand import Lane, LaneClosed, LaneFull
 
 
 @pytest.fixture

@@ -8,13 +8,13 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from daemon.http import Request
-from daemon.legacy import encode_form
-from daemon.ondemand import Lane
-from daemon.queries import DataRoots, Queries
+from spotfinder_daemon.http import Request
+from spotfinder_daemon.legacy import encode_form
+from spotfinder_daemon.ondemand import Lane
+from spotfinder_daemon.queries import DataRoots, Queries
 from http_helpers import legacy_url, make_data_root, reference, request
 from service_helpers import ServiceProcess, child_env
-from spotfinder import Params
+from spotfinder_core import Params
 
 HTTP_TIMEOUT_S = 2.0
 

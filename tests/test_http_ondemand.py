@@ -14,7 +14,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from http_helpers import (FRAMES, PROBE, SETS, LegacyServer, legacy_url, make_data_root, reference, request)
 from service_helpers import ServiceProcess, child_env
 
-THIN_CLIENT = [sys.executable, "-c", "import sys; from daemon.cli import distl_thin_client as main; sys.exit(main())"]
+THIN_CLIENT = [sys.executable, "-c", "import sys; from spotfinder_daemon.cli import distl_thin_client as main; sys.exit(main())"]
 
 
 @pytest.fixture(scope="module")

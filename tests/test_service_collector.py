@@ -8,13 +8,13 @@ import time
 import pytest
 import zmq
 
-from daemon.collector import Collector, malformed
-from daemon.dispatcher import Dispatcher
-from daemon.ledger import Ledger
-from daemon.metrics import Metrics
-from daemon.ondemand import Lane
-from daemon.publisher import Publisher
-from daemon.roll import Loss, Roll, new_worker_id
+from spotfinder_daemon.collector import Collector, malformed
+from spotfinder_daemon.dispatcher import Dispatcher
+from spotfinder_daemon.ledger import Ledger
+from spotfinder_daemon.metrics import Metrics
+from spotfinder_daemon.ondemand import Lane
+from spotfinder_daemon.publisher import Publisher
+from spotfinder_daemon.roll import Loss, Roll, new_worker_id
 
 
 @pytest.fixture

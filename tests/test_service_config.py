@@ -5,7 +5,7 @@ import subprocess
 
 import pytest
 
-from daemon.config import ConfigError, load, validate
+from spotfinder_daemon.config import ConfigError, load, validate
 from service_helpers import REPO, child_env, free_port, free_ports, python_command
 
 
@@ -90,7 +90,7 @@ def test_serve_reports_an_endpoint_in_use_in_one_line(tmp_path):
 def test_the_example_config_documents_every_setting_with_its_default():
     import yaml
     from dataclasses import fields
-    from daemon.config import Settings
+    from spotfinder_daemon.config import Settings
     documented = yaml.safe_load((REPO / "config" / "spotfinder.yaml").read_text())
     assert sorted(documented) == sorted(f.name for f in fields(Settings))
     for f in fields(Settings):

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import time
 
-from daemon.ledger import Ledger, read_messages
-from daemon.publisher import failure_message, frame_message
+from spotfinder_daemon.ledger import Ledger, read_messages
+from spotfinder_daemon.publisher import failure_message, frame_message
 
 
 def compose_ok(seq, frame):

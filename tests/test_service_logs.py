@@ -4,7 +4,7 @@ from __future__ import annotations
 import logging
 import sys
 
-from daemon.logs import _LineFormatter
+from spotfinder_daemon.logs import _LineFormatter
 
 
 def test_an_error_keeps_its_last_stack_frames_on_one_line():

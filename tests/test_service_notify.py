@@ -6,7 +6,7 @@ import socket
 import time
 import uuid
 
-from daemon.notify import Notifier
+from spotfinder_daemon.notify import Notifier
 from service_helpers import child_env, make_service, real_frames, wait_for
 
 __all__ = ["make_service"]

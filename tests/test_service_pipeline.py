@@ -15,7 +15,7 @@ import urllib.error
 
 import pytest
 
-from daemon.replay import replay
+from spotfinder_daemon.replay import replay
 from service_helpers import (assert_exactly_once, assert_seq_increasing, child_env, make_service, python_command,
                              large_frames, real_frames, subscribe, wait_for)
 

@@ -9,7 +9,7 @@ import os
 import subprocess
 
 from cbf_helpers import make_frame
-from daemon.replay import replay
+from spotfinder_daemon.replay import replay
 from service_helpers import child_env, python_command
 
 

@@ -9,7 +9,7 @@ import time
 import pytest
 
 from cbf_helpers import make_frame
-from daemon.watcher import Watcher
+from spotfinder_daemon.watcher import Watcher
 from service_helpers import wait_for
 
 

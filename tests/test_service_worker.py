@@ -9,7 +9,7 @@ import numpy as np
 import zmq
 
 from cbf_helpers import make_frame
-from daemon.worker import encode
+from spotfinder_daemon.worker import encode
 from service_helpers import child_env, free_port
 
 
@@ -26,7 +26,7 @@ def test_worker_reports_errors_per_frame_and_keeps_going(tmp_path):
     work_port, results_port = free_port(), free_port()
     jobs.bind("tcp://127.0.0.1:%d" % work_port)
     results.bind("tcp://127.0.0.1:%d" % results_port)
-    worker = subprocess.Popen([sys.executable, "-m", "daemon.worker", "--work", "tcp://127.0.0.1:%d" % work_port,
+    worker = subprocess.Popen([sys.executable, "-m", "spotfinder_daemon.worker", "--work", "tcp://127.0.0.1:%d" % work_port,
                                "--results", "tcp://127.0.0.1:%d" % results_port], env=child_env())
     try:
         assert results.poll(30000), "worker never said ready"
