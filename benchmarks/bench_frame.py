@@ -50,6 +50,7 @@ print(json.dumps({"seconds": per_frame, "maxrss_kb": resource.getrusage(resource
 def stage_profile(path: Path, words: list[str]) -> dict[str, float]:
     """ms per pipeline stage on one frame (median of 5, kernels compiled first), for the performance table."""
     from spotfinder_core import analysis, background, heuristics, ice, read_frame, resolution, spots
+    from spotfinder_core.geometry import python_geometry
     from spotfinder_core.params import effective_settings, parse_words
 
     params = parse_words(words)
@@ -77,7 +78,7 @@ def stage_profile(path: Path, words: list[str]) -> dict[str, float]:
         clock("method 1", resolution.method1, screened.peak_x, screened.peak_y, g, region)
         final = screened.take(screened.area > s.spot_area_min)
         shape = clock("shapes", spots.shapes, final)
-        pg = analysis._python_geometry(g)
+        pg = python_geometry(g)
         clock("heuristics", heuristics.run, final, shape, pg, s, rings, frame.pixels, resolution.DetectorCoverage(pg))
     return {name: statistics.median(values) for name, values in timings.items()}
 

@@ -10,7 +10,8 @@ from dataclasses import replace
 import numpy as np
 
 from . import background, heuristics, ice, report, resolution, spots
-from .image import Frame, FrameError, Geometry, name_template, read_frame
+from .geometry import pixel_resolution, python_geometry
+from .image import Frame, FrameError, name_template, read_frame
 from .params import Params, effective_settings
 from .result import Result
 
@@ -47,16 +48,6 @@ def analyse(path: str, params: Params | None = None, shown_as: str | None = None
     return result
 
 
-def _python_geometry(g: Geometry) -> Geometry:
-    """DISTL hands geometry to its Python layer as "%f" strings; round the same way so d agrees."""
-
-    def six(v: float) -> float:
-        return float("%f" % v)
-
-    return replace(g, wavelength=six(g.wavelength), distance=six(g.distance), pixel_size=six(g.pixel_size),
-                   beam_x=six(g.beam_x), beam_y=six(g.beam_y), twotheta=six(g.twotheta))
-
-
 def analyse_frame(frame: Frame, params: Params) -> Result:
     """Run the DISTL pipeline on a decoded frame."""
     g = frame.geometry
@@ -76,7 +67,7 @@ def analyse_frame(frame: Frame, params: Params) -> Result:
     if settings.compactness:
         final = final.take(spots.compact(final))
     shape = spots.shapes(final)
-    pg = _python_geometry(g)
+    pg = python_geometry(g)
     coverage = resolution.DetectorCoverage(pg)
     chain = heuristics.run(final, shape, pg, settings, rings, pixels, coverage)
     subsets = chain.subsets
@@ -155,7 +146,7 @@ def _bin_tables(frame, found, shape, chain, g, coverage, cls, params) -> list:
     limits = np.array([1.0 / ((k + 1) * fraction) ** (1.0 / 3.0) for k in range(rows)])
     fract = coverage.fractions(limits).tolist()
     missing = resolution.missing_cone(limits, g.wavelength)
-    window_d = background.pixel_resolution(frame.geometry, cls.window_centres[:, 0], cls.window_centres[:, 1])
+    window_d = pixel_resolution(frame.geometry, cls.window_centres[:, 0], cls.window_centres[:, 1])
     order = np.argsort(-window_d, kind="stable")
     bkg_rows = [[] for _ in range(rows)]
     size_rows = [[] for _ in range(rows)]

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 from numba import njit
 
-from .image import Geometry
+from .geometry import Geometry, pixel_resolution
 from .params import Settings
 
 # Module layout along (slow, fast): module width and gap in pixels.
@@ -160,45 +160,6 @@ def scanbox_windows(geometry: Geometry, region: Region, box: int) -> list[tuple[
         xs = _generic_spans(region.x0, region.x1, box)
         ys = _generic_spans(region.y0, region.y1, box)
     return [(x0, x1, y0, y1) for x0, x1 in xs for y0, y1 in ys]
-
-
-def integer_beam(geometry: Geometry) -> tuple[int, int]:
-    """libdistl's beam in pixels, rounded half away from zero.
-
-    DISTL hands libdistl the beam as a "%f" string (mm), so a beam on a half pixel can round either way
-    after the division: 41.882 mm / 0.172 mm is 243.49999999999997, pixel 243.
-    """
-
-    def rnd(v: float) -> int:
-        return int(np.sign(v) * np.floor(abs(v) + 0.5))
-
-    return (rnd(float("%f" % geometry.beam_x) / geometry.pixel_size),
-            rnd(float("%f" % geometry.beam_y) / geometry.pixel_size))
-
-
-def pixel_resolution(geometry: Geometry, x, y):
-    """libdistl's d (Angstrom) of pixels (x, y): from the integer beam, 1e9 at the beam itself."""
-    bx, by = integer_beam(geometry)
-    k = (geometry.pixel_size / geometry.distance) ** 2
-    xs, ys = np.broadcast_arrays(np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64))
-    out = _resolutions(xs.ravel(), ys.ravel(), bx, by, k, geometry.wavelength)
-    return out.reshape(xs.shape) if xs.ndim else float(out[0])
-
-
-@njit(cache=True)
-def pixel_d(x, y, bx, by, k, wavelength):
-    """d = wavelength / sqrt(2 - 2 / sqrt(1 + k r^2)) with k = (pixel / distance)^2; 1e9 near the beam."""
-    r2 = (x - bx) ** 2 + (y - by) ** 2
-    denominator = np.sqrt(2.0 - 2.0 / np.sqrt(1.0 + k * r2))
-    return 1e9 if denominator < 1e-7 else wavelength / denominator
-
-
-@njit(cache=True)
-def _resolutions(xs, ys, bx, by, k, wavelength):
-    out = np.empty(xs.size)
-    for i in range(xs.size):
-        out[i] = pixel_d(xs[i], ys[i], bx, by, k, wavelength)
-    return out
 
 
 @njit(cache=True)

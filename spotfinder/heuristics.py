@@ -9,7 +9,7 @@ import numpy as np
 from scipy.spatial import cKDTree
 
 from . import ice, resolution
-from .image import Geometry
+from .geometry import Geometry, radius_mm, resolution_at_mm, resolutions_at_mm
 from .params import Settings
 from .spots import Shapes, Spots
 
@@ -49,7 +49,7 @@ def spot_resolution(spots: Spots, shape: Shapes, g: Geometry) -> np.ndarray:
     if len(spots) == 0:
         return np.zeros(0)
     if g.twotheta == 0:
-        return resolution.resolutions_at_mm(g, spot_radius_mm(spots, g))
+        return resolutions_at_mm(g, spot_radius_mm(spots, g))
     tt = np.radians(g.twotheta)
     rotation = np.array([[np.cos(tt), 0.0, np.sin(tt)], [0.0, 1.0, 0.0], [-np.sin(tt), 0.0, np.cos(tt)]])
     film = np.stack([g.beam_x - shape.com_x * g.pixel_size, g.beam_y - shape.com_y * g.pixel_size,
@@ -78,7 +78,7 @@ def run(spots: Spots, shape: Shapes, g: Geometry, settings: Settings, rings: lis
     non_ice = everything[~on_ring]
     chain.subsets["spots_non-ice"] = non_ice
     if g.twotheta == 0:
-        hi_pass = non_ice[r[non_ice] > resolution.radius_mm(g, settings.res_inner)]
+        hi_pass = non_ice[r[non_ice] > radius_mm(g, settings.res_inner)]
     else:
         hi_pass = non_ice[d[non_ice] < settings.res_inner]
     chain.subsets["hi_pass_resolution_spots"] = hi_pass
@@ -101,7 +101,7 @@ def run(spots: Spots, shape: Shapes, g: Geometry, settings: Settings, rings: lis
             shells = resolution.Shells(free_d, free_d[target - 1], coverage)
             chain.method2 = resolution.method2(shells, target, settings.method2_ratio, settings.res_outer)
             if g.twotheta == 0:
-                lo_pass = ice_free[r[ice_free] < resolution.radius_mm(g, chain.method2)]
+                lo_pass = ice_free[r[ice_free] < radius_mm(g, chain.method2)]
             else:
                 lo_pass = ice_free[d[ice_free] > chain.method2]
             chain.subsets["lo_pass_resolution_spots"] = lo_pass
@@ -244,4 +244,4 @@ def max_unit_cell(neighbours: np.ndarray, g: Geometry, neighbour_bins: int) -> f
     np.add.at(histogram, index[index < bins], 1)
     probable = low + (int(np.argmax(histogram)) + 0.5) * fine
     p5 = float(np.sort(neighbours)[int(0.05 * n)])
-    return MAX_TOLERANCE * max(resolution.resolution_at_mm(g, probable), resolution.resolution_at_mm(g, p5))
+    return MAX_TOLERANCE * max(resolution_at_mm(g, probable), resolution_at_mm(g, p5))

@@ -7,8 +7,8 @@ from dataclasses import dataclass
 import numpy as np
 from numba import njit
 
-from .background import BELOW_MEDIAN, BELOW_UPPER, Region, integer_beam, pixel_d, pixel_resolution
-from .image import Geometry
+from .background import BELOW_MEDIAN, BELOW_UPPER, Region
+from .geometry import Geometry, integer_beam, pixel_d, pixel_resolution, radius_px
 from .resolution import Shells
 
 RING_WIDTH = 4  # pixels
@@ -33,9 +33,9 @@ def pixel_rings(flags: np.ndarray, geometry: Geometry, region: Region) -> list[P
     d_min = max(geometry.wavelength / 2.0, 1.0)
     corners = [(x, y) for x in (region.x0, region.x1) for y in (region.y0, region.y1)]
     farthest = max(math.hypot(x - bx, y - by) for x, y in corners)
-    outer_r = min(farthest, _radius_px(geometry, d_min))
+    outer_r = min(farthest, radius_px(geometry, d_min))
     nrings = int(outer_r / RING_WIDTH) + 1
-    first = int(_radius_px(geometry, ICE_D_MAX) / RING_WIDTH)
+    first = int(radius_px(geometry, ICE_D_MAX) / RING_WIDTH)
     last = nrings - 2
     if last < first:
         return []
@@ -177,13 +177,6 @@ def _popcount(w):
     w = (w & np.uint64(0x3333333333333333)) + ((w >> np.uint64(2)) & np.uint64(0x3333333333333333))
     w = (w + (w >> np.uint64(4))) & np.uint64(0x0F0F0F0F0F0F0F0F)
     return np.int64((w * np.uint64(0x0101010101010101)) >> np.uint64(56))
-
-
-def _radius_px(geometry: Geometry, d: float) -> float:
-    """libdistl's inverse of its d formula: r in pixels at resolution d."""
-    k = (geometry.pixel_size / geometry.distance) ** 2
-    ratio = (geometry.wavelength / d) ** 2
-    return math.sqrt(max(0.0, ((2.0 / (2.0 - ratio)) ** 2 - 1.0) / k))
 
 
 def _d_at_r2(geometry: Geometry, r2: float) -> float:

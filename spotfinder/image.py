@@ -18,6 +18,8 @@ from dataclasses import dataclass, replace
 import numpy as np
 from numba import njit
 
+from .geometry import Geometry
+
 HEADER_BYTES = 12288
 MIME_HEADER_BYTES = 65536  # the CIF and MIME headers of a miniCBF end well before this
 BINARY_MARKER = b"\x0c\x1a\x04\xd5"
@@ -33,31 +35,6 @@ EIGER_SIZES = {(4371, 4150): "Eiger-16M", (3269, 3110): "Eiger-9M", (2167, 2070)
 
 class FrameError(Exception):
     """A frame that cannot be analysed: unreadable, truncated, corrupt, or missing a header field."""
-
-
-@dataclass(frozen=True)
-class Geometry:
-    """Detector geometry in DISTL's frame: x is the slow axis, y the fast one, lengths in mm."""
-
-    wavelength: float  # Angstrom
-    distance: float  # mm
-    pixel_size: float  # mm
-    beam_x: float  # slow, mm
-    beam_y: float  # fast, mm
-    saturation: int  # Count_cutoff
-    twotheta: float  # degrees, 0 when below 0.02
-    size_slow: int
-    size_fast: int
-    vendortype: str
-
-    @property
-    def family(self) -> str:
-        """'pilatus', 'eiger' or 'other': selects the tiling and DISTL's per-detector defaults."""
-        if self.vendortype.startswith("Pilatus"):
-            return "pilatus"
-        if self.vendortype.startswith("Eiger"):
-            return "eiger"
-        return "other"
 
 
 @dataclass(frozen=True)

@@ -6,8 +6,8 @@ import math
 
 import numpy as np
 
-from .background import Region, integer_beam, pixel_resolution
-from .image import Geometry
+from .background import Region
+from .geometry import Geometry, integer_beam, pixel_resolution, radii_mm, radius_mm
 
 METHOD1_NONE = 10.0  # Method 1's answer when there are too few spots
 MIN_BIN_COUNT = 25  # DISTL's BinMin: the fewest spots in the first shell
@@ -181,39 +181,6 @@ class DetectorCoverage:
             half_angle = math.sin(math.acos(min(1.0, cosine)) / 2.0)
             out.append(g.wavelength / (2.0 * half_angle) if half_angle > 0 else math.inf)  # the beam's own corner
         return out
-
-
-def radius_mm(geometry: Geometry, d: float) -> float:
-    """r (mm) on the detector of resolution d, as DISTL's Python layer computes it."""
-    ratio = geometry.wavelength / (2.0 * d)
-    if ratio >= 1.0:
-        return math.inf
-    return geometry.distance * math.tan(2.0 * math.asin(ratio))
-
-
-def radii_mm(geometry: Geometry, d: np.ndarray) -> np.ndarray:
-    """``radius_mm`` of each d, bit for bit: math's asin and tan, the arithmetic in numpy."""
-    with np.errstate(divide="ignore"):
-        ratio = geometry.wavelength / (2.0 * np.asarray(d, dtype=float))
-    radius = np.full(ratio.shape, math.inf)
-    on = np.flatnonzero(~(ratio >= 1.0))
-    angle = 2.0 * np.array(list(map(math.asin, ratio[on].tolist())), dtype=float)
-    radius[on] = geometry.distance * np.array(list(map(math.tan, angle.tolist())), dtype=float)
-    return radius
-
-
-def resolution_at_mm(geometry: Geometry, r: float) -> float:
-    theta = math.atan2(r, geometry.distance) / 2.0
-    return geometry.wavelength / (2.0 * math.sin(theta)) if theta > 0 else math.inf
-
-
-def resolutions_at_mm(geometry: Geometry, r: np.ndarray) -> np.ndarray:
-    """``resolution_at_mm`` of each r, bit for bit: math's atan2 and sin, the arithmetic in numpy."""
-    r = np.asarray(r, dtype=float).tolist()
-    theta = np.array(list(map(math.atan2, r, [geometry.distance] * len(r))), dtype=float) / 2.0
-    sine = np.array(list(map(math.sin, theta.tolist())), dtype=float)
-    with np.errstate(divide="ignore"):
-        return np.where(theta > 0, geometry.wavelength / (2.0 * sine), math.inf)
 
 
 def populations(d_sorted: np.ndarray, limit0: float, rows: int) -> np.ndarray:

@@ -146,7 +146,7 @@ def test_detector_coverage_of_resolution_circles():
     """A 10 x 10 mm detector, beam at (3, 6) mm, 200 mm away, 1 A: the values DISTL's Geom2d gives."""
     import pytest
 
-    from spotfinder_core.image import Geometry
+    from spotfinder_core.geometry import Geometry
     from spotfinder_core.resolution import DetectorCoverage
 
     g = Geometry(wavelength=1.0, distance=200.0, pixel_size=1.0, beam_x=3.0, beam_y=6.0, saturation=65535,
@@ -173,8 +173,8 @@ def test_header_overrides_supply_and_replace_geometry(simulated, tmp_path):
 
 def test_integer_beam_rounds_the_beam_distl_hands_to_libdistl():
     """DISTL passes the beam as a "%f" string in mm: a beam on a half pixel can round down."""
-    from spotfinder_core.background import integer_beam
-    from spotfinder_core.image import Geometry
+    from spotfinder_core.geometry import integer_beam
+    from spotfinder_core.geometry import Geometry
 
     pixel = 172e-6 * 1000.0  # "Pixel_size 172e-6 m", as the header reader converts it: 0.17200000000000001
     g = Geometry(wavelength=1.0, distance=150.0, pixel_size=pixel, beam_x=309.5 * pixel, beam_y=243.5 * pixel,

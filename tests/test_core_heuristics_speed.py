@@ -10,8 +10,8 @@ import pytest
 from scipy.spatial import cKDTree
 
 from spotfinder_core import heuristics
-from spotfinder_core.resolution import (DetectorCoverage, Shells, radii_mm, radius_mm, resolution_at_mm,
-                                   resolutions_at_mm)
+from spotfinder_core.geometry import radii_mm, radius_mm, resolution_at_mm, resolutions_at_mm
+from spotfinder_core.resolution import DetectorCoverage, Shells
 
 
 def _bits(values) -> bytes:
