@@ -1,25 +1,26 @@
 """The Collector: the only writer of results and the only publisher.
 
-It binds the PULL socket workers push to, feeds the roll of workers from their messages, records
-``started`` jobs in the ledger, and turns every result or failure into a ledger transition plus one PUB
-message.  A result for a frame that is already final (a re-sent frame finished twice) is dropped here,
-which is what makes the stored record exactly-once.
+It binds the PULL socket workers push their reports to (:mod:`spotfinder_daemon.protocol`): ``Ready`` and
+``Heartbeat`` feed the roll of workers, ``Bye`` takes a worker off it, ``Started`` and ``Result`` of lane
+``watch`` become ledger transitions, each result plus one PUB message.  A result for a frame that is already
+final (a re-sent frame finished twice) is dropped here, which is what makes the stored record exactly-once.
 
-The results endpoint may be bound on a reachable interface for remote workers, so every message is
-checked for shape (:func:`malformed`) before it is handled, and one that still fails costs only itself.
+The results endpoint may be bound on a reachable interface for remote workers, so every message is decoded
+and checked (:func:`~spotfinder_daemon.protocol.decode_report`) before it is handled: a malformed one is dropped
+with one warning, and one that still fails costs only itself.
 
-Results of on-demand jobs (HTTP queries) go to the waiting query through the lane instead: they are
-not frames of a collection, so they are neither recorded nor published, only counted in the metrics.
+Reports of lane ``query`` (on-demand HTTP queries) go to the waiting query through the lane instead: they
+are not frames of a collection, so they are neither recorded nor published, only counted in the metrics.
 """
 from __future__ import annotations
 
 import collections
-import json
 import logging
 import time
 
 import zmq
 
+from . import protocol
 from . import publisher as messages
 from .ledger import Frame, Ledger
 from .metrics import Metrics
@@ -30,38 +31,10 @@ from .roll import Roll
 log = logging.getLogger("spotfinder.collector")
 
 RATE_WINDOW_S = 10.0
-KINDS = ("ready", "heartbeat", "started", "result", "bye")
-
-
-def malformed(message: object) -> str | None:
-    """Why a worker's message cannot be handled, or None when its shape is right."""
-    if not isinstance(message, dict):
-        return "not a JSON object"
-    kind = message.get("type")
-    if kind not in KINDS:
-        return "unknown type %r" % (kind,)
-    if not isinstance(message.get("worker"), str) or not message["worker"]:
-        return "no worker id"
-    pid = message.get("pid")
-    if pid is not None and (isinstance(pid, bool) or not isinstance(pid, int)):
-        return "bad pid %r" % (pid,)
-    if kind in ("started", "result"):
-        job_id = message.get("id")
-        if isinstance(job_id, bool) or not isinstance(job_id, (int, str)):
-            return "bad job id %r" % (job_id,)
-        t_start = message.get("t_start")
-        if t_start is not None and (isinstance(t_start, bool) or not isinstance(t_start, (int, float))):
-            return "bad t_start %r" % (t_start,)
-    if kind == "result":
-        if not isinstance(message.get("result"), dict):
-            return "result is not an object"
-        if not isinstance(message.get("text"), (str, type(None))):
-            return "text is not a string"
-    return None
 
 
 class Collector:
-    def __init__(self, context: zmq.Context, endpoint: str, ledger: Ledger, publisher: Publisher,
+    def __init__(self, *, context: zmq.Context, endpoint: str, ledger: Ledger, publisher: Publisher,
                  frame_timeout_s: float, lane: Lane, metrics: Metrics, roll: Roll):
         self.socket = context.socket(zmq.PULL)
         self.socket.setsockopt(zmq.LINGER, 0)
@@ -85,67 +58,63 @@ class Collector:
                 return received
             received += 1
             try:
-                message = json.loads(data)
-            except ValueError:
-                log.warning("dropped a message that is not JSON")
-                continue
-            why = malformed(message)
-            if why is not None:
-                log.warning("dropped a malformed worker message (%s): %.200r", why, message)
+                report = protocol.decode_report(data)
+            except protocol.ProtocolError as exc:
+                log.warning("dropped a malformed worker message (%s): %.200r", exc, data)
                 continue
             try:
-                self._handle(message)
+                self._handle(report)
             except Exception as exc:  # a bug or a message we did not foresee costs that message, not the service
-                log.error("handling a %s message from %s raised %s: %s", message["type"], message["worker"],
+                log.error("handling a %s message from %s raised %s: %s", report.TYPE, report.worker,
                           type(exc).__name__, exc)
 
-    def _handle(self, message: dict) -> None:
-        kind, worker_id = message["type"], message["worker"]
+    def _handle(self, report: protocol.Report) -> None:
+        worker_id = report.worker
         if self.roll.is_dead(worker_id):
-            if kind == "result":  # finished before it died: still a good result
-                self._take_result(message, worker_id)
-            elif kind == "started":  # it died holding this job: settle it as a charged loss
-                self._started(message, worker_id)
+            if isinstance(report, protocol.Result):  # finished before it died: still a good result
+                self._take_result(report)
+            elif isinstance(report, protocol.Started):  # it died holding this job: settle it as a charged loss
+                self._started(report)
                 self.roll.died(worker_id)
             return
-        if kind == "bye":
+        if isinstance(report, protocol.Bye):
             if self.roll.left(worker_id):
                 log.info("worker %s left", worker_id)
             return
         joined = worker_id not in self.roll.workers
-        info = self.roll.heard(worker_id, message.get("pid"), message.get("host"))
+        info = self.roll.heard(worker_id, report.pid, report.host)
         if joined:
             log.info("worker %s (pid %s on %s) joined", worker_id, info.pid, info.host)
-        if kind == "heartbeat":
-            info.busy = message.get("busy")
-        elif kind == "started":
-            info.busy = message["id"]
-            self._started(message, worker_id)
-        elif kind == "result":
+        if isinstance(report, protocol.Heartbeat):
+            info.busy = report.busy
+        elif isinstance(report, protocol.Started):
+            info.busy = report.key
+            self._started(report)
+        elif isinstance(report, protocol.Result):
             info.busy = None
             info.frames_done += 1
-            self._take_result(message, worker_id)
+            self._take_result(report)
 
-    def _started(self, message: dict, worker_id: str) -> None:
+    def _started(self, report: protocol.Started) -> None:
         deadline = time.monotonic() + self.frame_timeout_s
-        if self.lane.owns(message["id"]):
-            self.lane.started(message["id"], worker_id, deadline)
+        if report.lane == protocol.QUERY:
+            self.lane.started(report.id, report.worker, deadline)
         else:
-            self.ledger.mark_started(message["id"], worker_id, deadline)
+            self.ledger.mark_started(report.id, report.worker, deadline)
 
-    def _take_result(self, message: dict, worker_id: str) -> None:
-        if not self.lane.owns(message["id"]):
-            self._publish_result(message, worker_id)
-        elif self.lane.finished(message["id"], message["result"], message.get("text")) is not None:
-            self._count_done("ondemand", message["result"])
+    def _take_result(self, report: protocol.Result) -> None:
+        if report.lane == protocol.WATCH:
+            self._publish_result(report)
+        elif self.lane.finished(report.id, report.result, report.text) is not None:
+            self._count_done("ondemand", report.result)
 
-    def _publish_result(self, message: dict, worker_id: str) -> None:
-        result, t_start = message["result"], message.get("t_start")
+    def _publish_result(self, report: protocol.Result) -> None:
+        result, worker_id = report.result, report.worker
         published = self.ledger.finish(
-            message["id"], "done", time.time(),
-            lambda seq, frame: messages.frame_message(seq, frame, result, worker_id, t_start))
+            report.id, "done", time.time(),
+            lambda seq, frame: messages.frame_message(seq, frame, result, worker_id, report.t_start))
         if published is None:
-            log.info("duplicate result for frame %s from %s dropped", message["id"], worker_id)
+            log.info("duplicate result for frame %s from %s dropped", report.id, worker_id)
             return
         self.publisher.send(published)  # first: nothing between the commit and the send may raise
         body = published["body"]

@@ -12,6 +12,9 @@ overran the frame timeout is reported as hung, for the service to kill.  Deadlin
 On-demand jobs (HTTP queries, :mod:`spotfinder_daemon.ondemand`) share the same credit and go first: a query waits
 at most for the frames its worker already holds, never for the watcher's backlog.  The lane keeps its
 own resend rules; the dispatcher only tells it when time passes and workers are lost.
+
+Every job leaves as a :class:`~spotfinder_daemon.protocol.Job`: lane ``query`` for the lane's jobs, lane ``watch``
+with the ledger id for frames, both with the service's parameters and its ``verify_md5`` setting.
 """
 from __future__ import annotations
 
@@ -21,6 +24,9 @@ from dataclasses import dataclass, field
 
 import zmq
 
+from spotfinder_core import Params
+
+from . import protocol
 from .ledger import Frame, Ledger
 from .ondemand import Lane
 
@@ -38,7 +44,7 @@ class Expiry:
 
 
 class Dispatcher:
-    def __init__(self, context: zmq.Context, endpoint: str, ledger: Ledger, params: dict,
+    def __init__(self, *, context: zmq.Context, endpoint: str, ledger: Ledger, params: Params,
                  dispatch_timeout_s: float, max_tries: int, lane: Lane, verify_md5: bool = True):
         self.socket = context.socket(zmq.PUSH)
         self.socket.setsockopt(zmq.SNDHWM, 1)
@@ -59,7 +65,7 @@ class Dispatcher:
         jobs = self.lane.take(room)
         for n, job in enumerate(jobs):
             try:
-                self.socket.send_json(dict(job.message(), verify_md5=self.verify_md5), zmq.NOBLOCK)
+                self.socket.send(protocol.encode(job.message(self.verify_md5)), zmq.NOBLOCK)
             except zmq.Again:
                 for unsent in reversed(jobs[n:]):
                     self.lane.put_back(unsent)
@@ -68,13 +74,16 @@ class Dispatcher:
             sent += 1
         for frame in self.ledger.queued(room - sent):
             try:
-                self.socket.send_json({"id": frame.id, "path": frame.path, "params": self.params,
-                                       "verify_md5": self.verify_md5}, zmq.NOBLOCK)
+                self.socket.send(protocol.encode(self._frame_job(frame)), zmq.NOBLOCK)
             except zmq.Again:  # every worker's pipe is full: try again on the next pass
                 break
             self.ledger.mark_dispatched(frame.id, time.monotonic() + self.dispatch_timeout_s)
             sent += 1
         return sent
+
+    def _frame_job(self, frame: Frame) -> protocol.Job:
+        return protocol.Job(lane=protocol.WATCH, id=frame.id, frame=protocol.FrameRef(path=frame.path),
+                            params=self.params, verify_md5=self.verify_md5)
 
     def expire(self, now: float) -> Expiry:
         """Re-queue overdue frames and jobs; the frames that used up their tries and must be failed (the lane

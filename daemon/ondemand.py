@@ -8,6 +8,10 @@ of a collection: they never enter the ledger and are not published.
 A job whose worker dies (or overruns the frame timeout, and is then killed) is sent once more, then answered
 with an error; a job no worker took within the dispatch timeout (lost in a dead worker's buffer) is re-sent
 free of charge.
+
+A job goes to the workers as a :class:`~spotfinder_daemon.protocol.Job` of lane ``query``, numbered by the lane's own
+counter; the collector hands back the :class:`~spotfinder_daemon.protocol.Started` and
+:class:`~spotfinder_daemon.protocol.Result` reports of that lane (:meth:`Lane.started`, :meth:`Lane.finished`).
 """
 from __future__ import annotations
 
@@ -17,11 +21,13 @@ import logging
 import threading
 from dataclasses import dataclass, field
 
+from spotfinder_core import Params
+
+from . import protocol
 from .wakeup import Wakeup
 
 log = logging.getLogger("spotfinder.ondemand")
 
-ID_PREFIX = "ondemand-"
 MAX_TRIES = 2  # the first try and one resend
 
 
@@ -44,9 +50,9 @@ class Outcome:
 
 @dataclass(eq=False)
 class Job:
-    id: str
+    id: int
     path: str
-    params: dict
+    params: Params
     reply: str | None  # "body" (DISTL's GET text), "post" (its short POST text) or None (JSON only)
     tries: int = 0
     worker: str | None = None
@@ -55,9 +61,10 @@ class Job:
     abandoned: bool = False
     _settled: threading.Event = field(default_factory=threading.Event, repr=False)
 
-    def message(self) -> dict:
-        """The work message a worker receives."""
-        return {"id": self.id, "path": self.path, "params": self.params, "reply": self.reply}
+    def message(self, verify_md5: bool) -> protocol.Job:
+        """The job a worker receives."""
+        return protocol.Job(lane=protocol.QUERY, id=self.id, frame=protocol.FrameRef(path=self.path),
+                            params=self.params, verify_md5=verify_md5, reply=self.reply)
 
     def wait(self, timeout: float) -> Outcome | None:
         """The outcome, or None after ``timeout`` seconds."""
@@ -69,26 +76,26 @@ class Job:
 
 
 class Lane:
-    def __init__(self, capacity: int, dispatch_timeout_s: float, frame_timeout_s: float):
+    def __init__(self, *, capacity: int, dispatch_timeout_s: float, frame_timeout_s: float):
         self.capacity = capacity
         self.dispatch_timeout_s = dispatch_timeout_s
         self.frame_timeout_s = frame_timeout_s
         self._lock = threading.Lock()
         self._queue: collections.deque[Job] = collections.deque()
-        self._in_flight: dict[str, Job] = {}
+        self._in_flight: dict[int, Job] = {}
         self._ids = itertools.count(1)
         self._closed = False
         self._wakeup = Wakeup()
 
     # ----- HTTP threads ------------------------------------------------------------------------------------
-    def submit(self, path: str, params: dict, reply: str | None) -> Job:
+    def submit(self, path: str, params: Params, reply: str | None) -> Job:
         """Queue a job; LaneFull when the queue is full, LaneClosed when the service is stopping."""
         with self._lock:
             if self._closed:
                 raise LaneClosed()
             if len(self._queue) >= self.capacity:
                 raise LaneFull()
-            job = Job(ID_PREFIX + str(next(self._ids)), path, params, reply)
+            job = Job(next(self._ids), path, params, reply)
             self._queue.append(job)
         self._wakeup.notify()
         return job
@@ -134,18 +141,14 @@ class Lane:
             job.worker, job.deadline = None, now + self.dispatch_timeout_s
             self._in_flight[job.id] = job
 
-    @staticmethod
-    def owns(job_id: object) -> bool:
-        return isinstance(job_id, str) and job_id.startswith(ID_PREFIX)
-
-    def started(self, job_id: str, worker_id: str, deadline: float) -> None:
+    def started(self, job_id: int, worker_id: str, deadline: float) -> None:
         with self._lock:
             job = self._in_flight.get(job_id)
             if job is not None:
                 job.worker, job.deadline = worker_id, deadline
                 job.tries += 1
 
-    def finished(self, job_id: str, result: dict, text: str | None) -> Job | None:
+    def finished(self, job_id: int, result: dict, text: str | None) -> Job | None:
         """Settle a job with its worker's result; None for a job already settled (a resent one finished twice)."""
         with self._lock:
             job = self._in_flight.pop(job_id, None)

@@ -22,11 +22,12 @@ RESTART_BACKOFF_S = 1.0  # a worker that dies at once is not restarted in a tigh
 
 
 class WorkerPool:
-    def __init__(self, count: int, work_endpoint: str, results_endpoint: str, heartbeat_s: float = 1.0,
+    def __init__(self, *, count: int, work_endpoint: str, results_endpoint: str, heartbeat_s: float = 1.0,
                  log_level: str = "info"):
         self.count = count
-        self.command = [sys.executable, "-m", "spotfinder_daemon.worker", "--work", work_endpoint, "--results", results_endpoint,
-                        "--heartbeat", str(heartbeat_s), "--parent", str(os.getpid()), "--log-level", log_level]
+        self.command = [sys.executable, "-m", "spotfinder_daemon.worker", "--work", work_endpoint,
+                        "--results", results_endpoint, "--heartbeat", str(heartbeat_s), "--parent", str(os.getpid()),
+                        "--log-level", log_level]
         self.processes: list[subprocess.Popen | None] = [None] * count
         self.ids: list[str | None] = [None] * count
         self.started_at = [0.0] * count

@@ -40,7 +40,7 @@ IGNORED_BY_POST = ("distl.res.outer", "distl.res.inner")
 class DataRoots:
     """The folders on-demand frames must lie in, compared after resolving symlinks."""
 
-    def __init__(self, folders: tuple[str, ...]):
+    def __init__(self, *, folders: tuple[str, ...]):
         self.folders = tuple(os.path.realpath(folder) for folder in folders)
 
     def locate(self, image: str) -> tuple[str, str]:
@@ -92,7 +92,7 @@ def _form_fields(request: Request) -> dict[str, str]:
 class Queries:
     """The on-demand routes: parse, check the path, queue on the lane, wait, answer."""
 
-    def __init__(self, lane: Lane, startup: Params, roots: DataRoots, timeout_s: float,
+    def __init__(self, *, lane: Lane, startup: Params, roots: DataRoots, timeout_s: float,
                  stop_service: Callable[[], None], on_error: Callable[[str], None]):
         self.lane = lane
         self.startup = startup
@@ -190,7 +190,7 @@ class Queries:
             return response
 
         try:
-            job = self.lane.submit(path, params.replace(distl__image=path).explicit(), reply)
+            job = self.lane.submit(path, params.replace(distl__image=path), reply)
         except LaneFull:
             return failure(503, "the spotfinder service is busy; retry later", **{"Retry-After": str(RETRY_AFTER_S)})
         except LaneClosed:

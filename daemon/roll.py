@@ -13,6 +13,8 @@ import time
 import uuid
 from dataclasses import dataclass
 
+from .protocol import JobKey
+
 HOST = socket.gethostname()
 
 
@@ -26,7 +28,7 @@ class WorkerInfo:
     pid: int | None
     host: str | None
     last_seen: float
-    busy: int | str | None = None
+    busy: JobKey | None = None  # the job it holds
     frames_done: int = 0
 
 
@@ -39,7 +41,7 @@ class Loss:
 
 
 class Roll:
-    def __init__(self, liveness_s: float):
+    def __init__(self, *, liveness_s: float):
         self.liveness_s = liveness_s
         self.workers: dict[str, WorkerInfo] = {}
         self._dead: dict[str, float] = {}  # id -> when it was found dead; remembered for one liveness window

@@ -1,8 +1,10 @@
 """A worker process: PULL a job, analyse the frame it names, PUSH the result; stateless, catches everything.
 
-Messages to the collector (JSON, one frame each): ``ready`` once, ``started`` when it takes a job (so the
-service knows who holds which frame), ``result``, and a ``heartbeat`` every second from a thread with its
-own socket, so a long frame does not make the worker look dead.
+It receives jobs (:class:`~spotfinder_daemon.protocol.Job`) and sends the collector its reports: ``Ready`` once,
+``Started`` when it takes a job (so the service knows who holds which frame), ``Result``, a ``Heartbeat``
+every second from a thread with its own socket (so a long frame does not make the worker look dead), and
+``Bye`` as it leaves.  A job that cannot be read is answered with an error result when its lane and id can
+be, else dropped with a log line; a job for one frame of a multi-frame file gets an error result.
 
 A job may ask for DISTL's text as well (``reply``: ``body`` for the GET text, ``post`` for the short POST
 text, used by on-demand HTTP queries): it is formatted here, where the live Result with its details is.
@@ -12,8 +14,8 @@ Run by the service (``python -m spotfinder_daemon.worker``) or on other hosts by
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import fnmatch
-import json
 import logging
 import os
 import signal
@@ -23,10 +25,11 @@ import time
 
 import zmq
 
-from spotfinder_core import Params, Result, analyse
+from spotfinder_core import Result, analyse
 from spotfinder_core.analysis import retain_freed_memory, warm_up
 from spotfinder_core.report import format_body, format_post
 
+from . import protocol
 from .logs import setup_logging
 from .roll import HOST, new_worker_id
 
@@ -37,27 +40,18 @@ log = logging.getLogger("spotfinder.worker")
 CRASH_HOOK = "SPOTFINDER_TEST_CRASH_ON"
 
 
-def _plain(value):
-    """JSON for the numpy scalars an analysis may leave in its result."""
-    if hasattr(value, "item"):
-        return value.item()
-    raise TypeError("%s is not JSON serializable" % type(value).__name__)
-
-
-def encode(message: dict) -> bytes:
-    return json.dumps(message, default=_plain).encode()
-
-
 FORMATTERS = {"body": format_body, "post": format_post}
 
 
-def analyse_job(job: dict) -> tuple[dict, str | None]:
+def analyse_job(job: protocol.Job) -> tuple[dict, str | None]:
     """The result of one job, and its text if the job asks for one; any exception becomes an error result."""
-    path = job["path"]
-    formatter = FORMATTERS.get(job.get("reply"))
+    path, index = job.frame.path, job.frame.index
+    formatter = FORMATTERS.get(job.reply)
     try:
-        params = Params({k: tuple(v) if isinstance(v, list) else v for k, v in (job.get("params") or {}).items()})
-        result = analyse(path, params, verify_md5=job.get("verify_md5", True))
+        if index is not None:
+            result = Result.failure(path, "multi-frame files are not supported yet (frame index %d)" % index)
+        else:
+            result = analyse(path, job.params, verify_md5=job.verify_md5)
         return result.as_dict(), formatter(result) if formatter else None
     except Exception as exc:  # a bug or a bad parameter must cost one frame, not the worker
         log.error("analysis of %s raised %s: %s", path, type(exc).__name__, exc)
@@ -66,14 +60,14 @@ def analyse_job(job: dict) -> tuple[dict, str | None]:
 
 
 class Worker:
-    def __init__(self, work_endpoint: str, results_endpoint: str, heartbeat_s: float = 1.0,
+    def __init__(self, *, work_endpoint: str, results_endpoint: str, heartbeat_s: float = 1.0,
                  parent_pid: int | None = None, worker_id: str | None = None):
         self.id = worker_id or new_worker_id()
         self.work_endpoint = work_endpoint
         self.results_endpoint = results_endpoint
         self.heartbeat_s = heartbeat_s
         self.parent_pid = parent_pid
-        self.busy: int | None = None
+        self.busy: protocol.JobKey | None = None
         self.stopping = threading.Event()
         self.context = zmq.Context()
 
@@ -83,18 +77,27 @@ class Worker:
         push.connect(self.results_endpoint)
         return push
 
-    def _send(self, sock: zmq.Socket, kind: str, **fields) -> None:
-        message = {"type": kind, "worker": self.id, "pid": os.getpid(), "host": HOST, **fields}
+    def _send(self, sock: zmq.Socket, kind: type[protocol.Report], **fields) -> None:
+        report = kind(worker=self.id, pid=os.getpid(), host=HOST, **fields)
         try:
-            data = encode(message)
+            data = protocol.encode(report)
         except (TypeError, ValueError) as exc:  # an unencodable result costs its frame, never the worker
-            if kind != "result":
+            if kind is not protocol.Result:
                 raise
-            log.error("result for %s cannot be encoded: %s", message["result"].get("file"), exc)
-            message["result"] = Result.failure(message["result"].get("file") or "?",
-                                               "result cannot be encoded as JSON: %s" % exc).as_dict()
-            data = encode(message)
+            path = report.result.get("file") or "?"
+            log.error("result for %s cannot be encoded: %s", path, exc)
+            failure = Result.failure(path, "result cannot be encoded as JSON: %s" % exc)
+            data = protocol.encode(dataclasses.replace(report, result=failure.as_dict()))
         sock.send(data)
+
+    def _refuse(self, sock: zmq.Socket, error: protocol.ProtocolError, data: bytes) -> None:
+        """A job that cannot be read: an error result if we know which job it was, else only a log line."""
+        if error.job is None:
+            log.error("dropped a job that cannot be read (%s): %.200r", error, data)
+            return
+        log.error("job %s %d cannot be read: %s", error.job.lane, error.job.id, error)
+        failure = Result.failure("?", "the job cannot be read: %s" % error)
+        self._send(sock, protocol.Result, lane=error.job.lane, id=error.job.id, result=failure.as_dict())
 
     def _heartbeats(self) -> None:
         sock = self._results_socket()
@@ -103,7 +106,7 @@ class Worker:
                 if self.parent_pid is not None and os.getppid() != self.parent_pid:
                     log.error("the service (pid %d) is gone; worker exits", self.parent_pid)
                     os._exit(1)
-                self._send(sock, "heartbeat", busy=self.busy)
+                self._send(sock, protocol.Heartbeat, busy=self.busy)
         finally:
             sock.close(linger=0)
 
@@ -118,7 +121,7 @@ class Worker:
             log.debug("kernels ready in %.2f s", warm_up())
         except Exception as exc:
             log.warning("warm-up failed (%s: %s); the first frame will compile the kernels", type(exc).__name__, exc)
-        self._send(results, "ready")
+        self._send(results, protocol.Ready)
         threading.Thread(target=self._heartbeats, name="heartbeat", daemon=True).start()
         crash_pattern = os.environ.get(CRASH_HOOK)
         log.info("worker %s pulling from %s, results to %s", self.id, self.work_endpoint, self.results_endpoint)
@@ -126,27 +129,33 @@ class Worker:
             while not self.stopping.is_set():
                 if not pull.poll(200):
                     continue
-                job = pull.recv_json()
-                self.busy = job["id"]
+                data = pull.recv()
+                try:
+                    job = protocol.decode_job(data)
+                except protocol.ProtocolError as exc:
+                    self._refuse(results, exc, data)
+                    continue
+                self.busy = job.key
                 t_start = time.time()
-                self._send(results, "started", id=job["id"], t_start=t_start)
-                if crash_pattern and fnmatch.fnmatch(os.path.basename(job["path"]), crash_pattern):
+                self._send(results, protocol.Started, lane=job.lane, id=job.id, t_start=t_start)
+                if crash_pattern and fnmatch.fnmatch(os.path.basename(job.frame.path), crash_pattern):
                     os._exit(86)
                 result, text = analyse_job(job)
-                extra = {} if text is None else {"text": text}
-                self._send(results, "result", id=job["id"], t_start=t_start, result=result, **extra)
+                self._send(results, protocol.Result, lane=job.lane, id=job.id, t_start=t_start, result=result,
+                           text=text)
                 self.busy = None
         finally:
             self.stopping.set()
             pull.close()
-            self._send(results, "bye")
+            self._send(results, protocol.Bye)
             results.close()  # LINGER lets the last result reach the collector
             self.context.term()
         return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m spotfinder_daemon.worker", description="One spot-finding worker process.")
+    parser = argparse.ArgumentParser(prog="python -m spotfinder_daemon.worker",
+                                     description="One spot-finding worker process.")
     parser.add_argument("--work", required=True, help="dispatcher endpoint to PULL jobs from")
     parser.add_argument("--results", required=True, help="collector endpoint to PUSH results to")
     parser.add_argument("--heartbeat", type=float, default=1.0, help="seconds between heartbeats")
@@ -155,7 +164,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     args = parser.parse_args(argv)
     setup_logging(args.log_level)
-    worker = Worker(args.work, args.results, args.heartbeat, args.parent, args.id)
+    worker = Worker(work_endpoint=args.work, results_endpoint=args.results, heartbeat_s=args.heartbeat,
+                    parent_pid=args.parent, worker_id=args.id)
     signal.signal(signal.SIGTERM, lambda *_: worker.stopping.set())  # finish the current frame, then leave
     signal.signal(signal.SIGINT, lambda *_: worker.stopping.set())
     return worker.run()

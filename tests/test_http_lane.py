@@ -7,6 +7,8 @@ import time
 import pytest
 import zmq
 
+from spotfinder_core import Params
+from spotfinder_daemon import protocol
 from spotfinder_daemon.dispatcher import Dispatcher
 from spotfinder_daemon.ledger import Ledger
 from spotfinder_daemon.ondemand import Lane, LaneClosed, LaneFull
@@ -16,9 +18,10 @@ from spotfinder_daemon.ondemand import Lane, LaneClosed, LaneFull
 def wired(tmp_path):
     """(lane, ledger, dispatcher, a PULL socket standing in for the workers)."""
     context = zmq.Context()
-    ledger = Ledger(str(tmp_path))
+    ledger = Ledger(state_dir=str(tmp_path))
     lane = Lane(capacity=2, dispatch_timeout_s=5.0, frame_timeout_s=5.0)
-    dispatcher = Dispatcher(context, "inproc://work", ledger, {}, 5.0, 3, lane)
+    dispatcher = Dispatcher(context=context, endpoint="inproc://work", ledger=ledger, params=Params(),
+                            dispatch_timeout_s=5.0, max_tries=3, lane=lane)
     pull = context.socket(zmq.PULL)
     pull.connect("inproc://work")
     yield lane, ledger, dispatcher, pull
@@ -28,11 +31,11 @@ def wired(tmp_path):
     context.term()
 
 
-def received(pull: zmq.Socket) -> list[dict]:
-    messages = []
+def received(pull: zmq.Socket) -> list[protocol.Job]:
+    jobs = []
     while pull.poll(200):
-        messages.append(pull.recv_json())
-    return messages
+        jobs.append(protocol.decode_job(pull.recv()))
+    return jobs
 
 
 def test_queries_go_ahead_of_the_backlog_and_the_queue_is_bounded(wired):
@@ -40,25 +43,31 @@ def test_queries_go_ahead_of_the_backlog_and_the_queue_is_bounded(wired):
     for n in range(5):
         ledger.see("/d/x_%05d.cbf" % n, "/d/x_#####.cbf", time.time())
         ledger.enqueue("/d/x_%05d.cbf" % n, "/d/x_#####.cbf", time.time(), time.time(), "1:%d" % n)
-    first = lane.submit("/d/q_00001.cbf", {}, "body")
-    lane.submit("/d/q_00002.cbf", {}, None)
+    first = lane.submit("/d/q_00001.cbf", Params({"distl.res.outer": 3.0}), "body")
+    lane.submit("/d/q_00002.cbf", Params(), None)
     with pytest.raises(LaneFull):
-        lane.submit("/d/q_00003.cbf", {}, None)
+        lane.submit("/d/q_00003.cbf", Params(), None)
     dispatcher.dispatch(workers_alive=1)  # room for two: both queries, no frame
-    assert [m["path"] for m in received(pull)] == ["/d/q_00001.cbf", "/d/q_00002.cbf"]
-    assert first.message()["reply"] == "body" and lane.in_flight() == 2 and lane.depth() == 0
+    queries = received(pull)
+    assert [(job.lane, job.id, job.frame.path) for job in queries] == [("query", 1, "/d/q_00001.cbf"),
+                                                                      ("query", 2, "/d/q_00002.cbf")]
+    assert queries[0] == first.message(verify_md5=True) and queries[0].reply == "body"
+    assert queries[0].params == Params({"distl.res.outer": 3.0})
+    assert lane.in_flight() == 2 and lane.depth() == 0
     lane.finished(first.id, {"status": "ok"}, "text")
     assert first.wait(0).text == "text"
     dispatcher.dispatch(workers_alive=1)
-    assert [m["path"] for m in received(pull)] == ["/d/x_00000.cbf"]
+    [frame] = received(pull)
+    assert (frame.lane, frame.id, frame.frame, frame.reply) == ("watch", 1, protocol.FrameRef(path="/d/x_00000.cbf"),
+                                                                None)
 
 
 def test_a_lost_job_is_resent_once_then_answered_with_an_error(wired):
     lane, _, dispatcher, pull = wired
-    job = lane.submit("/d/poison_00001.cbf", {}, "body")
+    job = lane.submit("/d/poison_00001.cbf", Params(), "body")
     for worker in ("w:1", "w:2"):
         dispatcher.dispatch(workers_alive=1)
-        assert [m["id"] for m in received(pull)] == [job.id]
+        assert [m.key for m in received(pull)] == [protocol.JobKey(lane="query", id=job.id)]
         lane.started(job.id, worker, time.monotonic() + 5.0)
         dispatcher.worker_lost(worker, charge=True)
     outcome = job.wait(0)
@@ -69,12 +78,12 @@ def test_a_lost_job_is_resent_once_then_answered_with_an_error(wired):
 
 def test_an_abandoned_job_is_not_sent_and_closing_answers_the_rest(wired):
     lane, _, dispatcher, pull = wired
-    gone = lane.submit("/d/a_00001.cbf", {}, None)
-    waiting = lane.submit("/d/b_00001.cbf", {}, None)
+    gone = lane.submit("/d/a_00001.cbf", Params(), None)
+    waiting = lane.submit("/d/b_00001.cbf", Params(), None)
     lane.abandon(gone)
     lane.close("stopping")
     assert waiting.wait(0).error == "stopping" and gone.wait(0) is None
     with pytest.raises(LaneClosed):
-        lane.submit("/d/c_00001.cbf", {}, None)
+        lane.submit("/d/c_00001.cbf", Params(), None)
     dispatcher.dispatch(workers_alive=1)
     assert received(pull) == []

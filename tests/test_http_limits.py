@@ -117,8 +117,9 @@ def test_a_frame_that_kills_workers_is_resent_once_then_answered_with_an_error(s
 
 def test_exit_is_refused_unless_it_comes_from_this_host(tmp_path):
     stopped = []
-    queries = Queries(Lane(4, 10.0, 10.0), Params(), DataRoots((str(tmp_path),)), 5.0, lambda: stopped.append(1),
-                      lambda kind: None)
+    queries = Queries(lane=Lane(capacity=4, dispatch_timeout_s=10.0, frame_timeout_s=10.0), startup=Params(),
+                      roots=DataRoots(folders=(str(tmp_path),)), timeout_s=5.0, stop_service=lambda: stopped.append(1),
+                      on_error=lambda kind: None)
     content_type, body = encode_form([("filename", "EXIT"), ("bin", "1")])
 
     def post(client: str):

@@ -1,18 +1,23 @@
 """The collector and the roll in process, on real ZeroMQ sockets and a real ledger: malformed messages cost only
-themselves, a result is published whatever follows its commit, a dead worker's last messages are settled."""
+themselves, a result is published whatever follows its commit, each lane's reports go to that lane, a dead worker's
+last messages are settled."""
 from __future__ import annotations
 
 import json
+import logging
 import time
 
 import pytest
 import zmq
 
-from spotfinder_daemon.collector import Collector, malformed
+from spotfinder_core import Params
+from spotfinder_daemon import protocol
+from spotfinder_daemon.collector import Collector
 from spotfinder_daemon.dispatcher import Dispatcher
 from spotfinder_daemon.ledger import Ledger
 from spotfinder_daemon.metrics import Metrics
 from spotfinder_daemon.ondemand import Lane
+from spotfinder_daemon.protocol import QUERY, VERSION, WATCH, Heartbeat, JobKey, Ready, Result, Started
 from spotfinder_daemon.publisher import Publisher
 from spotfinder_daemon.roll import Loss, Roll, new_worker_id
 
@@ -21,10 +26,12 @@ from spotfinder_daemon.roll import Loss, Roll, new_worker_id
 def wired(tmp_path):
     """(collector, a PUSH socket standing in for the workers, a SUB socket on its PUB, the ledger, the roll)."""
     context = zmq.Context()
-    ledger = Ledger(str(tmp_path))
+    ledger = Ledger(state_dir=str(tmp_path))
     roll = Roll(liveness_s=5.0)
-    publisher = Publisher(context, "inproc://pub")
-    collector = Collector(context, "inproc://results", ledger, publisher, 20.0, Lane(4, 5.0, 5.0), Metrics(), roll)
+    publisher = Publisher(context=context, endpoint="inproc://pub")
+    lane = Lane(capacity=4, dispatch_timeout_s=5.0, frame_timeout_s=5.0)
+    collector = Collector(context=context, endpoint="inproc://results", ledger=ledger, publisher=publisher,
+                          frame_timeout_s=20.0, lane=lane, metrics=Metrics(), roll=roll)
     push, sub = context.socket(zmq.PUSH), context.socket(zmq.SUB)
     push.connect("inproc://results")
     sub.setsockopt_string(zmq.SUBSCRIBE, "")
@@ -49,7 +56,9 @@ def dispatched_frame(ledger: Ledger, name: str = "x_00001.cbf") -> int:
 
 def deliver(collector: Collector, push: zmq.Socket, *messages) -> None:
     for message in messages:
-        push.send(message if isinstance(message, bytes) else json.dumps(message).encode())
+        if isinstance(message, dict):
+            message = json.dumps(message).encode()
+        push.send(message if isinstance(message, bytes) else protocol.encode(message))
     deadline = time.monotonic() + 5
     handled = 0
     while handled < len(messages) and time.monotonic() < deadline:
@@ -65,47 +74,63 @@ def published(sub: zmq.Socket) -> list[dict]:
     return out
 
 
-def test_malformed_messages_are_dropped_and_the_collector_goes_on(wired):
+def test_malformed_messages_are_dropped_with_one_warning_and_the_collector_goes_on(wired, caplog):
     collector, push, sub, ledger, roll = wired
     frame_id = dispatched_frame(ledger)
-    deliver(collector, push, b"not json", [1, 2], {"type": "heartbeat"}, {"type": "nonsense", "worker": "w"},
-            {"type": "heartbeat", "worker": "w", "pid": "12"},
-            {"type": "result", "worker": "w", "id": frame_id, "result": [1, 2]},
-            {"type": "result", "worker": "w", "id": [frame_id], "result": {}},
-            {"type": "started", "worker": "w", "id": True})
+    malformed = [b"not json", b"[1, 2]", {"v": VERSION, "type": "heartbeat"},
+                 {"v": VERSION, "type": "nonsense", "worker": "w"},
+                 {"type": "ready", "worker": "w"}, {"v": VERSION + 1, "type": "ready", "worker": "w"},
+                 {"v": VERSION, "type": "heartbeat", "worker": "w", "pid": "12"},
+                 {"v": VERSION, "type": "result", "worker": "w", "lane": WATCH, "id": frame_id, "result": [1, 2]},
+                 {"v": VERSION, "type": "result", "worker": "w", "lane": WATCH, "id": [frame_id], "result": {}},
+                 {"v": VERSION, "type": "result", "worker": "w", "id": frame_id, "result": {}},
+                 {"v": VERSION, "type": "started", "worker": "w", "lane": WATCH, "id": True}]
+    with caplog.at_level(logging.WARNING, logger="spotfinder.collector"):
+        deliver(collector, push, *malformed)
     assert roll.workers == {} and ledger.get(frame_id).state == "dispatched"
+    assert len(caplog.records) == len(malformed)
+    assert all(r.getMessage().startswith("dropped a malformed worker message (") for r in caplog.records)
     # a probe that says hello is a worker of the roll like any other, and goes silent like one: no crash
-    deliver(collector, push, {"type": "heartbeat", "worker": "monitoring-probe"})
+    deliver(collector, push, Heartbeat(worker="monitoring-probe"))
     assert list(roll.workers) == ["monitoring-probe"] and roll.workers["monitoring-probe"].pid is None
     # a result whose odd fields break the metrics is still published: the send comes right after the commit
-    deliver(collector, push, {"type": "result", "worker": "w:1", "pid": 7, "id": frame_id,
-                              "result": {"status": "ok", "proc_ms": "12"}})
+    deliver(collector, push, Result(worker="w:1", pid=7, lane=WATCH, id=frame_id,
+                                    result={"status": "ok", "proc_ms": "12"}))
     [message] = published(sub)
     assert message["file"] == "/d/x_00001.cbf" and message["proc_ms"] == "12"
     assert ledger.get(frame_id).state == "done"
 
 
-@pytest.mark.parametrize("message, why", [
-    ([1, 2], "not a JSON object"),
-    ({"type": "heartbeat", "worker": ""}, "no worker id"),
-    ({"type": "result", "worker": "w", "id": 1, "result": None}, "result is not an object"),
-    ({"type": "result", "worker": "w", "id": 1, "result": {}, "text": 5}, "text is not a string"),
-    ({"type": "started", "worker": "w", "id": 1, "t_start": "now"}, "bad t_start"),
-])
-def test_malformed_names_the_problem(message, why):
-    assert why in malformed(message)
+def test_each_lane_gets_its_own_reports_though_their_ids_are_the_same(wired):
+    collector, push, sub, ledger, roll = wired
+    frame_id = dispatched_frame(ledger)
+    query = collector.lane.submit("/d/q_00001.cbf", Params(), None)
+    [taken] = collector.lane.take(1)
+    collector.lane.dispatched(taken, time.monotonic())
+    assert query.id == frame_id == 1
+    deliver(collector, push, Ready(worker="w:1", pid=7),
+            Started(worker="w:1", pid=7, lane=QUERY, id=query.id, t_start=time.time()))
+    assert roll.workers["w:1"].busy == JobKey(lane=QUERY, id=1) and ledger.get(frame_id).worker is None
+    deliver(collector, push, Heartbeat(worker="w:1", pid=7, busy=JobKey(lane=WATCH, id=frame_id)))
+    assert roll.workers["w:1"].busy == JobKey(lane=WATCH, id=frame_id)
+    deliver(collector, push, Result(worker="w:1", pid=7, lane=QUERY, id=query.id, result={"status": "ok"}, text="t"))
+    assert query.wait(0).text == "t" and ledger.get(frame_id).state == "dispatched" and published(sub) == []
+    deliver(collector, push, Started(worker="w:1", pid=7, lane=WATCH, id=frame_id),
+            Result(worker="w:1", pid=7, lane=WATCH, id=frame_id, result={"status": "ok"}))
+    assert ledger.get(frame_id).state == "done" and [m["file"] for m in published(sub)] == ["/d/x_00001.cbf"]
+    assert roll.workers["w:1"].busy is None and roll.workers["w:1"].frames_done == 2
 
 
 def test_a_started_message_read_after_its_worker_died_is_a_charged_loss(wired):
     collector, push, _, ledger, roll = wired
     frame_id = dispatched_frame(ledger)
     worker = new_worker_id()
-    deliver(collector, push, {"type": "ready", "worker": worker, "pid": 11})
+    deliver(collector, push, Ready(worker=worker, pid=11))
     roll.died(worker)
     assert roll.take_losses() == [Loss(worker, True)]
-    deliver(collector, push, {"type": "started", "worker": worker, "pid": 11, "id": frame_id})
+    deliver(collector, push, Started(worker=worker, pid=11, lane=WATCH, id=frame_id))
     assert roll.take_losses() == [Loss(worker, True)] and [f.id for f in ledger.held_by(worker)] == [frame_id]
-    deliver(collector, push, {"type": "heartbeat", "worker": worker, "pid": 11})
+    deliver(collector, push, Heartbeat(worker=worker, pid=11))
     assert worker not in roll.workers  # a dead worker does not come back
 
 
@@ -120,8 +145,10 @@ def test_worker_ids_are_unique_and_dead_ones_are_forgotten_after_the_liveness_wi
 
 def test_a_hung_worker_is_reported_and_its_frame_requeued(tmp_path):
     context = zmq.Context()
-    ledger = Ledger(str(tmp_path))
-    dispatcher = Dispatcher(context, "inproc://work", ledger, {}, 5.0, 3, Lane(4, 5.0, 5.0))
+    ledger = Ledger(state_dir=str(tmp_path))
+    dispatcher = Dispatcher(context=context, endpoint="inproc://work", ledger=ledger, params=Params(),
+                            dispatch_timeout_s=5.0, max_tries=3,
+                            lane=Lane(capacity=4, dispatch_timeout_s=5.0, frame_timeout_s=5.0))
     try:
         frame_id = dispatched_frame(ledger)
         ledger.mark_started(frame_id, "w:hung", time.monotonic() - 1)

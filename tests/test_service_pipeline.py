@@ -120,8 +120,8 @@ def test_frames_renamed_into_place_or_written_slowly(make_service, subscribe, mo
 
 
 def busy_worker(service) -> dict | None:
-    """A worker analysing a watched frame (its ``busy`` is the frame's ledger id), per /status."""
-    return next((w for w in service.status()["workers"] if isinstance(w["busy"], int)), None)
+    """A worker analysing a watched frame (``busy`` names a job of lane ``watch``), per /status."""
+    return next((w for w in service.status()["workers"] if (w["busy"] or {}).get("lane") == "watch"), None)
 
 
 def test_worker_killed_with_sigkill_mid_frame_loses_nothing(make_service, subscribe):

@@ -5,20 +5,19 @@ import json
 import subprocess
 import sys
 
-import numpy as np
 import zmq
 
-from cbf_helpers import make_frame
-from spotfinder_daemon.worker import encode
 from service_helpers import child_env, free_port
+from spotfinder_core import Params
+from spotfinder_daemon import protocol
+from spotfinder_daemon.protocol import WATCH, FrameRef, Job
 
 
-def test_numpy_scalars_in_a_result_are_encoded_as_plain_json():
-    assert json.loads(encode({"spot_total": np.int64(7), "resolution": np.float32(2.5)})) == \
-        {"spot_total": 7, "resolution": 2.5}
+def job(job_id: int, path: str, index: int | None = None, **params) -> bytes:
+    return protocol.encode(Job(lane=WATCH, id=job_id, frame=FrameRef(path=path, index=index), params=Params(params)))
 
 
-def test_worker_reports_errors_per_frame_and_keeps_going(tmp_path):
+def test_worker_reports_errors_per_frame_and_keeps_going(tmp_path, make_frame):
     good = tmp_path / "good_00001.cbf"
     make_frame(str(good))
     context = zmq.Context()
@@ -26,23 +25,31 @@ def test_worker_reports_errors_per_frame_and_keeps_going(tmp_path):
     work_port, results_port = free_port(), free_port()
     jobs.bind("tcp://127.0.0.1:%d" % work_port)
     results.bind("tcp://127.0.0.1:%d" % results_port)
-    worker = subprocess.Popen([sys.executable, "-m", "spotfinder_daemon.worker", "--work", "tcp://127.0.0.1:%d" % work_port,
+    worker = subprocess.Popen([sys.executable, "-m", "spotfinder_daemon.worker",
+                               "--work", "tcp://127.0.0.1:%d" % work_port,
                                "--results", "tcp://127.0.0.1:%d" % results_port], env=child_env())
     try:
         assert results.poll(30000), "worker never said ready"
-        assert results.recv_json()["type"] == "ready"
-        jobs.send_json({"id": 1, "path": str(tmp_path / "missing_00001.cbf"), "params": {}})
-        jobs.send_json({"id": 2, "path": str(good), "params": ["not", "a", "mapping"]})
-        jobs.send_json({"id": 3, "path": str(good), "params": {"distl.res.outer": 4.0}})
+        assert isinstance(protocol.decode_report(results.recv()), protocol.Ready)
+        jobs.send(job(1, str(tmp_path / "missing_00001.cbf")))
+        bad_params = json.loads(job(2, str(good)))
+        jobs.send(json.dumps(dict(bad_params, params=["not", "a", "mapping"])).encode())
+        jobs.send(job(3, str(good), **{"distl.res.outer": 4.0}))
+        jobs.send(job(4, str(tmp_path / "master.h5"), index=0))
+        jobs.send(json.dumps(dict(json.loads(job(5, str(good))), v=protocol.VERSION + 1)).encode())  # not answered
+        jobs.send(job(6, str(good)))
         got = {}
-        while len(got) < 3:
+        while 6 not in got:
             assert results.poll(30000), "worker stopped answering"
-            message = results.recv_json()
-            if message["type"] == "result":
-                got[message["id"]] = message["result"]
+            report = protocol.decode_report(results.recv())
+            if isinstance(report, protocol.Result):
+                got[report.id] = report.result
+        assert sorted(got) == [1, 2, 3, 4, 6]
         assert got[1]["status"] == "error" and got[1]["error"] == "no such file"
-        assert got[2]["status"] == "error" and got[2]["error"].startswith("analysis raised AttributeError")
+        assert got[2]["status"] == "error" and got[2]["error"].startswith("the job cannot be read: bad params")
         assert got[3]["status"] == "ok"
+        assert got[4]["status"] == "error" and "multi-frame files are not supported yet" in got[4]["error"]
+        assert got[6]["status"] == "ok"
         assert worker.poll() is None
     finally:
         worker.terminate()
