@@ -296,7 +296,7 @@ class _Server(ThreadingHTTPServer):
 
 
 class HttpServer:
-    def __init__(self, host: str, port: int, timeout_s: float = 10.0, max_connections: int = 128):
+    def __init__(self, *, host: str, port: int, timeout_s: float = 10.0, max_connections: int = 128):
         self.server = _Server((host, port), timeout_s, max_connections)
         self.thread = threading.Thread(target=self.server.serve_forever, name="http", daemon=True)
 

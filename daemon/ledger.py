@@ -84,7 +84,7 @@ def connect(db_path: str) -> sqlite3.Connection:
 
 
 class Ledger:
-    def __init__(self, state_dir: str):
+    def __init__(self, *, state_dir: str):
         os.makedirs(state_dir, exist_ok=True)
         self.path = os.path.join(state_dir, FILE_NAME)
         self.db = connect(self.path)

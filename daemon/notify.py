@@ -14,7 +14,7 @@ log = logging.getLogger("spotfinder.notify")
 
 
 class Notifier:
-    def __init__(self, environ: dict | None = None):
+    def __init__(self, *, environ: dict | None = None):
         environ = os.environ if environ is None else environ
         address = environ.get("NOTIFY_SOCKET") or None
         if address and address.startswith("@"):

@@ -80,7 +80,7 @@ def heartbeat_message(seq: int, **fields) -> tuple[str, dict]:
 class Publisher:
     """One PUB socket; a high send HWM so slow subscribers never block the pipeline (PUB drops instead)."""
 
-    def __init__(self, context: zmq.Context, endpoint: str, hold_until: float = 0.0):
+    def __init__(self, *, context: zmq.Context, endpoint: str, hold_until: float = 0.0):
         self.socket = context.socket(zmq.PUB)
         self.socket.setsockopt(zmq.SNDHWM, 100_000)
         self.socket.setsockopt(zmq.LINGER, 2000)  # close() flushes what is queued, for at most 2 s

@@ -90,7 +90,7 @@ class _Handler(FileSystemEventHandler):
 
 
 class Watcher:
-    def __init__(self, folders: tuple[str, ...], polling: bool = False, poll_interval_s: float = 1.0,
+    def __init__(self, *, folders: tuple[str, ...], polling: bool = False, poll_interval_s: float = 1.0,
                  incomplete_timeout_s: float = 30.0):
         self.folders = folders
         self.incomplete_timeout_s = incomplete_timeout_s

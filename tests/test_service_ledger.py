@@ -18,7 +18,7 @@ def queued(ledger: Ledger, path: str) -> int:
 
 
 def test_a_frame_is_finished_once_and_its_seq_survives_a_restart(tmp_path):
-    ledger = Ledger(str(tmp_path))
+    ledger = Ledger(state_dir=str(tmp_path))
     first, second = queued(ledger, "/d/x_00001.cbf"), queued(ledger, "/d/x_00002.cbf")
     assert not ledger.enqueue("/d/x_00001.cbf", "/d/x_#####.cbf", 0.0, 0.0, "1:14")  # a second event changes nothing
     heartbeat_seq = ledger.next_seq()
@@ -28,7 +28,7 @@ def test_a_frame_is_finished_once_and_its_seq_survives_a_restart(tmp_path):
     assert one["topic"] == "spotfinder.v1.result./d/x_#####.cbf"
     ledger.close()
 
-    reopened = Ledger(str(tmp_path))
+    reopened = Ledger(state_dir=str(tmp_path))
     two = reopened.finish(second, "done", time.time(), compose_ok)
     assert two["body"]["seq"] == one["body"]["seq"] + 1
     messages, last = read_messages(str(tmp_path), since=0)
@@ -38,19 +38,19 @@ def test_a_frame_is_finished_once_and_its_seq_survives_a_restart(tmp_path):
 
 
 def test_in_flight_frames_are_requeued_after_a_restart(tmp_path):
-    ledger = Ledger(str(tmp_path))
+    ledger = Ledger(state_dir=str(tmp_path))
     frame_id = queued(ledger, "/d/x_00001.cbf")
     ledger.mark_dispatched(frame_id, time.monotonic() + 10)
     ledger.mark_started(frame_id, "host:12", time.monotonic() + 10)
     ledger.close()
-    reopened = Ledger(str(tmp_path))
+    reopened = Ledger(state_dir=str(tmp_path))
     assert reopened.requeue_in_flight() == 1
     assert [f.path for f in reopened.queued(10)] == ["/d/x_00001.cbf"]
     assert reopened.get(frame_id).tries == 0  # a restart is not the frame's fault
 
 
 def test_a_frame_whose_workers_keep_dying_runs_out_of_tries(tmp_path):
-    ledger = Ledger(str(tmp_path))
+    ledger = Ledger(state_dir=str(tmp_path))
     frame_id = queued(ledger, "/d/x_00001.cbf")
     outcomes = []
     for attempt in range(3):
@@ -66,7 +66,7 @@ def test_a_frame_whose_workers_keep_dying_runs_out_of_tries(tmp_path):
 
 
 def test_overdue_frames_and_uncharged_release(tmp_path):
-    ledger = Ledger(str(tmp_path))
+    ledger = Ledger(state_dir=str(tmp_path))
     frame_id = queued(ledger, "/d/x_00001.cbf")
     now = time.monotonic()
     ledger.mark_dispatched(frame_id, now + 1)
@@ -77,7 +77,7 @@ def test_overdue_frames_and_uncharged_release(tmp_path):
 
 
 def test_an_uncharged_release_at_the_limit_requeues_and_a_charged_one_fails(tmp_path):
-    ledger = Ledger(str(tmp_path))
+    ledger = Ledger(state_dir=str(tmp_path))
     frame_id = queued(ledger, "/d/x_00001.cbf")
     ledger.mark_dispatched(frame_id, time.monotonic() + 10)
     assert not ledger.release(frame_id, charge=True, max_tries=1)  # killed before it was failed...
@@ -89,7 +89,7 @@ def test_an_uncharged_release_at_the_limit_requeues_and_a_charged_one_fails(tmp_
 
 
 def test_counts_keep_finished_totals_and_retention_prunes_old_frames(tmp_path):
-    ledger = Ledger(str(tmp_path))
+    ledger = Ledger(state_dir=str(tmp_path))
     old, new = queued(ledger, "/d/x_00001.cbf"), queued(ledger, "/d/x_00002.cbf")
     ledger.finish(old, "done", time.time() - 100, compose_ok)
     ledger.finish(new, "done", time.time(), compose_ok)
@@ -100,7 +100,7 @@ def test_counts_keep_finished_totals_and_retention_prunes_old_frames(tmp_path):
 
 
 def test_a_file_recreated_under_a_finished_name_reopens_its_frame(tmp_path):
-    ledger = Ledger(str(tmp_path))
+    ledger = Ledger(state_dir=str(tmp_path))
     frame_id = queued(ledger, "/d/x_00001.cbf")
     identity = ledger.get(frame_id).identity
     ledger.finish(frame_id, "done", time.time(), compose_ok)

@@ -29,17 +29,17 @@ def received(sock: socket.socket) -> list[str]:
 
 
 def test_notifier_paths_abstract_sockets_and_absence(tmp_path):
-    assert not Notifier({}).enabled and Notifier({}).send(READY=1) is False
+    assert not Notifier(environ={}).enabled and Notifier(environ={}).send(READY=1) is False
     path = str(tmp_path / "notify")
     sock = receiver(path)
-    assert Notifier({"NOTIFY_SOCKET": path}).ready("up")
+    assert Notifier(environ={"NOTIFY_SOCKET": path}).ready("up")
     assert received(sock) == ["READY=1\nSTATUS=up"]
     name = "spotfinder-test-%s" % uuid.uuid4().hex
     abstract = receiver("\0" + name)
-    assert Notifier({"NOTIFY_SOCKET": "@" + name}).watchdog()
+    assert Notifier(environ={"NOTIFY_SOCKET": "@" + name}).watchdog()
     assert received(abstract) == ["WATCHDOG=1"]
-    assert Notifier({"WATCHDOG_USEC": "4000000"}).watchdog_interval_s == 2.0
-    assert Notifier({"WATCHDOG_USEC": "4000000", "WATCHDOG_PID": "1"}).watchdog_interval_s is None
+    assert Notifier(environ={"WATCHDOG_USEC": "4000000"}).watchdog_interval_s == 2.0
+    assert Notifier(environ={"WATCHDOG_USEC": "4000000", "WATCHDOG_PID": "1"}).watchdog_interval_s is None
 
 
 def test_service_notifies_ready_watchdog_only_while_healthy_and_stopping(make_service, tmp_path):

@@ -1,0 +1,156 @@
+"""What the service says about itself: its health, the ``/status`` snapshot, the heartbeat's fields, systemd's
+``STATUS=`` line, and the ``/status``, ``/results`` and ``/metrics`` routes.
+
+The main thread owns the parts it reads, so it computes health and a snapshot at every supervision pass
+(:meth:`Status.refresh`); HTTP threads only read that snapshot under a lock, or the ledger on a connection of
+their own (``/results``), and never touch a part directly.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict
+
+from . import ledger as ledger_module
+from .collector import Collector
+from .config import Settings
+from .http import HttpServer, Request, Response, error_response, json_response
+from .ledger import Ledger
+from .metrics import Metrics
+from .ondemand import Lane
+from .periodic import PeriodicTasks
+from .pool import WorkerPool
+from .roll import Roll
+from .watcher import Watcher
+
+RESULTS_LIMIT = 1000
+
+
+class Status:
+    def __init__(self, *, settings: Settings, ledger: Ledger, roll: Roll, pool: WorkerPool, collector: Collector,
+                 lane: Lane, watcher: Watcher, metrics: Metrics, tasks: PeriodicTasks, lifecycle: Callable[[], str]):
+        self.settings = settings
+        self.ledger = ledger
+        self.roll = roll
+        self.pool = pool
+        self.collector = collector
+        self.lane = lane
+        self.watcher = watcher
+        self.metrics = metrics
+        self.tasks = tasks
+        self.lifecycle = lifecycle
+        self.started = time.monotonic()
+        self.progress_mark = self.started  # the last time the queue was empty or a frame finished
+        self.counts = dict.fromkeys(ledger_module.STATES, 0)
+        self.oldest_seen: float | None = None
+        self._snapshot: dict = {}
+        self._lock = threading.Lock()
+
+    # ----- main thread -------------------------------------------------------------------------------------
+    def observe_ledger(self) -> None:
+        """Read the ledger's counts and note progress (after each supervision pass)."""
+        self.counts = self.ledger.counts()
+        self.oldest_seen = self.ledger.oldest_seen()
+        if self.counts["queued"] + self.counts["dispatched"] == 0 or self.collector.last_done > self.progress_mark:
+            self.progress_mark = time.monotonic()
+
+    def health(self) -> tuple[bool, str]:
+        """Healthy = the watcher runs, some worker is alive when work can arrive, the queue drains and no
+        frame waits for completeness past its timeout and a reconciliation."""
+        s = self.settings
+        if not self.watcher.alive():
+            return False, "the folder watcher stopped"
+        if not self.roll.workers and (self.pool.count > 0 or self.counts["queued"]):
+            return False, "no live workers"
+        stall_s = s.dispatch_timeout_s + s.frame_timeout_s
+        if time.monotonic() - self.progress_mark > stall_s:
+            return False, "queue not draining for %.0f s" % stall_s
+        stuck_s = 2 * s.incomplete_timeout_s + s.reconcile_interval_s
+        if self.oldest_seen is not None and time.time() - self.oldest_seen > stuck_s:
+            return False, "a frame has waited for completeness for over %.0f s" % stuck_s
+        return True, "ok"
+
+    def refresh(self) -> None:
+        """Build the snapshot HTTP threads read, and set the gauges."""
+        counts = self.counts
+        now = time.monotonic()
+        registered = dict(self.roll.workers)
+        workers = [_worker(worker_id, registered.pop(worker_id, None), pid, local=True, now=now)
+                   for worker_id, pid in self.pool.running().items()]
+        workers.extend(_worker(info.id, info, info.pid, local=False, now=now) for info in registered.values())
+        snapshot = {
+            "state": self.lifecycle(),
+            "uptime_s": round(now - self.started, 3),
+            "workers": workers,
+            "workers_alive": len(self.roll.workers),
+            "workers_paused": self.pool.paused,
+            "queue_depth": counts["queued"],
+            "in_flight": counts["dispatched"],
+            "waiting_complete": counts["seen"],
+            "frames_done": counts["done"],
+            "frames_failed": counts["failed"],
+            "frames_per_s": self.collector.frames_per_s(),
+            "ondemand_queue": self.lane.depth(),
+            "ondemand_in_flight": self.lane.in_flight(),
+            "last_seq": self.ledger.last_seq(),
+            "watcher_alive": self.watcher.alive(),
+            "oldest_waiting_s": None if self.oldest_seen is None else round(time.time() - self.oldest_seen, 3),
+            "watch": list(self.settings.watch),
+            "pub": self.settings.pub,
+            "periodic_tasks": self.tasks.table(),
+        }
+        snapshot["healthy"], snapshot["health"] = self.health()
+        self.metrics.queue.set(counts["queued"])
+        self.metrics.in_flight.set(counts["dispatched"])
+        self.metrics.workers.set(snapshot["workers_alive"])
+        with self._lock:
+            self._snapshot = snapshot
+
+    def line(self) -> str:
+        """systemd's one-line STATUS=."""
+        snap = self.snapshot()
+        return "%d workers, queue %d, done %d, failed %d, %.1f frames/s" % (
+            snap["workers_alive"], snap["queue_depth"], snap["frames_done"], snap["frames_failed"],
+            snap["frames_per_s"])
+
+    def heartbeat_fields(self) -> dict:
+        snap = self.snapshot()
+        return {key: snap[key] for key in ("queue_depth", "in_flight", "workers_alive", "frames_per_s",
+                                           "frames_done", "frames_failed", "uptime_s", "healthy")}
+
+    # ----- any thread --------------------------------------------------------------------------------------
+    def snapshot(self) -> dict:
+        with self._lock:
+            return self._snapshot
+
+    def register(self, http: HttpServer) -> None:
+        http.route("GET", "/status", self._status)
+        http.route("GET", "/results", self._results)
+        http.route("GET", "/metrics", self._metrics)
+
+    def _status(self, request: Request) -> Response:
+        return json_response(self.snapshot())
+
+    def _results(self, request: Request) -> Response:
+        try:
+            since = int(request.arg("since", "0"))
+            limit = int(request.arg("limit", str(RESULTS_LIMIT)))
+        except ValueError:
+            return error_response(400, "since and limit must be integers")
+        if since < 0:
+            return error_response(400, "since must be 0 or more")
+        limit = max(1, min(limit, RESULTS_LIMIT))
+        messages, last_seq = ledger_module.read_messages(self.settings.state_dir, since, limit)
+        return json_response({"since": since, "last_seq": last_seq, "results": messages})
+
+    def _metrics(self, request: Request) -> Response:
+        body, content_type = self.metrics.render()
+        return Response(200, body, content_type)
+
+
+def _worker(worker_id: str, info, pid, local: bool, now: float) -> dict:
+    return {"id": worker_id, "pid": pid, "host": info.host if info else None, "local": local,
+            "alive": info is not None, "busy": asdict(info.busy) if info and info.busy else None,
+            "frames_done": info.frames_done if info else 0,
+            "last_seen_s": round(now - info.last_seen, 3) if info else None}
