@@ -22,7 +22,7 @@ from pathlib import Path
 from urllib.parse import quote
 
 from bench_pipeline import free_ports, per_frame, percentile
-from peer import REPO, run_distl, thaumatin_present, thaumatin_workspace
+from peer import run_distl, thaumatin_present, thaumatin_workspace
 
 WARM_UP_REQUESTS = 4  # the first frame in each worker compiles the numba kernels
 
@@ -38,9 +38,8 @@ class Service:
             "work_endpoint: tcp://127.0.0.1:%d" % work_port, "results_endpoint: tcp://127.0.0.1:%d" % results_port,
             "workers: %d" % workers, "ondemand_queue: %d" % queue, "state_dir: %s" % (work / "state"),
             "log_level: warning", ""]))
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
-        self.process = subprocess.Popen([sys.executable, "-m", "spotfinder_daemon.commands", "serve", "--config", str(config)],
-                                        env=env, start_new_session=True)
+        serve = [sys.executable, "-m", "spotfinder_daemon.cli", "serve", "--config", str(config)]
+        self.process = subprocess.Popen(serve, start_new_session=True)
         deadline = time.monotonic() + 60
         while self._workers_alive() < workers:
             if time.monotonic() > deadline or self.process.poll() is not None:

@@ -94,10 +94,8 @@ class Pipeline:
             "work_endpoint: tcp://127.0.0.1:%d" % work_port, "results_endpoint: tcp://127.0.0.1:%d" % results_port,
             "workers: %d" % workers, "state_dir: %s" % (work / "state"), "log_level: warning",
             "verify_md5: %s" % str(verify_md5).lower(), ""]))
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
-        self.env = env
-        self.process = subprocess.Popen([sys.executable, "-m", "spotfinder_daemon.commands", "serve", "--config", str(config)],
-                                        env=env, start_new_session=True)
+        serve = [sys.executable, "-m", "spotfinder_daemon.cli", "serve", "--config", str(config)]
+        self.process = subprocess.Popen(serve, start_new_session=True)
         self.context = zmq.Context()
         self.sub = self.context.socket(zmq.SUB)
         self.sub.setsockopt(zmq.RCVHWM, 0)
@@ -118,7 +116,7 @@ class Pipeline:
 
     def run(self, frames: list[str], count: int, rate: float | None, template: str) -> dict:
         """Replay ``count`` frames; per file, when it became complete and when its result arrived."""
-        command = [sys.executable, "-m", "spotfinder_daemon.commands", "replay", *frames, "--to", str(self.watch),
+        command = [sys.executable, "-m", "spotfinder_daemon.cli", "replay", *frames, "--to", str(self.watch),
                    "--count", str(count), "--template", template]
         if rate:
             command += ["--rate", "%g" % rate]
@@ -127,7 +125,7 @@ class Pipeline:
         reaped_before = resource.getrusage(resource.RUSAGE_CHILDREN)
         started = time.monotonic()
         log = tempfile.TemporaryFile("w+")  # not a pipe: read only at the end, a long run would fill it
-        replay = subprocess.Popen(command, stdout=log, text=True, env=self.env)
+        replay = subprocess.Popen(command, stdout=log, text=True)
         arrived: dict[str, tuple[float, dict]] = {}
         deadline = time.monotonic() + 120 + count * 5
         quiet_since = time.monotonic()

@@ -24,7 +24,8 @@ DEFAULT_FRAMES = {THAUMATIN: ("thau_3_2_0001", "thau_3_2_0005", "thau_3_2_0012")
                   REAL / "small_molecule_dls_i19_pilatus_300k": ("ximg2700_00001", "ximg2701_00001")}
 PARAMETER_SETS = [[], ["distl.bins.verbose=True"], ["distl.res.outer=4.9", "distl.bins.verbose=True"],
                   ["distl.method2_cutoff_percentage=25", "distl.minimum_spot_area=4"], ["distl.verbose=True"]]
-OURS = [sys.executable, "-c", "import sys; from spotfinder_daemon.cli import distl_signal_strength as run; sys.exit(run())"]
+OURS = [sys.executable, "-c",
+        "import sys; from spotfinder_daemon.cli import distl_signal_strength as run; sys.exit(run())"]
 
 
 def text(command: list[str], folder: Path) -> str:

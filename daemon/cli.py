@@ -1,25 +1,21 @@
-"""Command-line glue: ``distl.signal_strength`` (the drop-in) and ``spotfinder`` with its subcommands."""
+"""The command tree: the four programs pyproject.toml installs, and the one parser of ``spotfinder``.
+
+``spotfinder``'s subcommands are the rows of SUBCOMMANDS, each with its arguments and its handler (in
+commands.py).  The three ``distl.*`` programs read ``key=value`` words the way DISTL's do (legacy.py).  Nothing
+here imports the analysis or the service: a handler loads what it drives when it runs.
+"""
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 
-from spotfinder_core import ParameterError, Params, analyse, parse_words
-from spotfinder_core.analysis import retain_freed_memory
-from spotfinder_core.params import listing
-from spotfinder_core.report import BANNER, format_body
+from . import commands, config, legacy
 
-EXIT_OK, EXIT_USAGE = 0, 2
-
-
-def _split_words(words: list[str]) -> tuple[list[str], list[str]]:
-    """Frames and ``key=value`` parameter words, as DISTL tells them apart (an existing file is a frame)."""
-    frames, params = [], []
-    for word in words:
-        (params if "=" in word and not os.path.isfile(word) else frames).append(word)
-    return frames, params
+DEFAULTS = config.Settings()
+LISTEN_TOPIC = "spotfinder.v1."  # every message the service publishes (publisher.SCHEMA + ".")
 
 
 def _quiet_on_broken_pipe(command):
@@ -30,7 +26,7 @@ def _quiet_on_broken_pipe(command):
             return command(*args, **kwargs)
         except BrokenPipeError:
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-            return EXIT_OK
+            return commands.EXIT_OK
 
     wrapped.__doc__ = command.__doc__
     return wrapped
@@ -39,130 +35,161 @@ def _quiet_on_broken_pipe(command):
 @_quiet_on_broken_pipe
 def distl_signal_strength(argv: list[str] | None = None) -> int:
     """``distl.signal_strength FRAME [distl.param=value ...]``: the same text as cctbx's command."""
-    argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] in ("h", "-h", "--help", "help", "-help", "H", "-H"):
-        print("usage:   distl.signal_strength image_filename [parameter=value ...]")
-        print("example: distl.signal_strength lysozyme_001.img distl.res.outer=2.0 distl.res.inner=6.0 "
-              "distl.minimum_spot_area=8")
-        print(listing(Params()), end="")
-        return EXIT_OK
-    frames, words = _split_words(argv)
-    try:
-        params = parse_words(words)
-    except ParameterError as exc:
-        print("Sorry: %s" % exc, file=sys.stderr)
-        return EXIT_USAGE
-    if len(frames) > 1:
-        unknown = [f for f in frames if not os.path.isfile(f)]
-        message = "Unknown file or keyword: %s" % unknown[0] if unknown else "Too many file names."
-        print("Sorry: %s" % message, file=sys.stderr)
-        return EXIT_USAGE
-    image = frames[0] if frames else params["distl.image"]
-    if image is None:
-        print("Sorry: Missing file name: add distl.image=FRAME to the command line.", file=sys.stderr)
-        return EXIT_USAGE
-    params = params.replace(distl__image=image)
-    result = analyse(image, params)
-    if result.status != "ok":
-        print("Sorry: %s: %s" % (image, result.error), file=sys.stderr)
-        return EXIT_USAGE
-    print(BANNER)
-    print("#Parameters used:")
-    print("#phil __ON__")
-    print()
-    print(listing(params), end="")
-    print()
-    print("#phil __OFF__")
-    print()
-    sys.stdout.write(format_body(result))
-    return EXIT_OK
-
-
-TABLE_FIELDS = (("file", "%-32s", "%-32s"), ("spot_total", "%6s", "%6d"), ("in_resolution_total", "%6s", "%6d"),
-                ("good_bragg_candidates", "%6s", "%6d"), ("ice_rings", "%4s", "%4d"),
-                ("method1_resolution", "%6s", "%6.2f"), ("method2_resolution", "%6s", "%6.2f"),
-                ("max_unit_cell", "%7s", "%7.1f"), ("proc_ms", "%8s", "%8.0f"))
-TABLE_HEADINGS = ("frame", "spots", "in-res", "good", "ice", "M1", "M2", "maxcell", "ms")
-
-
-def _table_row(record: dict) -> str:
-    if record["status"] != "ok":
-        return "%-32s error: %s" % (os.path.basename(record["file"])[:32], record["error"])
-    cells = []
-    for name, head_fmt, fmt in TABLE_FIELDS:
-        value = record[name]
-        if name == "file":
-            value = os.path.basename(value)[:32]
-        cells.append(head_fmt % "None" if value is None else fmt % value)
-    return " ".join(cells)
-
-
-def find(args: argparse.Namespace) -> int:
-    """``spotfinder find FRAME... [--json] [distl.x=y ...]``: one line per frame; bad frames do not stop it."""
-    frames, words = _split_words(args.items)
-    try:
-        params = parse_words(words)
-    except ParameterError as exc:
-        print("spotfinder find: %s" % exc, file=sys.stderr)
-        return EXIT_USAGE
-    if not frames:
-        print("spotfinder find: no frames given", file=sys.stderr)
-        return EXIT_USAGE
-    progress = None
-    if sys.stderr.isatty() and len(frames) > 1:
-        from tqdm import tqdm
-        progress = tqdm(total=len(frames), unit="frame", file=sys.stderr)
-    if not args.json:
-        print(" ".join(head % title for (_, head, _), title in zip(TABLE_FIELDS, TABLE_HEADINGS)))
-    failed = 0
-    retain_freed_memory()
-    for path in frames:
-        record = analyse(path, params).as_dict()
-        failed += record["status"] != "ok"
-        print(json.dumps(record) if args.json else _table_row(record), flush=True)
-        if progress:
-            progress.update()
-    if progress:
-        progress.close()
-    return EXIT_USAGE if failed else EXIT_OK
+    return legacy.signal_strength(sys.argv[1:] if argv is None else argv)
 
 
 def distl_thin_client(argv: list[str] | None = None) -> int:
     """``distl.thin_client FRAME|EXIT HOST PORT``: DISTL's client of the old server's POST protocol."""
-    from spotfinder_daemon.legacy import thin_client
-
-    return thin_client(sys.argv[1:] if argv is None else argv)
+    return legacy.thin_client(sys.argv[1:] if argv is None else argv)
 
 
 def distl_mp_spotfinder_server_read_file(argv: list[str] | None = None) -> int:
     """``distl.mp_spotfinder_server_read_file distl.port=P distl.processors=N ...``: the service, the old way."""
-    from spotfinder_daemon.legacy import mp_spotfinder_server_read_file
+    return legacy.mp_spotfinder_server_read_file(sys.argv[1:] if argv is None else argv)
 
-    return mp_spotfinder_server_read_file(sys.argv[1:] if argv is None else argv)
+
+# ----- spotfinder's subcommands: their arguments, then the table -------------------------------------------
+
+def _find_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("items", nargs="+", metavar="FRAME|distl.param=value")
+    parser.add_argument("--json", action="store_true", help="one JSON object per frame per line")
+
+
+def _serve_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", metavar="FILE", help="YAML settings file")
+    config.add_flags(parser)
+
+
+def _port(endpoint: str) -> int:
+    return int(endpoint.rpartition(":")[2])
+
+
+def _worker_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--connect", metavar="HOST", required=True, help="host running spotfinder serve")
+    parser.add_argument("--work-port", type=int, default=_port(DEFAULTS.work_endpoint), metavar="PORT",
+                        help="its work_endpoint port (default %(default)s)")
+    parser.add_argument("--results-port", type=int, default=_port(DEFAULTS.results_endpoint), metavar="PORT",
+                        help="its results_endpoint port (default %(default)s)")
+    parser.add_argument("--processes", type=int, metavar="N", help="worker processes (default: number of cores)")
+    parser.add_argument("--log-level", choices=config.LOG_LEVELS, default="info")
+
+
+def _listen_arguments(parser: argparse.ArgumentParser) -> None:
+    endpoint = config.connect_endpoint(DEFAULTS.pub)
+    # the default is spelled out: intermixed parsing hides a positional's %(default)s while it reads the options
+    parser.add_argument("endpoint", nargs="?", default=endpoint, metavar="ENDPOINT",
+                        help="PUB endpoint to connect to (default %s)" % endpoint)
+    parser.add_argument("--topic", default=LISTEN_TOPIC, help="topic prefix, e.g. spotfinder.v1.result. "
+                                                              "(default %(default)s)")
+    parser.add_argument("--count", type=int, metavar="N", help="exit after N messages")
+    parser.add_argument("--timeout", type=float, metavar="S", help="exit after S seconds without a message")
+
+
+def _replay_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("frames", nargs="+", metavar="FRAME", help="source frames (.cbf, .cbf.gz, .cbf.bz2)")
+    parser.add_argument("--to", required=True, metavar="DIR", help="folder to write into")
+    parser.add_argument("--rate", type=float, metavar="HZ", help="frames per second (default: as fast as possible)")
+    parser.add_argument("--count", type=int, metavar="N", help="frames to write, cycling through FRAMEs "
+                                                               "(default: one per FRAME)")
+    parser.add_argument("--template", metavar="NAME_#####.cbf", help="output names; the #s become the number "
+                                                                     "(default: the first FRAME's template)")
+    parser.add_argument("--start", type=int, default=1, metavar="N", help="first frame number (default 1)")
+    parser.add_argument("--chunks", type=int, default=4, metavar="K",
+                        help="write each frame in K chunks spread over half the frame period (default 4)")
+    parser.add_argument("--atomic", action="store_true", help="write to a hidden temporary name, then rename")
+
+
+def _stop_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", metavar="FILE", help="YAML settings file (for its state_dir)")
+    parser.add_argument("--state-dir", metavar="DIR", help="the service's state folder")
+    parser.add_argument("--timeout", type=float, default=60.0, metavar="S", help="seconds to wait (default 60)")
+
+
+def _config_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--example", action="store_true", required=True,
+                        help="print every setting with its default and documentation (config/spotfinder.yaml)")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Subcommand:
+    name: str
+    help: str  # one line in ``spotfinder --help``
+    description: str | None = None  # the paragraph of ``spotfinder NAME --help``
+    arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]  # the handler: the exit code
+
+
+SUBCOMMANDS = (
+    Subcommand(name="find", help="analyse frames and print one line (or JSON object) per frame",
+               arguments=_find_arguments, run=commands.run_find),
+    Subcommand(name="serve", help="watch folders, analyse every frame, publish every result",
+               description="Run the service: watch folders for CBF frames, fan them out to workers over ZeroMQ, "
+                           "publish every result on a PUB socket and serve status over HTTP. Flags override the "
+                           "config file, which overrides the embedded defaults (see config/spotfinder.yaml, or "
+                           "spotfinder config --example).",
+               arguments=_serve_arguments, run=commands.run_serve),
+    Subcommand(name="worker", help="run extra workers for a service on another host",
+               description="Run worker processes that pull frames from a service's dispatcher (the frames must be "
+                           "on a shared filesystem) and push results to its collector. The service must bind its "
+                           "work and results endpoints on a reachable interface (e.g. work_endpoint: "
+                           "tcp://*:5602).",
+               arguments=_worker_arguments, run=commands.run_worker),
+    Subcommand(name="listen", help="print the service's published messages as JSON lines",
+               description="Subscribe to the PUB socket and print each message body as one JSON line.",
+               arguments=_listen_arguments, run=commands.run_listen),
+    Subcommand(name="replay", help="play a detector: write copies of frames into a folder at a rate",
+               description="Write copies of FRAMEs under new numbered names into --to, in chunks as a detector "
+                           "does (or to a temporary name renamed into place with --atomic). Prints one JSON line "
+                           "per frame written, with the time it became complete.",
+               arguments=_replay_arguments, run=commands.run_replay),
+    Subcommand(name="stop", help="stop a running service (SIGTERM) and wait for it to exit",
+               description="Send SIGTERM to the service that owns the state folder, and wait. (A service started "
+                           "by distl.mp_spotfinder_server_read_file keeps its state in <default state "
+                           "folder>/distl-PORT.)",
+               arguments=_stop_arguments, run=commands.run_stop),
+    Subcommand(name="config", help="print the documented example settings file",
+               description="Print every setting of spotfinder serve with its embedded default and what it does, "
+                           "as a YAML file to start a --config FILE from.",
+               arguments=_config_arguments, run=commands.run_config),
+)
+
+
+class _SubcommandParser(argparse.ArgumentParser):
+    """A subcommand's parser, on which operands and options mix (``find F1 --json F2 distl.res.outer=4.9``).
+
+    argparse hands a subcommand's words to its parser's parse_known_args, whose positionals end at the first
+    option; this one reads them with parse_known_intermixed_args instead, which calls parse_known_args twice
+    (options first, then operands) and is let through to argparse's own.
+    """
+
+    _reading = False
+
+    def parse_known_args(self, args=None, namespace=None):
+        if self._reading:
+            return super().parse_known_args(args, namespace)
+        self._reading = True
+        try:
+            return self.parse_known_intermixed_args(args, namespace)
+        finally:
+            self._reading = False
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="spotfinder", description="DISTL-compatible spot finding service")
-    commands = parser.add_subparsers(dest="command", required=True)
-    p = commands.add_parser("find", help="analyse frames and print one line (or JSON object) per frame")
-    p.add_argument("items", nargs="+", metavar="FRAME|distl.param=value")
-    p.add_argument("--json", action="store_true", help="one JSON object per frame per line")
-    p.set_defaults(func=find)
-    try:
-        from spotfinder_daemon.commands import add_service_commands
-    except ImportError:
-        pass
-    else:
-        add_service_commands(commands)
+    subparsers = parser.add_subparsers(dest="command", required=True, parser_class=_SubcommandParser)
+    for subcommand in SUBCOMMANDS:
+        sub = subparsers.add_parser(subcommand.name, help=subcommand.help, description=subcommand.description)
+        subcommand.arguments(sub)
+        sub.set_defaults(run=subcommand.run)
     return parser
 
 
 @_quiet_on_broken_pipe
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    """``spotfinder SUBCOMMAND ...``."""
+    args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
+        return args.run(args)
     except KeyboardInterrupt:
         return 130
 

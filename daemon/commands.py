@@ -1,69 +1,125 @@
-"""The service subcommands of ``spotfinder``: serve, worker, listen, replay, stop.
+"""What each ``spotfinder`` subcommand does: ``run_<name>(args) -> exit code`` (their arguments are in cli.py).
 
-``add_service_commands(subparsers)`` adds them to the main parser; each sets ``func=handler(args) -> int``.
-``python -m spotfinder_daemon.commands ...`` runs them without the rest of the CLI.
+Only the standard library and the settings load with this module; a handler imports the part it drives (the
+analysis, the service, ZeroMQ) when it runs, so that ``spotfinder stop``, ``listen`` and every ``--help``
+start at once instead of after a second of numpy, scipy and numba.
 """
 from __future__ import annotations
 
 import argparse
-import fcntl
+import json
 import os
 import signal
 import sys
 import time
 
-from . import config
+from spotfinder_core import ParameterError, parse_words
+
+from . import config, pidfile
 from .config import ConfigError, Settings
 from .logs import setup_logging
 
-DEFAULTS = Settings()
+EXIT_OK, EXIT_USAGE = 0, 2
 
 
-def _fail(message: str, code: int) -> int:
+def fail(message: str, code: int) -> int:
     print("spotfinder: error: %s" % message, file=sys.stderr)
     return code
 
 
+def split_words(words: list[str]) -> tuple[list[str], list[str]]:
+    """Frames and ``key=value`` parameter words, as DISTL tells them apart (an existing file is a frame)."""
+    frames, params = [], []
+    for word in words:
+        (params if "=" in word and not os.path.isfile(word) else frames).append(word)
+    return frames, params
+
+
+TABLE_FIELDS = (("file", "%-32s", "%-32s"), ("spot_total", "%6s", "%6d"), ("in_resolution_total", "%6s", "%6d"),
+                ("good_bragg_candidates", "%6s", "%6d"), ("ice_rings", "%4s", "%4d"),
+                ("method1_resolution", "%6s", "%6.2f"), ("method2_resolution", "%6s", "%6.2f"),
+                ("max_unit_cell", "%7s", "%7.1f"), ("proc_ms", "%8s", "%8.0f"))
+TABLE_HEADINGS = ("frame", "spots", "in-res", "good", "ice", "M1", "M2", "maxcell", "ms")
+
+
+def _table_row(record: dict) -> str:
+    if record["status"] != "ok":
+        return "%-32s error: %s" % (os.path.basename(record["file"])[:32], record["error"])
+    cells = []
+    for name, head_fmt, fmt in TABLE_FIELDS:
+        value = record[name]
+        if name == "file":
+            value = os.path.basename(value)[:32]
+        cells.append(head_fmt % "None" if value is None else fmt % value)
+    return " ".join(cells)
+
+
+def run_find(args: argparse.Namespace) -> int:
+    """One line per frame (a table row, or a JSON object); bad frames do not stop it."""
+    frames, words = split_words(args.items)
+    try:
+        params = parse_words(words)
+    except ParameterError as exc:
+        print("spotfinder find: %s" % exc, file=sys.stderr)
+        return EXIT_USAGE
+    if not frames:
+        print("spotfinder find: no frames given", file=sys.stderr)
+        return EXIT_USAGE
+    from spotfinder_core.analysis import analyse, retain_freed_memory
+
+    progress = None
+    if sys.stderr.isatty() and len(frames) > 1:
+        from tqdm import tqdm
+        progress = tqdm(total=len(frames), unit="frame", file=sys.stderr)
+    if not args.json:
+        print(" ".join(head % title for (_, head, _), title in zip(TABLE_FIELDS, TABLE_HEADINGS)))
+    failed = 0
+    retain_freed_memory()
+    for path in frames:
+        record = analyse(path, params).as_dict()
+        failed += record["status"] != "ok"
+        print(json.dumps(record) if args.json else _table_row(record), flush=True)
+        if progress:
+            progress.update()
+    if progress:
+        progress.close()
+    return EXIT_USAGE if failed else EXIT_OK
+
+
 def run_serve(args: argparse.Namespace) -> int:
     try:
-        settings = config.load(args.config, {
-            "watch": args.watch, "pub": args.pub, "http": args.http, "workers": args.workers,
-            "state_dir": args.state_dir, "data_root": args.data_root, "log_level": args.log_level,
-            "polling": True if args.polling else None})
+        settings = config.load(args.config, config.flag_overrides(args))
     except ConfigError as exc:
-        return _fail(str(exc), 2)
+        return fail(str(exc), 2)
     return serve_settings(settings)
 
 
 def serve_settings(settings: Settings) -> int:
     """Run the service with validated settings (``spotfinder serve`` and the DISTL-style start); exit code."""
-    from .service import ServiceError, serve  # imports numpy & co. only for the commands that need them
+    from .service import ServiceError, serve
 
     setup_logging(settings.log_level)
     try:
         return serve(settings)
     except ServiceError as exc:
-        return _fail(str(exc), 1)
-
-
-def _port(endpoint: str) -> int:
-    return int(endpoint.rpartition(":")[2])
+        return fail(str(exc), 1)
 
 
 def run_worker(args: argparse.Namespace) -> int:
     from .pool import WorkerPool
 
     if args.processes is not None and args.processes < 1:
-        return _fail("--processes must be at least 1", 2)
+        return fail("--processes must be at least 1", 2)
     work = "tcp://%s:%d" % (args.connect, args.work_port)
     results = "tcp://%s:%d" % (args.connect, args.results_port)
     for name, endpoint in (("work", work), ("results", results)):
         try:
             config.check_endpoint(name, endpoint)
         except ConfigError as exc:
-            return _fail(str(exc), 2)
+            return fail(str(exc), 2)
     setup_logging(args.log_level)
-    pool = WorkerPool(args.processes or os.cpu_count() or 1, work, results, log_level=args.log_level)
+    pool = WorkerPool(count=args.processes or os.cpu_count() or 1, work_endpoint=work, results_endpoint=results,
+                      log_level=args.log_level)
     stopping = []
     signal.signal(signal.SIGTERM, lambda *_: stopping.append(True))
     signal.signal(signal.SIGINT, lambda *_: stopping.append(True))
@@ -81,8 +137,8 @@ def run_listen(args: argparse.Namespace) -> int:
     try:
         config.check_endpoint("endpoint", args.endpoint)
     except ConfigError as exc:
-        return _fail(str(exc), 2)
-    listen(args.endpoint, args.topic, args.count, args.timeout)
+        return fail(str(exc), 2)
+    listen(args.endpoint, topic=args.topic, count=args.count, timeout=args.timeout)
     return 0
 
 
@@ -93,131 +149,44 @@ def run_replay(args: argparse.Namespace) -> int:
         replay(args.frames, args.to, rate=args.rate, count=args.count, template=args.template, atomic=args.atomic,
                chunks=args.chunks, start=args.start)
     except ReplayError as exc:
-        return _fail(str(exc), 2)
+        return fail(str(exc), 2)
     except OSError as exc:
-        return _fail("%s: %s" % (exc.filename or "write", exc.strerror or exc), 1)
-    except KeyboardInterrupt:
-        return 130
+        return fail("%s: %s" % (exc.filename or "write", exc.strerror or exc), 1)
     return 0
 
 
 def run_stop(args: argparse.Namespace) -> int:
-    from .service import PID_FILE
-
     try:
         settings = config.load(args.config, {"state_dir": args.state_dir})
     except ConfigError as exc:
-        return _fail(str(exc), 2)
-    path = os.path.join(settings.state_dir, PID_FILE)
-
-    def running() -> bool:  # the service holds an exclusive lock on its pid file while it runs
-        try:
-            with open(path) as fh:
-                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except FileNotFoundError:
-            return False
-        except BlockingIOError:
-            return True
-        return False
-
-    if not running():
-        return _fail("no service is running with state folder %s" % settings.state_dir, 1)
+        return fail(str(exc), 2)
+    state_dir = settings.state_dir
     try:
-        with open(path) as fh:
-            pid = int(fh.read().strip())
-        os.kill(pid, signal.SIGTERM)
+        pid = pidfile.holder(state_dir)
     except ValueError:
-        return _fail("the pid file %s of the running service is empty or garbled" % path, 1)
+        return fail("the pid file %s of the running service is empty or garbled" % pidfile.path_in(state_dir), 1)
+    if pid is None:
+        return fail("no service is running with state folder %s" % state_dir, 1)
+    try:
+        os.kill(pid, signal.SIGTERM)
     except OSError as exc:  # not ours to signal, or gone meanwhile
-        return _fail("cannot stop the service: %s" % (exc.strerror or exc), 1)
+        return fail("cannot stop the service: %s" % (exc.strerror or exc), 1)
     deadline = time.monotonic() + args.timeout
-    while running():
+    while _still_held(state_dir):
         if time.monotonic() > deadline:
-            return _fail("service pid %d still running after %.0f s" % (pid, args.timeout), 1)
+            return fail("service pid %d still running after %.0f s" % (pid, args.timeout), 1)
         time.sleep(0.1)
     print("stopped service pid %d" % pid)
     return 0
 
 
-def add_service_commands(subparsers) -> None:
-    serve = subparsers.add_parser(
-        "serve", help="watch folders, analyse every frame, publish every result",
-        description="Run the service: watch folders for CBF frames, fan them out to workers over ZeroMQ, publish "
-                    "every result on a PUB socket and serve status over HTTP. Flags override the config file, "
-                    "which overrides the embedded defaults (see config/spotfinder.yaml).")
-    serve.add_argument("--config", metavar="FILE", help="YAML settings file")
-    serve.add_argument("--watch", metavar="DIR", action="append", help="folder to watch recursively (repeatable)")
-    serve.add_argument("--pub", metavar="ENDPOINT", help="PUB endpoint to bind (default %s)" % DEFAULTS.pub)
-    serve.add_argument("--http", metavar="HOST:PORT", help="HTTP address (default %s)" % DEFAULTS.http)
-    serve.add_argument("--workers", metavar="N", type=int, help="local worker processes (default: number of cores)")
-    serve.add_argument("--state-dir", metavar="DIR",
-                       help="folder of the ledger (default %s)" % config.default_state_dir())
-    serve.add_argument("--data-root", metavar="DIR", action="append",
-                       help="folder watched and queried frames must lie under (repeatable; default for HTTP "
-                            "queries: the watched folders)")
-    serve.add_argument("--polling", action="store_true", help="poll the folders (NFS/GPFS) instead of inotify")
-    serve.add_argument("--log-level", choices=config.LOG_LEVELS, help="default info")
-    serve.set_defaults(func=run_serve)
-
-    worker = subparsers.add_parser(
-        "worker", help="run extra workers for a service on another host",
-        description="Run worker processes that pull frames from a service's dispatcher (the frames must be on a "
-                    "shared filesystem) and push results to its collector. The service must bind its work and "
-                    "results endpoints on a reachable interface (e.g. work_endpoint: tcp://*:5602).")
-    worker.add_argument("--connect", metavar="HOST", required=True, help="host running spotfinder serve")
-    worker.add_argument("--work-port", type=int, default=_port(DEFAULTS.work_endpoint), metavar="PORT",
-                        help="its work_endpoint port (default %(default)s)")
-    worker.add_argument("--results-port", type=int, default=_port(DEFAULTS.results_endpoint), metavar="PORT",
-                        help="its results_endpoint port (default %(default)s)")
-    worker.add_argument("--processes", type=int, metavar="N", help="worker processes (default: number of cores)")
-    worker.add_argument("--log-level", choices=config.LOG_LEVELS, default="info")
-    worker.set_defaults(func=run_worker)
-
-    listen = subparsers.add_parser("listen", help="print the service's published messages as JSON lines",
-                                   description="Subscribe to the PUB socket and print each message body as one "
-                                               "JSON line.")
-    listen.add_argument("endpoint", nargs="?", default=config.connect_endpoint(DEFAULTS.pub), metavar="ENDPOINT",
-                        help="PUB endpoint to connect to (default %(default)s)")
-    listen.add_argument("--topic", default="spotfinder.v1.", help="topic prefix, e.g. spotfinder.v1.result. "
-                                                                  "(default %(default)s)")
-    listen.add_argument("--count", type=int, metavar="N", help="exit after N messages")
-    listen.add_argument("--timeout", type=float, metavar="S", help="exit after S seconds without a message")
-    listen.set_defaults(func=run_listen)
-
-    replay = subparsers.add_parser(
-        "replay", help="play a detector: write copies of frames into a folder at a rate",
-        description="Write copies of FRAMEs under new numbered names into --to, in chunks as a detector does "
-                    "(or to a temporary name renamed into place with --atomic). Prints one JSON line per frame "
-                    "written, with the time it became complete.")
-    replay.add_argument("frames", nargs="+", metavar="FRAME", help="source frames (.cbf, .cbf.gz, .cbf.bz2)")
-    replay.add_argument("--to", required=True, metavar="DIR", help="folder to write into")
-    replay.add_argument("--rate", type=float, metavar="HZ", help="frames per second (default: as fast as possible)")
-    replay.add_argument("--count", type=int, metavar="N", help="frames to write, cycling through FRAMEs "
-                                                               "(default: one per FRAME)")
-    replay.add_argument("--template", metavar="NAME_#####.cbf", help="output names; the #s become the number "
-                                                                     "(default: the first FRAME's template)")
-    replay.add_argument("--start", type=int, default=1, metavar="N", help="first frame number (default 1)")
-    replay.add_argument("--chunks", type=int, default=4, metavar="K",
-                        help="write each frame in K chunks spread over half the frame period (default 4)")
-    replay.add_argument("--atomic", action="store_true", help="write to a hidden temporary name, then rename")
-    replay.set_defaults(func=run_replay)
-
-    stop = subparsers.add_parser("stop", help="stop a running service (SIGTERM) and wait for it to exit",
-                                 description="Send SIGTERM to the service that owns the state folder, and wait. "
-                                             "(A service started by distl.mp_spotfinder_server_read_file keeps its "
-                                             "state in <default state folder>/distl-PORT.)")
-    stop.add_argument("--config", metavar="FILE", help="YAML settings file (for its state_dir)")
-    stop.add_argument("--state-dir", metavar="DIR", help="the service's state folder")
-    stop.add_argument("--timeout", type=float, default=60.0, metavar="S", help="seconds to wait (default 60)")
-    stop.set_defaults(func=run_stop)
+def _still_held(state_dir: str) -> bool:
+    try:
+        return pidfile.holder(state_dir) is not None
+    except ValueError:  # held by a service that has not written its pid yet
+        return True
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="spotfinder")
-    add_service_commands(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return args.func(args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+def run_config(args: argparse.Namespace) -> int:
+    sys.stdout.write(config.example())
+    return 0

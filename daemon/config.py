@@ -1,18 +1,28 @@
 """Service settings: embedded defaults, overridden by a YAML file, overridden by command-line flags.
 
+Each setting is declared once, as a field of :class:`Settings` made by :func:`setting`: its type, default,
+kind of value (with bounds or choices), the comments that document it in the example file, and its
+``spotfinder serve`` flag if it has one.  Validation, the unknown-key check, the serve flags and the example
+file (``spotfinder config --example``, kept as config/spotfinder.yaml) are all made from these declarations,
+so they cannot drift apart.
+
 Everything is validated here, once, so a bad setting stops the start with one clear message
-(:class:`ConfigError`) instead of a traceback from deep inside a socket or a thread.
+(:class:`ConfigError`) instead of a traceback from deep inside a socket or a thread.  This module imports no
+part of the analysis (``spotfinder stop`` and the other light commands load settings too).
 """
 from __future__ import annotations
 
+import itertools
 import os
 import re
-from dataclasses import dataclass, fields
+import textwrap
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 import yaml
 
-from spotfinder_core import ParameterError, parse_words
+from spotfinder_core.params import ParameterError, parse_words
 
 
 class ConfigError(ValueError):
@@ -27,37 +37,285 @@ def default_state_dir() -> str:
     return os.path.join(base, "spotfinder")
 
 
-@dataclass(frozen=True)
-class Settings:
-    """One validated, immutable set of service settings (see config/spotfinder.yaml for each one)."""
+LOG_LEVELS = ("debug", "info", "warning", "error")
+_ENDPOINT = re.compile(r"^(tcp://(\*|\[[0-9a-fA-F:.]+\]|[A-Za-z0-9_.-]+):(\d{1,5})|ipc://.+)$")
 
-    watch: tuple[str, ...] = ()
-    polling: bool = False
-    poll_interval_s: float = 1.0
-    incomplete_timeout_s: float = 30.0
-    reconcile_interval_s: float = 60.0
-    pub: str = "tcp://127.0.0.1:5601"
-    http: str = "127.0.0.1:8125"
-    work_endpoint: str = "tcp://127.0.0.1:5602"
-    results_endpoint: str = "tcp://127.0.0.1:5603"
-    workers: int | None = None
-    state_dir: str = ""
-    data_root: tuple[str, ...] = ()
-    parameters: tuple[str, ...] = ()
-    dispatch_timeout_s: float = 10.0
-    frame_timeout_s: float = 300.0
-    max_tries: int = 3
-    worker_liveness_s: float = 5.0
-    heartbeat_interval_s: float = 1.0
-    drain_timeout_s: float = 30.0
-    retention_days: float = 30.0
-    pub_settle_s: float = 0.5
-    ondemand_queue: int | None = None
-    ondemand_timeout_s: float = 120.0
-    http_timeout_s: float = 10.0
-    http_max_connections: int = 128
-    log_level: str = "info"
-    verify_md5: bool = True
+
+def check_endpoint(name: str, value: object) -> str:
+    m = _ENDPOINT.match(value) if isinstance(value, str) else None
+    if not m or (m.group(3) and not 0 < int(m.group(3)) < 65536):
+        raise ConfigError("%s: bad ZeroMQ endpoint %r (expected tcp://HOST:PORT or ipc://PATH)" % (name, value))
+    return value
+
+
+def connect_endpoint(bound: str) -> str:
+    """The address a local peer connects to for an endpoint we bind (``*`` and 0.0.0.0 mean any interface)."""
+    return re.sub(r"^tcp://(\*|0\.0\.0\.0):", "tcp://127.0.0.1:", bound)
+
+
+# ----- kinds of values ---------------------------------------------------------------------------------------
+# Each check takes the setting's declaration and a raw value (from YAML, a flag or the default) and returns the
+# value Settings holds, or raises ConfigError naming the setting.
+
+def _check_boolean(declared: Setting, value: object) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError("%s: expected true or false, got %r" % (declared.name, value))
+    return value
+
+
+def _check_number(declared: Setting, value: object, integer: bool = False) -> float | int | None:
+    if value is None and declared.nullable:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (integer and not isinstance(value, int)):
+        raise ConfigError("%s: expected %s, got %r" % (declared.name, "an integer" if integer else "a number", value))
+    if value < declared.minimum:
+        raise ConfigError("%s: must be at least %g, got %r" % (declared.name, declared.minimum, value))
+    return int(value) if integer else float(value)
+
+
+def _check_integer(declared: Setting, value: object) -> int | None:
+    return _check_number(declared, value, integer=True)
+
+
+def _check_endpoint(declared: Setting, value: object) -> str:
+    return check_endpoint(declared.name, value)
+
+
+def _check_address(declared: Setting, value: object) -> str:
+    host, _, port = value.rpartition(":") if isinstance(value, str) else ("", "", "")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError("%s: expected HOST:PORT, got %r" % (declared.name, value))
+    return value
+
+
+def _check_folders(declared: Setting, value: object) -> tuple[str, ...]:
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) and v for v in value):
+        raise ConfigError("%s: expected a list of folders, got %r" % (declared.name, value))
+    out = []
+    for folder in value:
+        path = os.path.abspath(os.path.expanduser(folder))
+        if not os.path.isdir(path):
+            raise ConfigError("%s: folder %s does not exist" % (declared.name, folder))
+        out.append(path)
+    return tuple(dict.fromkeys(out))
+
+
+def _check_state_folder(declared: Setting, value: object) -> str:
+    if not isinstance(value, str):
+        raise ConfigError("%s: expected a folder, got %r" % (declared.name, value))
+    return os.path.abspath(os.path.expanduser(value or default_state_dir()))
+
+
+def _check_words(declared: Setting, value: object) -> tuple[str, ...]:
+    if isinstance(value, dict):  # {distl.res.outer: 4.9} reads more naturally in YAML than a word list
+        value = ["%s=%s" % item for item in value.items()]
+    if not isinstance(value, (list, tuple)) or not all(isinstance(w, str) for w in value):
+        raise ConfigError("%s: expected a list of key=value words, got %r" % (declared.name, value))
+    return tuple(value)
+
+
+def _check_choice(declared: Setting, value: object) -> str:
+    if value not in declared.choices:
+        raise ConfigError("%s: expected one of %s, got %r" % (declared.name, ", ".join(declared.choices), value))
+    return value
+
+
+@dataclass(frozen=True, kw_only=True)
+class Kind:
+    """What values a setting takes: how one is checked and normalised, and how its serve flag reads one."""
+
+    check: Callable[[Setting, object], object]
+    flag_options: Mapping[str, object] = field(default_factory=dict)  # argparse's add_argument() options
+
+
+BOOLEAN = Kind(check=_check_boolean, flag_options={"action": "store_true"})
+NUMBER = Kind(check=_check_number, flag_options={"type": float})
+INTEGER = Kind(check=_check_integer, flag_options={"type": int})
+ENDPOINT = Kind(check=_check_endpoint)
+ADDRESS = Kind(check=_check_address)
+FOLDERS = Kind(check=_check_folders, flag_options={"action": "append"})
+STATE_FOLDER = Kind(check=_check_state_folder)
+WORDS = Kind(check=_check_words)
+CHOICE = Kind(check=_check_choice)
+
+
+# ----- declarations ------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True, kw_only=True)
+class Section:
+    """A part of the example file: a heading (none when empty), and a comment that closes it."""
+
+    title: str = ""
+    closing: str = ""
+
+
+@dataclass(frozen=True, kw_only=True)
+class Flag:
+    """``spotfinder serve``'s flag for a setting: ``--name-with-dashes``; its help gets the default appended."""
+
+    help: str
+    metavar: str | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class Setting:
+    """One setting's declaration; ``name`` and ``default`` are its field's in :class:`Settings`."""
+
+    name: str = ""
+    default: object = None
+    kind: Kind
+    section: Section
+    minimum: float = 0.0  # numbers only
+    nullable: bool = False  # numbers only: null is a value of its own (explained in the comments)
+    choices: tuple[str, ...] = ()  # CHOICE only
+    above: str = ""  # comment lines above the setting in the example file
+    beside: str = ""  # comment on the setting's own line
+    flag: Flag | None = None
+
+    def check(self, value: object) -> object:
+        return self.kind.check(self, value)
+
+    @property
+    def option(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+
+def setting(default: object, **declaration) -> object:
+    """A field of Settings carrying its declaration (see :class:`Setting` for the keywords)."""
+    return field(default=default, metadata={"setting": Setting(**declaration)})
+
+
+WATCHING = Section(title="What to watch")
+SOCKETS = Section(title="Sockets")
+WORKERS = Section(title="Workers", closing="""\
+Maintenance: `kill -USR2 <service pid>` asks every local worker to stop after its current frame and keeps
+them stopped (frames wait in the queue, no try is charged); a second SIGUSR2 starts them again.  While
+paused the service reports itself unhealthy ("no live workers"), so under systemd's WatchdogSec= it is
+restarted after that long: pause only when no frames are expected.""")
+DELIVERY = Section(title="Delivery guarantees")
+ONDEMAND = Section(title="On-demand queries (HTTP)")
+ANALYSIS = Section(title="Analysis")
+LOGGING = Section()
+
+
+@dataclass(frozen=True, kw_only=True)
+class Settings:
+    """One validated, immutable set of service settings; each field is a setting's one declaration."""
+
+    watch: tuple[str, ...] = setting(
+        (), kind=FOLDERS, section=WATCHING, flag=Flag(help="folder to watch recursively (repeatable)", metavar="DIR"),
+        above="""\
+Folders watched recursively for *.cbf, *.cbf.gz and *.cbf.bz2 (also files renamed into place).
+Frames already there when the service starts, and not yet in the ledger, are processed too.""",
+        beside="e.g. [/dls/i24/data/2026/mx12345-1]")
+    polling: bool = setting(
+        False, kind=BOOLEAN, section=WATCHING, flag=Flag(help="poll the folders (NFS/GPFS) instead of inotify"),
+        above="""\
+Poll instead of using inotify.  Needed on NFS/GPFS/Lustre, where inotify does not see files written by
+other hosts (the detector's writer).""")
+    poll_interval_s: float = setting(
+        1.0, kind=NUMBER, minimum=0.01, section=WATCHING,
+        beside="how often the polling observer rescans (polling: true only)")
+    incomplete_timeout_s: float = setting(
+        30.0, kind=NUMBER, minimum=0.01, section=WATCHING, above="""\
+A frame file that stops growing while its CBF binary section is incomplete, or that vanishes, is
+published as an error result after this long (measured from its last growth).""")
+    reconcile_interval_s: float = setting(
+        60.0, kind=NUMBER, minimum=0.01, section=WATCHING, above="""\
+How often the folders are rescanned for frame files no event announced (events lost to an inotify
+overflow, files re-created under a name already analysed).  A frame file re-created under a known name (a
+new inode, or a create/rename event) is analysed and published again; one written on in place is not.""")
+    data_root: tuple[str, ...] = setting(
+        (), kind=FOLDERS, section=WATCHING,
+        flag=Flag(help="folder watched and queried frames must lie under (repeatable; default for HTTP queries: "
+                       "the watched folders)", metavar="DIR"),
+        above="""\
+Folders every watched folder must lie under, and every frame an HTTP query names (compared after
+resolving symlinks; a frame elsewhere is refused like a missing one).  [] = no limit on watched folders,
+and HTTP queries may name frames under the watched folders only (none at all if nothing is watched).
+distl.mp_spotfinder_server_read_file, which watches nothing, defaults to its working folder.""")
+
+    pub: str = setting(
+        "tcp://127.0.0.1:5601", kind=ENDPOINT, section=SOCKETS,
+        flag=Flag(help="PUB endpoint to bind", metavar="ENDPOINT"),
+        above="PUB socket for results, heartbeats and errors: topic spotfinder.v1.<type>.<collection>, JSON body.")
+    http: str = setting(
+        "127.0.0.1:8125", kind=ADDRESS, section=SOCKETS, flag=Flag(help="HTTP address", metavar="HOST:PORT"),
+        above="""\
+HTTP: GET /status, /results?since=SEQ, /metrics (Prometheus), the on-demand queries
+(GET /spotfinder/distl.signal_strength?distl.image=FRAME&..., GET /api/v1/analyse?image=FRAME&...,
+thin_client POST /spotfinder).  Loopback only unless you name another interface (e.g. 0.0.0.0:8125).""")
+    http_timeout_s: float = setting(
+        10.0, kind=NUMBER, minimum=0.01, section=SOCKETS,
+        beside="a connection must deliver each whole request within this (idle ones are cut)")
+    http_max_connections: int = setting(
+        128, kind=INTEGER, minimum=1, section=SOCKETS,
+        beside="open connections served at once; more get an immediate 503")
+    work_endpoint: str = setting(
+        "tcp://127.0.0.1:5602", kind=ENDPOINT, section=SOCKETS, above="""\
+Dispatcher PUSH socket (workers PULL frames here) and collector PULL socket (workers PUSH results here).
+For `spotfinder worker --connect HOST` on other hosts, bind on a reachable interface, e.g. tcp://*:5602.""")
+    results_endpoint: str = setting("tcp://127.0.0.1:5603", kind=ENDPOINT, section=SOCKETS)
+    pub_settle_s: float = setting(
+        0.5, kind=NUMBER, minimum=0.0, section=SOCKETS, above="""\
+Seconds to hold messages back after binding, so subscribers that were connected before a restart have
+reconnected.  PUB is best-effort (a subscriber that is away or too slow misses messages); the record is
+GET /results?since=SEQ.  Heartbeats carry last_seq, the newest stored message, to notice a gap.""")
+
+    workers: int | None = setting(
+        None, kind=INTEGER, minimum=0, nullable=True, section=WORKERS,
+        flag=Flag(help="local worker processes (default: number of cores)", metavar="N"),
+        beside="local worker processes; null = number of cores; 0 = remote workers only")
+    heartbeat_interval_s: float = setting(
+        1.0, kind=NUMBER, minimum=0.01, section=WORKERS, beside="worker heartbeats and the PUB heartbeat message")
+    worker_liveness_s: float = setting(
+        5.0, kind=NUMBER, minimum=0.01, section=WORKERS,
+        beside="a worker not heard from for this long is presumed dead (>= 3 x heartbeat)")
+
+    state_dir: str = setting(
+        "", kind=STATE_FOLDER, section=DELIVERY, flag=Flag(help="folder of the ledger", metavar="DIR"),
+        beside='ledger folder; "" = $STATE_DIRECTORY (systemd) or ~/.local/state/spotfinder')
+    dispatch_timeout_s: float = setting(
+        10.0, kind=NUMBER, minimum=0.01, section=DELIVERY,
+        beside="a sent frame no worker has started by then is sent again")
+    frame_timeout_s: float = setting(
+        300.0, kind=NUMBER, minimum=0.01, section=DELIVERY,
+        beside="a started frame not finished by then is sent again (its worker hung)")
+    max_tries: int = setting(
+        3, kind=INTEGER, minimum=1, section=DELIVERY,
+        beside="a frame whose worker died or hung this many times is published as failed")
+    drain_timeout_s: float = setting(
+        30.0, kind=NUMBER, minimum=0.01, section=DELIVERY,
+        beside="on SIGTERM, how long to wait for frames in flight before handing them back")
+    retention_days: float = setting(
+        30.0, kind=NUMBER, minimum=0.0, section=DELIVERY, above="""\
+Frames finished longer ago than this, and their stored messages (GET /results), are forgotten; frame files
+older than this are not caught up at start either.  0 = keep everything.""")
+
+    ondemand_queue: int | None = setting(
+        None, kind=INTEGER, minimum=1, nullable=True, section=ONDEMAND, above="""\
+They go to the same workers, ahead of the watched frames' backlog.  A query arriving while this many
+wait for a worker is answered 503 with Retry-After at once.  null = 2 x workers + 8.""")
+    ondemand_timeout_s: float = setting(
+        120.0, kind=NUMBER, minimum=0.01, section=ONDEMAND,
+        beside="a query with no result after this long is answered 504")
+
+    parameters: tuple[str, ...] = setting(
+        (), kind=WORDS, section=ANALYSIS, above="""\
+DISTL parameters applied to every frame, as key=value words (or a mapping), e.g. [distl.res.outer=2.0].
+They are also the defaults an on-demand query overrides (DISTL's POST ignores distl.res.outer/inner).""")
+    verify_md5: bool = setting(
+        True, kind=BOOLEAN, section=ANALYSIS, above="""\
+Check each frame's pixels against the Content-MD5 in its header (DISTL does not): a corrupt section of the
+right size becomes an error result instead of wrong numbers.  It costs ~10 ms of CPU per PILATUS 6M frame
+(~15% of its analysis); turn it off only on a host that cannot otherwise keep up.  Truncated frames and
+wrong pixel counts are refused either way.  Sent with each job, so remote workers follow it too.""")
+
+    log_level: str = setting(
+        "info", kind=CHOICE, choices=LOG_LEVELS, section=LOGGING, flag=Flag(help="log level"),
+        beside="debug, info, warning or error (stderr, one line per event)")
 
     @property
     def worker_count(self) -> int:
@@ -83,45 +341,39 @@ class Settings:
         return parse_words(self.parameters)
 
 
-KEYS = tuple(f.name for f in fields(Settings))
-LOG_LEVELS = ("debug", "info", "warning", "error")
-_ENDPOINT = re.compile(r"^(tcp://(\*|\[[0-9a-fA-F:.]+\]|[A-Za-z0-9_.-]+):(\d{1,5})|ipc://.+)$")
+SETTINGS: tuple[Setting, ...] = tuple(replace(f.metadata["setting"], name=f.name, default=f.default)
+                                      for f in fields(Settings))
+KEYS = tuple(declared.name for declared in SETTINGS)
 
 
-def check_endpoint(name: str, value: object) -> str:
-    m = _ENDPOINT.match(value) if isinstance(value, str) else None
-    if not m or (m.group(3) and not 0 < int(m.group(3)) < 65536):
-        raise ConfigError("%s: bad ZeroMQ endpoint %r (expected tcp://HOST:PORT or ipc://PATH)" % (name, value))
-    return value
+# ----- checks across settings --------------------------------------------------------------------------------
+
+def liveness_outlasts_heartbeats(values: dict) -> None:
+    if values["worker_liveness_s"] < 3 * values["heartbeat_interval_s"]:
+        raise ConfigError("worker_liveness_s (%g) must be at least 3 x heartbeat_interval_s (%g), or live workers "
+                          "would be presumed dead between two heartbeats"
+                          % (values["worker_liveness_s"], values["heartbeat_interval_s"]))
 
 
-def connect_endpoint(bound: str) -> str:
-    """The address a local peer connects to for an endpoint we bind (``*`` and 0.0.0.0 mean any interface)."""
-    return re.sub(r"^tcp://(\*|0\.0\.0\.0):", "tcp://127.0.0.1:", bound)
+def endpoints_differ(values: dict) -> None:
+    if len({values["pub"], values["work_endpoint"], values["results_endpoint"]}) < 3:
+        raise ConfigError("pub, work_endpoint and results_endpoint must be three different endpoints")
 
 
-def _number(name: str, value: object, kind=float, minimum: float = 0.0, allow_none: bool = False):
-    if value is None and allow_none:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and not isinstance(value, int)):
-        raise ConfigError("%s: expected %s, got %r" % (name, "an integer" if kind is int else "a number", value))
-    if value < minimum:
-        raise ConfigError("%s: must be at least %g, got %r" % (name, minimum, value))
-    return kind(value)
+def watch_inside_data_root(values: dict) -> None:
+    for folder in values["watch"]:
+        if values["data_root"] and not any(Path(folder).is_relative_to(root) for root in values["data_root"]):
+            raise ConfigError("watch: folder %s is outside every data_root" % folder)
 
 
-def _folders(name: str, value: object, must_exist: bool = True) -> tuple[str, ...]:
-    if isinstance(value, str):
-        value = [value]
-    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) and v for v in value):
-        raise ConfigError("%s: expected a list of folders, got %r" % (name, value))
-    out = []
-    for folder in value:
-        path = os.path.abspath(os.path.expanduser(folder))
-        if must_exist and not os.path.isdir(path):
-            raise ConfigError("%s: folder %s does not exist" % (name, folder))
-        out.append(path)
-    return tuple(dict.fromkeys(out))
+def parameters_parse(values: dict) -> None:
+    try:
+        parse_words(values["parameters"])
+    except ParameterError as exc:
+        raise ConfigError("parameters: %s" % exc) from None
+
+
+CHECKS = (liveness_outlasts_heartbeats, endpoints_differ, watch_inside_data_root, parameters_parse)
 
 
 def validate(raw: dict) -> Settings:
@@ -129,51 +381,9 @@ def validate(raw: dict) -> Settings:
     unknown = sorted(set(raw) - set(KEYS))
     if unknown:
         raise ConfigError("unknown setting %r (known settings: %s)" % (unknown[0], ", ".join(KEYS)))
-    values = {f.name: f.default for f in fields(Settings)}
-    values.update(raw)
-    for name in ("polling", "verify_md5"):
-        if not isinstance(values[name], bool):
-            raise ConfigError("%s: expected true or false, got %r" % (name, values[name]))
-    for key in ("poll_interval_s", "incomplete_timeout_s", "reconcile_interval_s", "dispatch_timeout_s",
-                "frame_timeout_s", "worker_liveness_s", "heartbeat_interval_s", "drain_timeout_s", "pub_settle_s",
-                "ondemand_timeout_s", "http_timeout_s", "retention_days"):
-        values[key] = _number(key, values[key], minimum=0.0 if key in ("pub_settle_s", "retention_days") else 0.01)
-    if values["worker_liveness_s"] < 3 * values["heartbeat_interval_s"]:
-        raise ConfigError("worker_liveness_s (%g) must be at least 3 x heartbeat_interval_s (%g), or live workers "
-                          "would be presumed dead between two heartbeats"
-                          % (values["worker_liveness_s"], values["heartbeat_interval_s"]))
-    values["workers"] = _number("workers", values["workers"], int, 0, allow_none=True)
-    values["ondemand_queue"] = _number("ondemand_queue", values["ondemand_queue"], int, 1, allow_none=True)
-    values["http_max_connections"] = _number("http_max_connections", values["http_max_connections"], int, 1)
-    values["max_tries"] = _number("max_tries", values["max_tries"], int, 1)
-    for key in ("pub", "work_endpoint", "results_endpoint"):
-        check_endpoint(key, values[key])
-    if len({values["pub"], values["work_endpoint"], values["results_endpoint"]}) < 3:
-        raise ConfigError("pub, work_endpoint and results_endpoint must be three different endpoints")
-    http = values["http"]
-    host, _, port = http.rpartition(":") if isinstance(http, str) else ("", "", "")
-    if not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ConfigError("http: expected HOST:PORT, got %r" % (http,))
-    values["data_root"] = _folders("data_root", values["data_root"])
-    values["watch"] = _folders("watch", values["watch"])
-    for folder in values["watch"]:
-        if values["data_root"] and not any(Path(folder).is_relative_to(root) for root in values["data_root"]):
-            raise ConfigError("watch: folder %s is outside every data_root" % folder)
-    if not isinstance(values["state_dir"], str):
-        raise ConfigError("state_dir: expected a folder, got %r" % (values["state_dir"],))
-    values["state_dir"] = os.path.abspath(os.path.expanduser(values["state_dir"] or default_state_dir()))
-    words = values["parameters"]
-    if isinstance(words, dict):  # {distl.res.outer: 4.9} reads more naturally in YAML than a word list
-        words = ["%s=%s" % (k, v) for k, v in words.items()]
-    if not isinstance(words, (list, tuple)) or not all(isinstance(w, str) for w in words):
-        raise ConfigError("parameters: expected a list of key=value words, got %r" % (words,))
-    try:
-        parse_words(words)
-    except ParameterError as exc:
-        raise ConfigError("parameters: %s" % exc) from None
-    values["parameters"] = tuple(words)
-    if values["log_level"] not in LOG_LEVELS:
-        raise ConfigError("log_level: expected one of %s, got %r" % (", ".join(LOG_LEVELS), values["log_level"]))
+    values = {declared.name: declared.check(raw.get(declared.name, declared.default)) for declared in SETTINGS}
+    for check in CHECKS:
+        check(values)
     return Settings(**values)
 
 
@@ -200,3 +410,66 @@ def load(config_file: str | None = None, overrides: dict | None = None) -> Setti
     raw = read_file(config_file) if config_file else {}
     raw.update({k: v for k, v in (overrides or {}).items() if v is not None})
     return validate(raw)
+
+
+# ----- the serve flags and the example file ------------------------------------------------------------------
+
+FLAGGED = tuple(declared for declared in SETTINGS if declared.flag)
+
+
+def add_flags(parser) -> None:
+    """``spotfinder serve``'s flag for each setting that has one; each defaults to None (not given)."""
+    for declared in FLAGGED:
+        default = declared.check(declared.default)  # as the service will use it (state_dir: the folder)
+        shown = default not in (None, "", ()) and not isinstance(default, bool)
+        options = dict(declared.kind.flag_options, dest=declared.name, default=None,
+                       help="%s (default %s)" % (declared.flag.help, default) if shown else declared.flag.help)
+        if declared.flag.metavar:
+            options["metavar"] = declared.flag.metavar
+        if declared.choices:
+            options["choices"] = declared.choices
+        parser.add_argument(declared.option, **options)
+
+
+def flag_overrides(args) -> dict:
+    """The settings given as serve flags, by name (None where a flag was not given)."""
+    return {declared.name: getattr(args, declared.name) for declared in FLAGGED}
+
+
+EXAMPLE_WIDTH = 107
+BESIDE_COLUMN = 32
+EXAMPLE_HEADER = """\
+spotfinder serve: every setting, with its embedded default.
+
+No file is needed: these defaults are built in.  `spotfinder serve --config FILE` reads a file like this \
+one; command-line flags (%s) override it.  An unknown key, a bad endpoint or a missing folder stops the \
+start with one line on stderr and exit status 2.  Durations are in seconds."""
+
+
+def _comment(text: str) -> list[str]:
+    return [("# " + line).rstrip() for line in text.splitlines()]
+
+
+def _yaml_value(value: object) -> str:
+    """A default as the example file writes it: flow style, and "" for the empty string."""
+    if value == "":
+        return '""'
+    plain = list(value) if isinstance(value, tuple) else value
+    return yaml.safe_dump(plain, default_flow_style=True).removesuffix("...\n").strip()
+
+
+def example() -> str:
+    """The documented example settings file: every setting with its default and comments, section by section."""
+    title, _, paragraph = EXAMPLE_HEADER.partition("\n\n")
+    paragraph %= ", ".join(declared.option for declared in FLAGGED)
+    lines = _comment(title) + ["#"] + _comment(textwrap.fill(paragraph, EXAMPLE_WIDTH - 2, break_on_hyphens=False))
+    for section, members in itertools.groupby(SETTINGS, key=lambda declared: declared.section):
+        lines.append("")
+        if section.title:
+            lines.append(("# --- %s " % section.title).ljust(EXAMPLE_WIDTH, "-"))
+        for declared in members:
+            lines += _comment(declared.above)
+            line = "%s: %s" % (declared.name, _yaml_value(declared.default))
+            lines.append(line.ljust(BESIDE_COLUMN) + "# " + declared.beside if declared.beside else line)
+        lines += _comment(section.closing)
+    return "\n".join(lines) + "\n"

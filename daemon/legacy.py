@@ -1,4 +1,7 @@
-"""The old DISTL server commands as drop-ins: ``distl.mp_spotfinder_server_read_file`` and ``distl.thin_client``.
+"""The DISTL commands as drop-ins: ``distl.signal_strength``, ``distl.mp_spotfinder_server_read_file`` and
+``distl.thin_client``, each reading its command line the way DISTL's does (``key=value`` words, not options).
+
+``distl.signal_strength FRAME [distl.param=value ...]`` prints the same text as cctbx's command.
 
 ``distl.mp_spotfinder_server_read_file distl.port=P distl.processors=N [distl.x=y ...] [--data-root DIR]
 [--config FILE]`` runs ``spotfinder serve`` the old way: P is the HTTP port (on 127.0.0.1 unless the
@@ -19,9 +22,11 @@ import socket
 import sys
 import time
 
-from spotfinder_core import ParameterError, parse_words
+from spotfinder_core import ParameterError, Params, parse_words
+from spotfinder_core.params import listing
 
 from . import config
+from .commands import serve_settings, split_words
 from .config import ConfigError
 
 BOUNDARY = "----------ThIs_Is_tHe_bouNdaRY_$"  # what thin_client sends; any boundary works here
@@ -32,10 +37,53 @@ MP_USAGE = """usage: distl.mp_spotfinder_server_read_file distl.port=PORT distl.
 example: distl.mp_spotfinder_server_read_file distl.port=8125 distl.processors=8 distl.res.outer=2.0
 Serves GET /spotfinder/distl.signal_strength?distl.image=FRAME&... and thin_client POSTs on 127.0.0.1:PORT
 for frames under DIR (default: the current folder); stop it with: distl.thin_client EXIT localhost PORT"""
+SIGNAL_STRENGTH_HELP_WORDS = ("h", "-h", "--help", "help", "-help", "H", "-H")
 THIN_USAGE = """usage: distl.thin_client FRAME|EXIT HOST PORT
   FRAME: path of the frame to analyse (made absolute here); EXIT stops the server
   HOST:  usually localhost
   PORT:  the server's HTTP port"""
+
+
+def signal_strength(argv: list[str]) -> int:
+    if not argv or argv[0] in SIGNAL_STRENGTH_HELP_WORDS:
+        print("usage:   distl.signal_strength image_filename [parameter=value ...]")
+        print("example: distl.signal_strength lysozyme_001.img distl.res.outer=2.0 distl.res.inner=6.0 "
+              "distl.minimum_spot_area=8")
+        print(listing(Params()), end="")
+        return 0
+    frames, words = split_words(argv)
+    try:
+        params = parse_words(words)
+    except ParameterError as exc:
+        print("Sorry: %s" % exc, file=sys.stderr)
+        return 2
+    if len(frames) > 1:
+        unknown = [f for f in frames if not os.path.isfile(f)]
+        message = "Unknown file or keyword: %s" % unknown[0] if unknown else "Too many file names."
+        print("Sorry: %s" % message, file=sys.stderr)
+        return 2
+    image = frames[0] if frames else params["distl.image"]
+    if image is None:
+        print("Sorry: Missing file name: add distl.image=FRAME to the command line.", file=sys.stderr)
+        return 2
+    from spotfinder_core.analysis import analyse  # numpy, scipy, numba: loaded once there is a frame to analyse
+    from spotfinder_core.report import BANNER, format_body
+
+    params = params.replace(distl__image=image)
+    result = analyse(image, params)
+    if result.status != "ok":
+        print("Sorry: %s: %s" % (image, result.error), file=sys.stderr)
+        return 2
+    print(BANNER)
+    print("#Parameters used:")
+    print("#phil __ON__")
+    print()
+    print(listing(params), end="")
+    print()
+    print("#phil __OFF__")
+    print()
+    sys.stdout.write(format_body(result))
+    return 0
 
 
 def encode_form(fields: list[tuple[str, str]]) -> tuple[str, bytes]:
@@ -133,8 +181,6 @@ def _mp_settings(argv: list[str]) -> config.Settings:
 
 
 def mp_spotfinder_server_read_file(argv: list[str]) -> int:
-    from .commands import serve_settings
-
     if argv and argv[0] in ("-h", "--help", "help"):
         print(MP_USAGE)
         return 0

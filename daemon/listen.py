@@ -1,4 +1,8 @@
-"""The smallest control-software client: subscribe to the PUB socket, print each message as a JSON line."""
+"""The smallest control-software client: subscribe to the PUB socket, print each message as a JSON line.
+
+It needs no part of the analysis: the topic prefix comes from the caller (``spotfinder listen --topic``), not
+from the publisher module, which loads the frame reader and numpy.
+"""
 from __future__ import annotations
 
 import json
@@ -7,10 +11,8 @@ import time
 
 import zmq
 
-from .publisher import SCHEMA
 
-
-def listen(endpoint: str, topic: str = SCHEMA + ".", count: int | None = None, timeout: float | None = None,
+def listen(endpoint: str, *, topic: str, count: int | None = None, timeout: float | None = None,
            out=sys.stdout) -> int:
     """Print message bodies until ``count`` were printed or nothing arrived for ``timeout`` s; how many."""
     context = zmq.Context()

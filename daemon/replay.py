@@ -15,8 +15,6 @@ import re
 import sys
 import time
 
-from spotfinder_core.image import name_template
-
 COMPRESSORS = {".gz": gzip, ".bz2": bz2}
 
 
@@ -45,6 +43,8 @@ def frame_bytes(source: str, target_suffix: str) -> bytes:
 
 
 def default_template(source: str) -> str:
+    from spotfinder_core.image import name_template  # with numpy and numba: only when no --template is given
+
     template = name_template(source)[0]
     return template + _suffix(source) if "#" in template else "replay_#####.cbf"
 

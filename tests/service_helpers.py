@@ -1,7 +1,8 @@
 """Helpers for the service tests: real frames, free ports, a service process, a PUB subscriber.
 
-Everything runs for real on 127.0.0.1: the service is ``python -m spotfinder_daemon.commands serve`` in its own
-process group (killed as a group at teardown), the subscriber a real SUB socket.
+Everything runs for real on 127.0.0.1: the service is ``python -m spotfinder_daemon.cli serve`` (the code of the
+installed ``spotfinder`` command) in its own process group (killed as a group at teardown), the subscriber a
+real SUB socket.
 """
 from __future__ import annotations
 
@@ -20,8 +21,9 @@ import pytest
 import yaml
 import zmq
 
+from shared_data import real_files
+
 REPO = Path(__file__).resolve().parents[1]
-REAL_DATA = REPO.parent / "shared" / "data" / "real"
 SMALL_FRAMES = ("small_molecule_dls_i19_pilatus_300k/ximg2700_00001.cbf",
                 "small_molecule_dls_i19_pilatus_300k/ximg2701_00001.cbf",
                 "blank_dls_i19_pilatus_300k/omega_scan.cbf",
@@ -30,11 +32,7 @@ SMALL_FRAMES = ("small_molecule_dls_i19_pilatus_300k/ximg2700_00001.cbf",
 
 def real_frames() -> list[str]:
     """The four PILATUS 300K frames of the shared data set; the test is skipped without them."""
-    paths = [REAL_DATA / name for name in SMALL_FRAMES]
-    missing = [str(p) for p in paths if not p.is_file()]
-    if missing:
-        pytest.skip("real PILATUS 300K frames not found under %s (missing %s)" % (REAL_DATA, missing[0]))
-    return [str(p) for p in paths]
+    return real_files(SMALL_FRAMES, "real PILATUS 300K frames")
 
 
 LARGE_FRAMES = tuple("thaumatin_grid_dls_i24_pilatus3_6m/thau_3_2_%04d.cbf" % n for n in (1, 5, 16))
@@ -43,11 +41,7 @@ LARGE_FRAMES = tuple("thaumatin_grid_dls_i24_pilatus3_6m/thau_3_2_%04d.cbf" % n 
 def large_frames() -> list[str]:
     """The plain PILATUS 6M frames of the shared data set (about 0.1 s of analysis each, so that a worker
     is caught busy); the test is skipped without them."""
-    paths = [REAL_DATA / name for name in LARGE_FRAMES]
-    missing = [str(p) for p in paths if not p.is_file()]
-    if missing:
-        pytest.skip("real PILATUS 6M frames not found under %s (missing %s)" % (REAL_DATA, missing[0]))
-    return [str(p) for p in paths]
+    return real_files(LARGE_FRAMES, "real PILATUS 6M frames")
 
 
 def free_port() -> int:
@@ -78,12 +72,18 @@ def wait_for(predicate, timeout: float, what: str, interval: float = 0.05):
 
 
 def python_command(*args: str) -> list[str]:
-    return [sys.executable, "-m", "spotfinder_daemon.commands", *args]
+    """``spotfinder ARGS...``: spotfinder_daemon.cli runs as __main__ the main() that [project.scripts] names."""
+    return [sys.executable, "-m", "spotfinder_daemon.cli", *args]
+
+
+def entry_point_command(function: str, *args: str) -> list[str]:
+    """The console script whose [project.scripts] target is ``spotfinder_daemon.cli:FUNCTION``, run with ARGS."""
+    code = "import sys; from spotfinder_daemon.cli import %s as main; sys.exit(main())" % function
+    return [sys.executable, "-c", code, *args]
 
 
 def child_env(**extra: str) -> dict:
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     env.pop("NOTIFY_SOCKET", None)
     env.pop("WATCHDOG_USEC", None)
     env.update(extra)

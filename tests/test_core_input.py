@@ -3,21 +3,21 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 
 import pytest
 
 from spotfinder_core import ParameterError, analyse, parse_words
 from spotfinder_core.params import resolve_key
+from service_helpers import entry_point_command, python_command
 
 
 def run(*args):
-    return subprocess.run([sys.executable, "-m", "spotfinder_daemon.cli", *args], capture_output=True, text=True, timeout=120)
+    return subprocess.run(python_command(*args), capture_output=True, text=True, timeout=120)
 
 
 def run_distl(*args):
-    code = "import sys; from spotfinder_daemon.cli import distl_signal_strength; sys.exit(distl_signal_strength())"
-    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=120)
+    return subprocess.run(entry_point_command("distl_signal_strength", *args), capture_output=True, text=True,
+                          timeout=120)
 
 
 @pytest.fixture()

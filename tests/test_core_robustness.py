@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 import subprocess
 import sys
 
@@ -12,6 +13,7 @@ from spotfinder_core import analyse, parse_words
 from spotfinder_core.analysis import analyse_frame
 from spotfinder_core.params import Params
 from spotfinder_core.simulate import Scene, frame_of, random_spots, render, write_cbf
+from service_helpers import python_command
 
 RUNNER = """
 import json, sys
@@ -97,6 +99,6 @@ def test_in_memory_frames_match_their_files(tmp_path):
 
 def test_a_broken_pipe_ends_the_command_quietly(simulated):
     frames = [str(simulated["paths"]["spots"])] * 40
-    proc = subprocess.run("%s -m spotfinder_daemon.cli find %s | head -1" % (sys.executable, " ".join(frames)), shell=True,
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(shlex.join(python_command("find", *frames)) + " | head -1", shell=True, capture_output=True,
+                          text=True, timeout=120)
     assert proc.stdout.startswith("frame") and "Traceback" not in proc.stderr

@@ -5,16 +5,15 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from http_helpers import (FRAMES, PROBE, SETS, LegacyServer, legacy_url, make_data_root, reference, request)
-from service_helpers import ServiceProcess, child_env
+from service_helpers import ServiceProcess, child_env, entry_point_command
 
-THIN_CLIENT = [sys.executable, "-c", "import sys; from spotfinder_daemon.cli import distl_thin_client as main; sys.exit(main())"]
+THIN_CLIENT = entry_point_command("distl_thin_client")
 
 
 @pytest.fixture(scope="module")

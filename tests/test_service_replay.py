@@ -8,12 +8,11 @@ import json
 import os
 import subprocess
 
-from cbf_helpers import make_frame
 from spotfinder_daemon.replay import replay
 from service_helpers import child_env, python_command
 
 
-def test_replay_writes_numbered_copies_at_a_rate(tmp_path):
+def test_replay_writes_numbered_copies_at_a_rate(tmp_path, make_frame):
     source = tmp_path / "src_00007.cbf"
     data = make_frame(str(source))
     out_dir = tmp_path / "out"
@@ -28,7 +27,7 @@ def test_replay_writes_numbered_copies_at_a_rate(tmp_path):
     assert times[2] - times[0] >= 0.09  # paced at 20 Hz
 
 
-def test_replay_atomic_and_compression_through_the_cli(tmp_path):
+def test_replay_atomic_and_compression_through_the_cli(tmp_path, make_frame):
     source = tmp_path / "src_00001.cbf.bz2"
     data = make_frame(str(tmp_path / "plain_00001.cbf"))
     source.write_bytes(bz2.compress(data))
@@ -42,7 +41,7 @@ def test_replay_atomic_and_compression_through_the_cli(tmp_path):
     assert (out_dir / "grid_001.cbf").read_bytes() == data
 
 
-def test_replay_refuses_bad_arguments_in_one_line(tmp_path):
+def test_replay_refuses_bad_arguments_in_one_line(tmp_path, make_frame):
     done = subprocess.run(python_command("replay", str(tmp_path / "missing.cbf"), "--to", str(tmp_path)),
                           capture_output=True, text=True, env=child_env(), timeout=30)
     assert done.returncode == 2 and done.stderr.startswith("spotfinder: error: no such frame file")
