@@ -31,10 +31,11 @@ class Scene:
     ice_ring_counts: float = 12.0
     bad_pixels: int = 20
     seed: int = 1
+    size: tuple[int, int] | None = None  # (slow, fast) of a frame smaller than the detector, for fast tests
 
     @property
     def shape(self) -> tuple[int, int]:
-        return DETECTORS[self.detector]
+        return self.size or DETECTORS[self.detector]
 
     @property
     def beam(self) -> tuple[float, float]:

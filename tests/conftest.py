@@ -1,4 +1,5 @@
-"""Shared fixtures: the shared real-data folder (skipped with a reason when absent) and simulated frames."""
+"""Shared fixtures: the real frames of ../shared (skipped with a reason when absent) and simulated frames, all
+written by the project's one frame writer (spotfinder_core.simulate)."""
 from __future__ import annotations
 
 import bz2
@@ -7,24 +8,14 @@ from pathlib import Path
 
 import pytest
 
+from shared_data import REAL, REFERENCE, need
 from spotfinder_core.simulate import Scene, random_spots, write_cbf
-
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
-REAL = SHARED / "data" / "real"
-REFERENCE = SHARED / "reference" / "distl"
-
-
-def need_real_data() -> Path:
-    if not REAL.is_dir() or not REFERENCE.is_dir():
-        pytest.skip("real frames and DISTL references live in ../shared (data/real, reference/distl); "
-                    "not present in this checkout")
-    return REAL
 
 
 @pytest.fixture(scope="session")
 def real_frames(tmp_path_factory) -> dict[str, Path]:
     """Reference frame name -> a plain .cbf path, decompressed into a temporary folder where needed."""
-    need_real_data()
+    need(REAL, REFERENCE, what="real frames and DISTL references")
     out = tmp_path_factory.mktemp("real")
     frames: dict[str, Path] = {}
     for path in sorted(REAL.rglob("*.cbf*")):
@@ -55,3 +46,15 @@ def simulated(tmp_path_factory) -> dict[str, object]:
         paths[name] = out / ("%s_0001.cbf" % name)
         write_cbf(str(paths[name]), scene)
     return {"paths": paths, "scenes": scenes, "dir": out}
+
+
+@pytest.fixture
+def make_frame():
+    """A writer of small noise frames (64 x 48 pixels unless told otherwise) with a complete PILATUS header:
+    ``make_frame(path, shape=..., seed=...)`` writes one and returns its bytes."""
+
+    def write(path: str, shape: tuple[int, int] = (64, 48), seed: int = 0) -> bytes:
+        write_cbf(path, Scene(size=shape, background=5.0, bad_pixels=0, seed=seed))
+        return Path(path).read_bytes()
+
+    return write

@@ -8,18 +8,11 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 from pathlib import Path
 from urllib.parse import quote, urlencode
 
-import pytest
-
-from service_helpers import child_env, free_port, wait_for
-
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
-REAL = SHARED / "data" / "real"
-REFERENCE = SHARED / "reference" / "distl"
-PROBE = SHARED / "peer" / "probe"
+from service_helpers import child_env, entry_point_command, free_port, wait_for
+from shared_data import PROBE, REAL, REFERENCE, need
 # (folder under data/real, frame): a 6M thaumatin frame stored compressed and one stored plain, a 2M and a 300K
 FRAMES = (("thaumatin_grid_dls_i24_pilatus3_6m", "thau_3_2_0001.cbf"),
           ("thaumatin_grid_dls_i24_pilatus3_6m", "thau_3_2_0016.cbf"),
@@ -31,8 +24,7 @@ SETS = {"default": {}, "res4.9_bins": {"distl.res.outer": "4.9", "distl.bins.ver
 
 def make_data_root(root: Path) -> Path:
     """``root/data`` holding plain copies of FRAMES and the probe's raster_1_0319.cbf; skipped without ../shared."""
-    if not REAL.is_dir() or not REFERENCE.is_dir() or not (PROBE / "raster_1_0319.cbf").is_file():
-        pytest.skip("real frames, DISTL references and probe replies live in %s; not present here" % SHARED)
+    need(REAL, REFERENCE, PROBE / "raster_1_0319.cbf", what="real frames, DISTL references and probe replies")
     data = root / "data"
     (data / "watch").mkdir(parents=True)
     for folder, name in FRAMES:
@@ -73,8 +65,8 @@ class LegacyServer:
     def __init__(self, tmp: Path, cwd: Path, *words: str, processors: int = 2):
         self.port = free_port()
         self.log = tmp / "mp-server.log"
-        command = [sys.executable, "-c", "import sys; from spotfinder_daemon.cli import distl_mp_spotfinder_server_read_file "
-                   "as main; sys.exit(main())", "distl.port=%d" % self.port, "distl.processors=%d" % processors, *words]
+        command = entry_point_command("distl_mp_spotfinder_server_read_file", "distl.port=%d" % self.port,
+                                     "distl.processors=%d" % processors, *words)
         with open(self.log, "wb") as log:
             self.process = subprocess.Popen(command, cwd=cwd, stdout=log, stderr=subprocess.STDOUT,
                                             env=child_env(XDG_STATE_HOME=str(tmp / "state")),

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from conftest import REFERENCE
+from shared_data import REFERENCE
 from spotfinder_core import analyse, parse_words
 from spotfinder_core.report import format_body
 

@@ -8,7 +8,6 @@ import time
 
 import pytest
 
-from cbf_helpers import make_frame
 from spotfinder_daemon.watcher import Watcher
 from service_helpers import wait_for
 
@@ -17,7 +16,7 @@ from service_helpers import wait_for
 def watcher(request, tmp_path):
     folder = tmp_path / "watch"
     (folder / "sub").mkdir(parents=True)
-    w = Watcher((str(folder),), polling=request.param, poll_interval_s=0.1, incomplete_timeout_s=1.0)
+    w = Watcher(folders=(str(folder),), polling=request.param, poll_interval_s=0.1, incomplete_timeout_s=1.0)
     w.start()
     w.folder = folder
     w.collected = []
@@ -33,7 +32,7 @@ def events(watcher, kind: str, count: int, timeout: float = 10.0):
     return wait_for(enough, timeout, "%d %s events" % (count, kind))
 
 
-def test_a_frame_written_in_slow_chunks_is_complete_only_at_the_end(watcher, tmp_path):
+def test_a_frame_written_in_slow_chunks_is_complete_only_at_the_end(watcher, tmp_path, make_frame):
     data = make_frame(str(tmp_path / "source_00001.cbf"), shape=(200, 160))
     target = watcher.folder / "sub" / "x_00001.cbf"
     step = len(data) // 4 + 1
@@ -52,7 +51,7 @@ def test_a_frame_written_in_slow_chunks_is_complete_only_at_the_end(watcher, tmp
     assert len([e for e in watcher.collected + watcher.drain() if e.kind == "complete"]) == 1
 
 
-def test_renamed_and_compressed_frames_and_other_files(watcher, tmp_path):
+def test_renamed_and_compressed_frames_and_other_files(watcher, tmp_path, make_frame):
     data = make_frame(str(tmp_path / "source_00001.cbf"))
     hidden = watcher.folder / ".x_00001.cbf.part"
     hidden.write_bytes(data)
@@ -63,7 +62,7 @@ def test_renamed_and_compressed_frames_and_other_files(watcher, tmp_path):
     assert sorted(os.path.basename(e.path) for e in complete) == ["x_00001.cbf", "y_00001.cbf.bz2"]
 
 
-def test_incomplete_and_vanished_files_are_reported(watcher, tmp_path):
+def test_incomplete_and_vanished_files_are_reported(watcher, tmp_path, make_frame):
     data = make_frame(str(tmp_path / "source_00001.cbf"))
     (watcher.folder / "cut_00001.cbf").write_bytes(data[:-50])
     (watcher.folder / "bad_00001.cbf.bz2").write_bytes(bz2.compress(data)[:-30])
@@ -76,12 +75,12 @@ def test_incomplete_and_vanished_files_are_reported(watcher, tmp_path):
     assert "incomplete" in reported["cut_00001.cbf"] and "incomplete" in reported["bad_00001.cbf.bz2"]
 
 
-def test_catch_up_follows_unknown_files_only(tmp_path):
+def test_catch_up_follows_unknown_files_only(tmp_path, make_frame):
     folder = tmp_path / "watch"
     folder.mkdir()
     make_frame(str(folder / "a_00001.cbf"))
     make_frame(str(folder / "a_00002.cbf"))
-    w = Watcher((str(folder),), incomplete_timeout_s=1.0)
+    w = Watcher(folders=(str(folder),), incomplete_timeout_s=1.0)
     w.start()
     try:
         assert w.catch_up(lambda path, identity, mtime: path.endswith("00001.cbf")) == 1
@@ -94,7 +93,7 @@ def test_catch_up_follows_unknown_files_only(tmp_path):
 
 def test_a_flood_of_events_never_blocks_the_thread_that_reports_them(tmp_path):
     """70,000 files noticed before the main loop drains once: more wake-ups than a pipe holds."""
-    w = Watcher((str(tmp_path),))
+    w = Watcher(folders=(str(tmp_path),))
     done = threading.Event()
     thread = threading.Thread(target=lambda: [w.notice(str(tmp_path / ("f_%05d.cbf" % n))) for n in range(70_000)]
                               and done.set(), daemon=True)

@@ -1,0 +1,26 @@
+"""The one place that knows where the shared real data lives (``../shared`` beside the checkout) and how a
+test that needs it is skipped, with the reason."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+REAL = SHARED / "data" / "real"
+REFERENCE = SHARED / "reference" / "distl"
+PROBE = SHARED / "peer" / "probe"
+
+
+def need(*paths: Path, what: str) -> None:
+    """Skip the calling test, naming ``what`` and the first missing path, unless every path exists."""
+    missing = [path for path in paths if not path.exists()]
+    if missing:
+        pytest.skip("%s live in %s; not present in this checkout (missing %s)" % (what, SHARED, missing[0]))
+
+
+def real_files(names: tuple[str, ...], what: str) -> list[str]:
+    """Paths of files under data/real; the test is skipped when one is missing."""
+    paths = [REAL / name for name in names]
+    need(*paths, what=what)
+    return [str(path) for path in paths]
