@@ -37,7 +37,7 @@ VERSION = 1
 WATCH = "watch"  # frames of the watched folders, ids from the ledger
 QUERY = "query"  # on-demand HTTP queries, ids from the lane's counter
 LANES = (WATCH, QUERY)
-REPLIES = ("body", "post")  # DISTL's GET text, its short POST text
+REPLIES = ("body", "post", "bcsb")  # DISTL's GET text, its short POST text, its Apache BCSB XML
 
 
 class ProtocolError(ValueError):

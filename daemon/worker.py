@@ -27,7 +27,7 @@ import zmq
 
 from spotfinder_core import Result, analyse
 from spotfinder_core.analysis import retain_freed_memory, warm_up
-from spotfinder_core.report import format_body, format_post
+from spotfinder_core.report import format_bcsb, format_body, format_post
 
 from . import protocol
 from .logs import setup_logging
@@ -40,7 +40,7 @@ log = logging.getLogger("spotfinder.worker")
 CRASH_HOOK = "SPOTFINDER_TEST_CRASH_ON"
 
 
-FORMATTERS = {"body": format_body, "post": format_post}
+FORMATTERS = {"body": format_body, "post": format_post, "bcsb": format_bcsb}
 
 
 def analyse_job(job: protocol.Job) -> tuple[dict, str | None]:

@@ -107,7 +107,7 @@ def analyse_frame(frame: Frame, params: Params) -> Result:
         echo_template=echo, tables=tables, focus_signals=list(wts_sum[focus]),
         focus_saturations=list(wts_max[focus] / g.saturation), inlier_signal=float(wts_sum[inliers].sum()),
         listing=listing, cutoff_percent=100.0 / settings.method2_ratio,
-        classification_error=cls.error)
+        classification_error=cls.error, method2_unrounded=chain.method2)
     return result
 
 

@@ -66,6 +66,8 @@ class Details:
     listing: list[SpotListing] | None
     cutoff_percent: float
     classification_error: str | None
+    # Method 2 before the result's rounding to 0.01 A: the BCSB XML prints it to 0.001 A
+    method2_unrounded: float | None
 
 
 def _table(table: BinTable) -> list[str]:
@@ -182,3 +184,37 @@ def format_post(result: Result) -> str:
                   "%5s %%" % ("%.1f" % result.saturation_percent)),
               row("In-resolution overloaded spots", "%7s" % result.overloaded_spots)]
     return "\n".join(lines) + "\n"
+
+
+def bcsb_xml(elements: list[tuple[str, object]]) -> str:
+    """DISTL's BCSB XML as its Apache server writes it (libtbx's LongLineSimpleNode): a space after the
+    opening tag, one element a line indented by two, contents not escaped."""
+    lines = ["<spotfinder> "] + ["  <%s>%s</%s>" % (tag, text, tag) for tag, text in elements] + ["</spotfinder>"]
+    return "\n".join(lines) + "\n"
+
+
+def format_bcsb(result: Result) -> str:
+    """DISTL's reply to GET /spotfinder/distl.signal_strength_bcsb: the spot counts, Method 2 to 0.001 A and,
+    with distl.bins.verbose, the population-weighted I/sig(I) and the total signal of the last bin table.
+
+    As there, an error ends the elements with its repr as the status: a frame without Method 2 stops at
+    ``%.3f`` of None, a last table whose spots all lie beyond its rows at the division by its zero weight.
+    """
+    elements: list[tuple[str, object]] = [("file_name", result.path)]
+    if result.status != "ok":
+        return bcsb_xml(elements + [("status", "Sorry(%r)" % result.error)])
+    det: Details = result.details
+    try:
+        elements.append(("total_spots", "%d" % result.spot_total))
+        elements.append(("good_spots", "%d" % result.focus_spots))
+        elements.append(("resolution", "%.3f" % det.method2_unrounded))
+        if det.tables:
+            last = det.tables[-1].columns
+            weighted = sum(weight * value for weight, value in zip(last["Population"], last["MeanIsigI"]))
+            elements.append(("mean_isigi", "%.3f" % (weighted / sum(last["Population"]))))
+            elements.append(("integrated", "%.3f" % sum(last["Integrated"])))
+        else:  # DISTL's quirk: another tag, and the two in the other order, when there is no table
+            elements += [("total_integrated", "0"), ("mean_isigi", "0")]
+    except (TypeError, ZeroDivisionError) as exc:
+        return bcsb_xml(elements + [("status", repr(exc))])
+    return bcsb_xml(elements + [("status", "OK")])
