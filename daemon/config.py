@@ -251,8 +251,14 @@ thin_client POST /spotfinder).  Loopback only unless you name another interface 
         10.0, kind=NUMBER, minimum=0.01, section=SOCKETS,
         beside="a connection must deliver each whole request within this (idle ones are cut)")
     http_max_connections: int = setting(
-        128, kind=INTEGER, minimum=1, section=SOCKETS,
-        beside="open connections served at once; more get an immediate 503")
+        512, kind=INTEGER, minimum=1, section=SOCKETS, above="""\
+Open connections served at once (a query waiting for a worker holds one, and a thread, but no CPU); more
+get an immediate 503, except a few kept for GET /status and /metrics so they answer under any load.""")
+    http_max_upload_bytes: int = setting(
+        256 << 20, kind=INTEGER, minimum=1, section=SOCKETS, above="""\
+Largest multipart POST body on DISTL's routes: pilatus_client and adsc_client push the frame's pixels
+beside its filename (~100 MB for an EIGER 16M).  Only the form's small fields are kept; the pixels are
+dropped as they stream in, and each MiB must arrive within http_timeout_s.  A larger body gets a 413.""")
     work_endpoint: str = setting(
         "tcp://127.0.0.1:5602", kind=ENDPOINT, section=SOCKETS, above="""\
 Dispatcher PUSH socket (workers PULL frames here) and collector PULL socket (workers PUSH results here).
@@ -294,10 +300,13 @@ GET /results?since=SEQ.  Heartbeats carry last_seq, the newest stored message, t
 Frames finished longer ago than this, and their stored messages (GET /results), are forgotten; frame files
 older than this are not caught up at start either.  0 = keep everything.""")
 
-    ondemand_queue: int | None = setting(
-        None, kind=INTEGER, minimum=1, nullable=True, section=ONDEMAND, above="""\
-They go to the same workers, ahead of the watched frames' backlog.  A query arriving while this many
-wait for a worker is answered 503 with Retry-After at once.  null = 2 x workers + 8.""")
+    ondemand_queue: int = setting(
+        256, kind=INTEGER, minimum=1, section=ONDEMAND, above="""\
+They go to the same workers, ahead of the watched frames' backlog, and wait like Apache's clients did
+until a worker is free: a query is taken while the queries ahead of it x the recent time per frame /
+the workers leave it its answer within ondemand_timeout_s.  Beyond that, with no worker running, or
+while this many queries already wait (queued or at a worker; each holds an HTTP connection), it is
+answered 503 at once, with a Retry-After from the same estimate.""")
     ondemand_timeout_s: float = setting(
         120.0, kind=NUMBER, minimum=0.01, section=ONDEMAND,
         beside="a query with no result after this long is answered 504")
@@ -320,11 +329,6 @@ wrong pixel counts are refused either way.  Sent with each job, so remote worker
     @property
     def worker_count(self) -> int:
         return (os.cpu_count() or 1) if self.workers is None else self.workers
-
-    @property
-    def ondemand_capacity(self) -> int:
-        """How many HTTP queries may wait for a worker before more are refused with 503."""
-        return 2 * max(self.worker_count, 1) + 8 if self.ondemand_queue is None else self.ondemand_queue
 
     @property
     def ondemand_roots(self) -> tuple[str, ...]:

@@ -5,15 +5,25 @@ route names (DISTL's server ignored the path, so the legacy queries are such a f
 
 Why it never hangs:
 * every connection has a socket timeout, and a deadline for reading a whole request (request line,
-  headers, body): a client that connects and sends nothing, or trickles bytes, is cut off;
+  headers, body; for an upload, each chunk of it): a client that connects and sends nothing, or trickles
+  bytes, is cut off;
 * at most ``max_connections`` connections have a handler thread; one over the cap gets a 503 at once
-  from the accepting thread and is closed;
+  from the accepting thread and is closed, except the first ``RESERVED_CONNECTIONS`` over it, which may
+  ask only for the routes named by :meth:`HttpServer.reserve` (``/status``, ``/metrics``), so these
+  answer while every slot holds a waiting query;
 * request line and body sizes are limited (414, 413), and a handler's exception becomes a 500 reply,
   never a traceback to the client.
+
+Bodies: a route registered with ``form=True`` (DISTL's POST) takes multipart/form-data bodies up to
+``max_upload_bytes`` (pilatus_client and adsc_client push the frame's pixels beside the ``filename`` field):
+they are parsed as they stream in, only small fields are kept (``Request.form``), file parts are dropped as they
+pass, and each ``BODY_CHUNK_BYTES`` must arrive within the request deadline.  Every other body is read whole,
+up to ``MAX_BODY_BYTES``.  DISTL's routes (its ``/spotfinder`` paths and the fallbacks) answer errors in text.
 """
 from __future__ import annotations
 
 import contextlib
+import email.policy
 import json
 import logging
 import socket
@@ -24,11 +34,20 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlsplit
 
+from python_multipart.exceptions import MultipartParseError
+from python_multipart.multipart import MultipartParser, parse_options_header
+
 log = logging.getLogger("spotfinder.http")
 
 MAX_URL_BYTES = 8 * 1024
-MAX_BODY_BYTES = 1 << 20
-LISTEN_BACKLOG = 128
+MAX_BODY_BYTES = 1 << 20  # a body read whole (every one but a form route's multipart upload)
+BODY_CHUNK_BYTES = 1 << 20  # an upload is read and parsed in chunks of this; each re-arms the request deadline
+MAX_FIELD_BYTES = 64 * 1024  # a form field longer than this (or past MAX_BODY_BYTES of them) is dropped
+MAX_FORM_PARTS = 256
+LEGACY_PREFIX = "/spotfinder"  # DISTL's clients' paths: errors there are answered in text, as DISTL did
+LEGACY_TEXT_TYPE = "text/plain"  # DISTL's exact header value, no charset
+LISTEN_BACKLOG = 511  # Apache's: a burst of clients waits in the kernel for the accepting thread
+RESERVED_CONNECTIONS = 8  # beyond the cap, for the reserved routes only
 REAP_EVERY_S = 0.25
 REFUSED_LINGER_S = 2.0
 BUSY_REPLY = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain; charset=utf-8\r\n"
@@ -45,6 +64,7 @@ class Request:
     body: bytes
     client: str
     query_string: str = ""
+    form: dict[str, str] = field(default_factory=dict)  # a form route's fields (a streamed upload's body is b"")
 
     def arg(self, name: str, default: str | None = None) -> str | None:
         """The last value of a query argument."""
@@ -69,7 +89,91 @@ def error_response(status: int, text: str) -> Response:
     return json_response({"error": text}, status)
 
 
+def legacy_error(status: int, text: str) -> Response:
+    """An error on DISTL's routes: text, in the ``Sorry: ...`` form its libtbx tools print."""
+    return Response(status, ("Sorry: %s\n" % text).encode(), LEGACY_TEXT_TYPE)
+
+
 Handler = Callable[[Request], Response]
+
+
+@dataclass(frozen=True)
+class _Route:
+    handler: Handler | None
+    name: str  # the label in metrics
+    form: bool = False  # the body is a form: a multipart upload is streamed, its small fields kept
+    legacy: bool = False  # a DISTL route: errors are answered in text
+
+
+class FormError(ValueError):
+    """A multipart body not worth reading on (malformed, or too many parts)."""
+
+
+class StreamedForm:
+    """multipart/form-data parsed as it is fed (python-multipart's streaming parser): small fields are kept in
+    ``fields`` (the first of a name wins), file parts and fields over ``MAX_FIELD_BYTES`` are dropped as they
+    pass, so an upload is never held whole."""
+
+    def __init__(self, boundary: str):
+        self.fields: dict[str, str] = {}
+        self._parts = 0
+        self._kept_bytes = 0
+        self._header_name = bytearray()
+        self._header_value = bytearray()
+        self._disposition = b""
+        self._name = ""
+        self._value: bytearray | None = None  # the field being kept; None while a part's content is dropped
+        self._parser = MultipartParser(boundary, callbacks={
+            "on_part_begin": self._part_begin, "on_header_field": self._header_name_data,
+            "on_header_value": self._header_value_data, "on_header_end": self._header_end,
+            "on_headers_finished": self._headers_finished, "on_part_data": self._part_data,
+            "on_part_end": self._part_end})
+
+    def feed(self, data: bytes) -> None:
+        try:
+            self._parser.write(data)
+        except MultipartParseError as exc:
+            raise FormError("malformed multipart body: %s" % exc) from None
+
+    def _part_begin(self) -> None:
+        self._parts += 1
+        if self._parts > MAX_FORM_PARTS:
+            raise FormError("more than %d parts in the form" % MAX_FORM_PARTS)
+        self._disposition, self._value = b"", None
+
+    def _header_name_data(self, data: bytes, start: int, end: int) -> None:
+        self._header_name += data[start:end]
+
+    def _header_value_data(self, data: bytes, start: int, end: int) -> None:
+        self._header_value += data[start:end]
+
+    def _header_end(self) -> None:
+        if self._header_name.strip().lower() == b"content-disposition":
+            self._disposition = bytes(self._header_value)
+        self._header_name.clear()
+        self._header_value.clear()
+
+    def _headers_finished(self) -> None:
+        options = parse_options_header(self._disposition)[1]
+        name = options.get(b"name")
+        if name is not None and b"filename" not in options:
+            self._name = name.decode("utf-8", "replace")
+            if self._name not in self.fields:
+                self._value = bytearray()
+
+    def _part_data(self, data: bytes, start: int, end: int) -> None:
+        if self._value is None:
+            return
+        if len(self._value) + end - start > MAX_FIELD_BYTES or self._kept_bytes + len(self._value) > MAX_BODY_BYTES:
+            self._value = None
+        else:
+            self._value += data[start:end]
+
+    def _part_end(self) -> None:
+        if self._value is not None:
+            self.fields[self._name] = self._value.decode("utf-8", "replace")
+            self._kept_bytes += len(self._value)
+            self._value = None
 
 
 class _RequestHandler(BaseHTTPRequestHandler):
@@ -88,54 +192,97 @@ class _RequestHandler(BaseHTTPRequestHandler):
             self.server.deadlines.disarm(self.connection)
 
     def _serve(self) -> None:
+        url = urlsplit(self.path)
+        self.route = self.server.find(self.command, url.path)
         self.route_name = "unmatched"
-        if len(self.path) > MAX_URL_BYTES:
-            self._reply(error_response(414, "URL longer than %d bytes" % MAX_URL_BYTES))
+        if self.connection in self.server.reserved and url.path not in self.server.reserved_paths:
+            busy = self._error(503, "too many connections; retry later")  # over the cap: /status and /metrics only
+            busy.headers["Retry-After"] = "1"
+            self._reply(busy, close=True)
             return
-        body = self._read_body()
-        if body is None:
+        if len(self.path) > MAX_URL_BYTES:
+            self._reply(self._error(414, "URL longer than %d bytes" % MAX_URL_BYTES))
+            return
+        content = self._read_body()
+        if content is None:
             return
         self.server.deadlines.disarm(self.connection)  # the request is in; what follows is our own time
-        url = urlsplit(self.path)
+        body, form = content
         request = Request(self.command, url.path, parse_qs(url.query, keep_blank_values=True),
-                          {k.lower(): v for k, v in self.headers.items()}, body, self.client_address[0], url.query)
+                          {k.lower(): v for k, v in self.headers.items()}, body, self.client_address[0], url.query,
+                          form)
         with self.server.serving():
             self._reply(self._answer(request))
 
+    def _error(self, status: int, text: str) -> Response:
+        return legacy_error(status, text) if self.route.legacy else error_response(status, text)
+
     def _answer(self, request: Request) -> Response:
-        handler, self.route_name = self.server.find(self.command, request.path)
-        if handler is None:
+        self.route_name = self.route.name
+        if self.route.handler is None:
             allowed = self.server.knows(request.path)
-            return error_response(405 if allowed else 404,
-                                  "method not allowed" if allowed else "no such resource: %s" % request.path)
+            return self._error(405 if allowed else 404,
+                               "method not allowed" if allowed else "no such resource: %s" % request.path)
         try:
-            return handler(request)
+            return self.route.handler(request)
         except Exception:
             log.exception("handler for %s %s failed", self.command, request.path)
-            return error_response(500, "internal error")
+            return self._error(500, "internal error")
 
     do_GET = do_POST = do_PUT = do_DELETE = _serve
 
-    def _read_body(self) -> bytes | None:
-        """The request body, or None after answering why it is refused."""
+    def _read_body(self) -> tuple[bytes, dict[str, str]] | None:
+        """(the body, a form route's fields), or None after answering why the body is refused."""
         if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
-            self._reply(error_response(411, "send a Content-Length, not a chunked body"), close=True)
+            self._reply(self._error(411, "send a Content-Length, not a chunked body"), close=True)
             return None
         try:
             length = int(self.headers.get("Content-Length") or 0)
         except ValueError:
             length = -1
         if length < 0:
-            self._reply(error_response(400, "bad Content-Length"), close=True)
+            self._reply(self._error(400, "bad Content-Length"), close=True)
             return None
-        if length > MAX_BODY_BYTES:
-            self._reply(error_response(413, "request body larger than %d bytes" % MAX_BODY_BYTES), close=True)
+        content_type = email.policy.HTTP.header_factory("content-type", self.headers.get("Content-Type", ""))
+        upload = self.route.form and content_type.content_type == "multipart/form-data"
+        limit = self.server.max_upload_bytes if upload else MAX_BODY_BYTES
+        if length > limit:
+            self._reply(self._error(413, "request body larger than %d bytes" % limit), close=True)
             return None
+        if upload:
+            return self._read_upload(length, content_type.params.get("boundary", ""))
         body = self.rfile.read(length) if length else b""
         if len(body) < length:  # timed out or cut off mid-body: nobody is left to answer
             self.close_connection = True
             return None
-        return body
+        if not self.route.form:
+            return body, {}
+        return body, {key: values[0] for key, values in parse_qs(body.decode("utf-8", "replace")).items()}
+
+    def _read_upload(self, length: int, boundary: str) -> tuple[bytes, dict[str, str]] | None:
+        """A multipart body streamed through :class:`StreamedForm` in chunks.  The request deadline is about
+        progress here: each chunk re-arms it, so a large upload must keep moving, not finish within one deadline."""
+        if not boundary:
+            self._reply(self._error(400, "multipart/form-data without a boundary"), close=True)
+            return None
+        form = StreamedForm(boundary)
+        remaining = length
+        while remaining:
+            try:
+                chunk = self.rfile.read(min(remaining, BODY_CHUNK_BYTES))
+            except OSError:  # the socket timed out
+                chunk = b""
+            if not chunk:  # cut off mid-body: nobody is left to answer
+                self.close_connection = True
+                return None
+            remaining -= len(chunk)
+            self.server.deadlines.arm(self.connection)
+            try:
+                form.feed(chunk)
+            except FormError as exc:
+                self._reply(self._error(400, str(exc)), close=True)
+                return None
+        return b"", form.fields
 
     def _reply(self, response: Response, close: bool = False) -> None:
         self.send_response(response.status)
@@ -220,23 +367,25 @@ class _Server(ThreadingHTTPServer):
     daemon_threads = True
     request_queue_size = LISTEN_BACKLOG
 
-    def __init__(self, address, timeout_s: float, max_connections: int):
+    def __init__(self, address, timeout_s: float, max_connections: int, max_upload_bytes: int):
         self.timeout_s = timeout_s
-        self.routes: dict[tuple[str, str], Handler] = {}
-        self.fallbacks: dict[str, tuple[Handler, str]] = {}
+        self.max_upload_bytes = max_upload_bytes
+        self.routes: dict[tuple[str, str], _Route] = {}
+        self.fallbacks: dict[str, _Route] = {}
         self.observe: Callable[[str, int], None] = lambda route, status: None
         self.deadlines = _Deadlines(timeout_s)
         self.max_connections = max_connections
         self.connections = 0  # connections with a handler thread
+        self.reserved: set[socket.socket] = set()  # of which over the cap: for the reserved paths only
+        self.reserved_paths: set[str] = set()
         self.busy = 0  # of which answering a request (not reading one, not idle between requests)
         self.counts = threading.Condition()
         super().__init__(address, _RequestHandler)
 
-    def find(self, method: str, path: str) -> tuple[Handler | None, str]:
-        handler = self.routes.get((method, path))
-        if handler is not None:
-            return handler, path
-        return self.fallbacks.get(method, (None, "unmatched"))
+    def find(self, method: str, path: str) -> _Route:
+        """The route answering ``method path``: a registered one, else the method's fallback, else none."""
+        route = self.routes.get((method, path)) or self.fallbacks.get(method)
+        return route or _Route(None, "unmatched", legacy=path.startswith(LEGACY_PREFIX))
 
     def knows(self, path: str) -> bool:
         return any(known == path for _, known in self.routes)
@@ -254,8 +403,10 @@ class _Server(ThreadingHTTPServer):
 
     def process_request(self, request, client_address) -> None:
         with self.counts:
-            full = self.connections >= self.max_connections
+            full = self.connections >= self.max_connections + RESERVED_CONNECTIONS
             if not full:
+                if self.connections >= self.max_connections:
+                    self.reserved.add(request)
                 self.connections += 1
         if full:
             self._refuse(request)
@@ -263,7 +414,7 @@ class _Server(ThreadingHTTPServer):
         try:
             super().process_request(request, client_address)
         except Exception:  # no thread could be started: give the slot back, drop the connection
-            self._release()
+            self._release(request)
             self.shutdown_request(request)
             raise
 
@@ -271,11 +422,12 @@ class _Server(ThreadingHTTPServer):
         try:
             super().process_request_thread(request, client_address)
         finally:
-            self._release()
+            self._release(request)
 
-    def _release(self) -> None:
+    def _release(self, request) -> None:
         with self.counts:
             self.connections -= 1
+            self.reserved.discard(request)
             self.counts.notify_all()
 
     def _refuse(self, conn: socket.socket) -> None:
@@ -296,20 +448,27 @@ class _Server(ThreadingHTTPServer):
 
 
 class HttpServer:
-    def __init__(self, *, host: str, port: int, timeout_s: float = 10.0, max_connections: int = 128):
-        self.server = _Server((host, port), timeout_s, max_connections)
+    def __init__(self, *, host: str, port: int, timeout_s: float = 10.0, max_connections: int = 512,
+                 max_upload_bytes: int = 256 << 20):
+        self.server = _Server((host, port), timeout_s, max_connections, max_upload_bytes)
         self.thread = threading.Thread(target=self.server.serve_forever, name="http", daemon=True)
 
     @property
     def address(self) -> tuple[str, int]:
         return self.server.server_address[:2]
 
-    def route(self, method: str, path: str, handler: Handler) -> None:
-        self.server.routes[(method.upper(), path)] = handler
+    def route(self, method: str, path: str, handler: Handler, *, form: bool = False) -> None:
+        """``form``: the body is a form, given to the handler as ``Request.form`` (see the module's docstring)."""
+        self.server.routes[(method.upper(), path)] = _Route(handler, path, form, path.startswith(LEGACY_PREFIX))
 
-    def fallback(self, method: str, name: str, handler: Handler) -> None:
-        """``handler`` answers the ``method`` requests no route names; ``name`` labels them in metrics."""
-        self.server.fallbacks[method.upper()] = (handler, name)
+    def reserve(self, *paths: str) -> None:
+        """``paths`` are still answered over the connection cap (on RESERVED_CONNECTIONS more connections)."""
+        self.server.reserved_paths.update(paths)
+
+    def fallback(self, method: str, name: str, handler: Handler, *, form: bool = False) -> None:
+        """``handler`` answers the ``method`` requests no route names (DISTL's, so errors are text); ``name``
+        labels them in metrics."""
+        self.server.fallbacks[method.upper()] = _Route(handler, name, form, legacy=True)
 
     def observe(self, callback: Callable[[str, int], None]) -> None:
         """``callback(route, status)`` after every reply (metrics)."""

@@ -27,14 +27,23 @@ class Metrics:
                                     registry=registry)
         self.ondemand_in_flight = Gauge("spotfinder_ondemand_in_flight", "On-demand queries at a worker",
                                         registry=registry)
+        self.ondemand_expected_wait = Gauge(
+            "spotfinder_ondemand_expected_wait_seconds", "How long a query arriving now would wait for a worker "
+            "(queries ahead x recent time per frame / workers; +Inf with no worker)", registry=registry)
+        self.ondemand_admit_limit = Gauge(
+            "spotfinder_ondemand_admit_limit", "Queries that may wait (queued or at a worker) before more are "
+            "refused with 503", registry=registry)
         self.queue = Gauge("spotfinder_queue_depth", "Watched frames queued for a worker", registry=registry)
         self.in_flight = Gauge("spotfinder_in_flight", "Watched frames at a worker", registry=registry)
         self.workers = Gauge("spotfinder_workers_alive", "Workers heard from recently", registry=registry)
 
-    def watch_lane(self, depth: Callable[[], int], in_flight: Callable[[], int]) -> None:
+    def watch_lane(self, depth: Callable[[], int], in_flight: Callable[[], int], expected_wait_s: Callable[[], float],
+                   admit_limit: Callable[[], int]) -> None:
         """Read the on-demand lane's gauges from the lane itself at each scrape."""
         self.ondemand_queue.set_function(depth)
         self.ondemand_in_flight.set_function(in_flight)
+        self.ondemand_expected_wait.set_function(expected_wait_s)
+        self.ondemand_admit_limit.set_function(admit_limit)
 
     def frame(self, lane: str, result: dict | None) -> None:
         """Count a finished frame; ``None`` = the service gave up on it.  Never raises: a worker's odd

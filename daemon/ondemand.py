@@ -1,9 +1,16 @@
 """The on-demand lane: single-frame HTTP queries, analysed by the same workers ahead of the watcher's backlog.
 
 HTTP threads :meth:`Lane.submit` a job and wait on it; only the main thread takes jobs out, tracks them in
-flight and settles them, so every ZeroMQ socket stays on the main thread.  The queue is bounded and a
-full queue is refused at once (the caller answers 503): nothing ever waits for room.  Jobs are not frames
-of a collection: they never enter the ledger and are not published.
+flight and settles them, so every ZeroMQ socket stays on the main thread.  Jobs are not frames of a
+collection: they never enter the ledger and are not published.
+
+Admission is by expected wait, the way Apache queued clients until a CPU was free: a query waits while
+the queries ahead of it (queued or at a worker) x the recent time per frame / the workers leave it time to
+be answered within its deadline, and at most ``capacity`` queries wait at once (each one is a blocked
+HTTP thread).  Beyond either, or with no worker to run it, it is refused at once (the caller answers 503,
+with a Retry-After from the same estimate): nothing waits for room, and nothing waits for a 504 it could
+have been told about.  The time per frame is the lane's own: a running estimate of the start-to-result
+times of its finished jobs, quick to rise and slow to fall.
 
 A job whose worker dies (or overruns the frame timeout, and is then killed) is sent once more, then answered
 with an error; a job no worker took within the dispatch timeout (lost in a dead worker's buffer) is re-sent
@@ -18,7 +25,9 @@ from __future__ import annotations
 import collections
 import itertools
 import logging
+import math
 import threading
+import time
 from dataclasses import dataclass, field
 
 from spotfinder_core import Params
@@ -29,10 +38,25 @@ from .wakeup import Wakeup
 log = logging.getLogger("spotfinder.ondemand")
 
 MAX_TRIES = 2  # the first try and one resend
+PRIOR_FRAME_S = 1.0  # time per frame assumed until the lane has timed a job (a PILATUS 6M takes ~0.1-0.3 s)
+# Weights of the newest job's time in the running estimate: a slower frame counts ten times as much as a
+# faster one, so the estimate rides near the slow end of the spread (a query admitted on it is not late
+# when the frames slow down under load) and a slowdown shows within a few frames.
+FRAME_S_RISE = 0.5
+FRAME_S_FALL = 0.05
+# Admit only while the expected answer comes within this share of the deadline: frames that slow down after
+# admission (another load on the host) still leave the query its answer in time.
+DEADLINE_SHARE = 0.5
 
 
 class LaneFull(Exception):
-    """The bounded queue is full: answer 503 and let the client retry."""
+    """Refused at once (answer 503): ``reason`` for the client, ``retry_after_s`` when room is expected (None
+    when no worker runs, so no estimate exists)."""
+
+    def __init__(self, reason: str, retry_after_s: int | None):
+        super().__init__(reason)
+        self.reason = reason
+        self.retry_after_s = retry_after_s
 
 
 class LaneClosed(Exception):
@@ -57,6 +81,7 @@ class Job:
     tries: int = 0
     worker: str | None = None
     deadline: float | None = None
+    started_at: float | None = None  # when its worker started it (times the lane's frames)
     outcome: Outcome | None = None
     abandoned: bool = False
     _settled: threading.Event = field(default_factory=threading.Event, repr=False)
@@ -86,15 +111,25 @@ class Lane:
         self._ids = itertools.count(1)
         self._closed = False
         self._wakeup = Wakeup()
+        self._workers = 0  # the workers the lane counts on, set by the main thread (set_workers)
+        self._frame_s = PRIOR_FRAME_S
+        self._timed = False  # whether _frame_s is measured yet (the first measurement replaces the prior)
 
     # ----- HTTP threads ------------------------------------------------------------------------------------
-    def submit(self, path: str, params: Params, reply: str | None) -> Job:
-        """Queue a job; LaneFull when the queue is full, LaneClosed when the service is stopping."""
+    def submit(self, path: str, params: Params, reply: str | None, deadline_s: float | None = None) -> Job:
+        """Queue a job that must be answered within ``deadline_s`` (None: bounded by ``capacity`` only); LaneFull
+        when it cannot be (no worker, the expected wait too long, too many waiting), LaneClosed when the
+        service is stopping."""
         with self._lock:
             if self._closed:
                 raise LaneClosed()
-            if len(self._queue) >= self.capacity:
-                raise LaneFull()
+            if deadline_s is not None and not self._workers:
+                raise LaneFull("no worker is running (workers: 0 and no remote worker connected, or all paused)",
+                               None)
+            waiting = len(self._queue) + len(self._in_flight)
+            limit = self.capacity if deadline_s is None else self._admit_limit(deadline_s)
+            if waiting >= limit:
+                raise LaneFull("%d queries ahead of it" % waiting, self._retry_after_s(waiting - limit + 1))
             job = Job(next(self._ids), path, params, reply)
             self._queue.append(job)
         self._wakeup.notify()
@@ -111,6 +146,36 @@ class Lane:
         with self._lock:
             return len(self._queue)
 
+    def frame_s(self) -> float:
+        """The recent time per frame (the prior until a job was timed)."""
+        with self._lock:
+            return self._frame_s
+
+    def expected_wait_s(self) -> float:
+        """How long a query arriving now would wait before a worker starts it; infinite with no worker."""
+        with self._lock:
+            return self._wait_s(len(self._queue) + len(self._in_flight)) if self._workers else math.inf
+
+    def admit_limit(self, deadline_s: float) -> int:
+        """How many queries may wait (queued or at a worker) before one with ``deadline_s`` is refused."""
+        with self._lock:
+            return self._admit_limit(deadline_s)
+
+    def _wait_s(self, ahead: int) -> float:
+        return ahead * self._frame_s / self._workers
+
+    def _retry_after_s(self, excess: int) -> int | None:
+        """Whole seconds until ``excess`` waiting queries are answered (None with no worker to answer them)."""
+        return max(1, math.ceil(self._wait_s(excess))) if self._workers else None
+
+    def _admit_limit(self, deadline_s: float) -> int:
+        """How many waiting queries refuse a new one: more would leave it no answer (its wait plus its own
+        frame) within DEADLINE_SHARE of its deadline, or break the memory bound; an idle lane takes any."""
+        if not self._workers:
+            return 0
+        in_time = math.floor((DEADLINE_SHARE * deadline_s / self._frame_s - 1) * self._workers) + 1
+        return max(1, min(self.capacity, in_time))
+
     @property
     def closed(self) -> bool:
         return self._closed
@@ -119,6 +184,11 @@ class Lane:
     def fileno(self) -> int:
         """Readable when jobs were submitted (for the main loop's poller)."""
         return self._wakeup.fileno()
+
+    def set_workers(self, count: int) -> None:
+        """The workers the lane counts on: the live ones, or the local ones being (re)started."""
+        with self._lock:
+            self._workers = count
 
     def in_flight(self) -> int:
         with self._lock:
@@ -145,16 +215,25 @@ class Lane:
         with self._lock:
             job = self._in_flight.get(job_id)
             if job is not None:
-                job.worker, job.deadline = worker_id, deadline
+                job.worker, job.deadline, job.started_at = worker_id, deadline, time.monotonic()
                 job.tries += 1
 
     def finished(self, job_id: int, result: dict, text: str | None) -> Job | None:
         """Settle a job with its worker's result; None for a job already settled (a resent one finished twice)."""
         with self._lock:
             job = self._in_flight.pop(job_id, None)
+            if job is not None and job.started_at is not None:
+                self._time_frame(time.monotonic() - job.started_at)
         if job is not None:
             job.settle(Outcome(result=result, text=text))
         return job
+
+    def _time_frame(self, seconds: float) -> None:
+        """Fold one job's start-to-result time into the running estimate (under the lock)."""
+        if self._timed:
+            self._frame_s += (FRAME_S_RISE if seconds > self._frame_s else FRAME_S_FALL) * (seconds - self._frame_s)
+        else:
+            self._frame_s, self._timed = seconds, True
 
     def worker_lost(self, worker_id: str) -> None:
         """Resend the jobs a dead worker held; answer the ones already resent with an error."""

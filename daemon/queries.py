@@ -4,9 +4,13 @@ Routes (registered on the service's :class:`~spotfinder_daemon.http.HttpServer`)
 
 * ``GET /spotfinder/distl.signal_strength?distl.image=...&...`` (any path no other route names: DISTL's
   server ignored it): DISTL's text, with DISTL's error texts at status 200; ``format=json`` gives JSON;
+* ``GET /spotfinder/distl.signal_strength_bcsb?distl.image=...``: the BCSB XML of DISTL's Apache server,
+  every error in its ``<status>`` element at status 200;
 * ``GET /api/v1/analyse?image=...&res.outer=...``: the result fields as JSON, with real status codes;
 * ``POST /spotfinder`` (any path), thin_client's multipart form: ``filename=<frame>`` gives DISTL's short
-  POST text; ``filename=EXIT`` stops the service (loopback clients only).
+  POST text; ``filename=EXIT`` stops the service (loopback clients only).  pilatus_client's and adsc_client's
+  forms get the same (the pixels they push are dropped as they stream in); ``Expect: 200`` (DISTL's liveness
+  probe) gets 200 at once.  Errors on these routes are text, ``Sorry: ...`` where DISTL had no wording.
 
 Parameters are parsed the way DISTL's server did: full paths or unique suffixes, the first value of a
 repeated key, over the service's start-up parameters.  A frame is analysed only if its real path (after
@@ -15,8 +19,6 @@ text, so the reply reveals nothing about files outside the roots.
 """
 from __future__ import annotations
 
-import email.parser
-import email.policy
 import ipaddress
 import logging
 import os
@@ -25,16 +27,17 @@ from urllib.parse import parse_qs
 
 from spotfinder_core import ParameterError, Params
 from spotfinder_core.params import parse_word
+from spotfinder_core.report import bcsb_xml
 
-from .http import Request, Response, error_response, json_response
+from .http import LEGACY_TEXT_TYPE, Request, Response, error_response, json_response, legacy_error
 from .ondemand import Lane, LaneClosed, LaneFull, Outcome
 
 log = logging.getLogger("spotfinder.queries")
 
-LEGACY_TYPE = "text/plain"  # DISTL's exact header value, no charset
-RETRY_AFTER_S = 2
 # DISTL's POST path maps no distl.res.* limit onto the analysis (only its GET path does): kept as a quirk.
 IGNORED_BY_POST = ("distl.res.outer", "distl.res.inner")
+# What DISTL's BCSB module (Python 3.11) puts in <status> without distl.image: os.path.isfile(None) raises.
+BCSB_NO_IMAGE = "TypeError('stat: path should be string, bytes, os.PathLike or integer, not NoneType')"
 
 
 class DataRoots:
@@ -62,7 +65,7 @@ class DataRoots:
 
 
 def _legacy_text(text: str, status: int = 200, **headers: str) -> Response:
-    return Response(status, text.encode(), LEGACY_TYPE, headers)
+    return Response(status, text.encode(), LEGACY_TEXT_TYPE, headers)
 
 
 def _is_loopback(address: str) -> bool:
@@ -71,22 +74,6 @@ def _is_loopback(address: str) -> bool:
     except ValueError:
         return False
     return ip.is_loopback or bool(getattr(ip, "ipv4_mapped", None) and ip.ipv4_mapped.is_loopback)
-
-
-def _form_fields(request: Request) -> dict[str, str]:
-    """The fields of a multipart/form-data (thin_client) or urlencoded POST body; first value wins."""
-    content_type = request.headers.get("content-type", "")
-    if content_type.lower().startswith("multipart/"):
-        message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(
-            b"Content-Type: " + content_type.encode("latin-1") + b"\r\n\r\n" + request.body)
-        fields: dict[str, str] = {}
-        for part in message.iter_parts() if message.is_multipart() else ():
-            name = part.get_param("name", header="content-disposition")
-            payload = part.get_payload(decode=True) or b""
-            if name and name not in fields:
-                fields[name] = payload.decode("utf-8", "replace")
-        return fields
-    return {key: values[0] for key, values in parse_qs(request.body.decode("utf-8", "replace")).items()}
 
 
 class Queries:
@@ -103,17 +90,19 @@ class Queries:
 
     def register(self, http) -> None:
         http.route("GET", "/api/v1/analyse", self.api_get)
+        http.route("GET", "/spotfinder/distl.signal_strength_bcsb", self.bcsb_get)
         http.fallback("GET", "legacy_get", self.legacy_get)
-        http.fallback("POST", "legacy_post", self.legacy_post)
+        http.fallback("POST", "legacy_post", self.legacy_post, form=True)
 
     # ----- parameters --------------------------------------------------------------------------------------
-    def _params(self, query_string: str) -> Params:
-        """Start-up parameters overridden by the query's; ParameterError like DISTL's (an unknown key first)."""
+    def _params(self, query_string: str, home_scope: str | None = None) -> Params:
+        """Start-up parameters overridden by the query's; ParameterError like DISTL's (an unknown key first).
+        DISTL's Apache server resolves short keys inside ``home_scope="distl"``, its HTTP server in none."""
         words = ["%s=%s" % (key, values[0]) for key, values in parse_qs(query_string).items() if key != "format"]
         values, first_bad = dict(self.startup.explicit()), None
         for word in words:
             try:
-                path, value = parse_word(word, home_scope=None)
+                path, value = parse_word(word, home_scope=home_scope)
             except ParameterError as exc:
                 if exc.unknown:
                     raise
@@ -130,31 +119,50 @@ class Queries:
             return self.api_get(request)
         try:
             params = self._params(request.query_string)
-        except ParameterError as exc:
-            return _legacy_text(str(exc), 200 if exc.unknown else 400)
+        except ParameterError as exc:  # DISTL's text for an unknown key; it dropped the connection on a bad value
+            return _legacy_text(str(exc)) if exc.unknown else legacy_error(400, str(exc))
         image = params["distl.image"]
         if image is None:
-            return _legacy_text("Missing distl.image: add distl.image=FRAME to the query.\n", 400)
+            return legacy_error(400, "Missing distl.image: add distl.image=FRAME to the query.")
         path, verdict = self.roots.locate(image)
         if verdict != "ok":
             return _legacy_text("%s is not a readable file" % image)
         return self._legacy_answer(path, params, "body")
 
     def legacy_post(self, request: Request) -> Response:
-        filename = _form_fields(request).get("filename")
+        """thin_client's form (pilatus_client's and adsc_client's too: their pushed pixels never reach here, only
+        ``filename`` counts, as in DISTL's read_file server)."""
+        if "200" in request.headers.get("expect", ""):  # mp_spotfinder_server_is_alive: DISTL answers 200, empty
+            return Response(200, b"", LEGACY_TEXT_TYPE)
+        filename = request.form.get("filename")
         if filename is None:
-            return _legacy_text("POST needs a filename field (multipart/form-data, as thin_client sends).\n", 400)
+            return legacy_error(400, "POST needs a filename field (multipart/form-data, as thin_client sends).")
         if filename.strip() == "EXIT":
             if not _is_loopback(request.client):
                 log.warning("EXIT from %s refused: only accepted from this host", request.client)
-                return _legacy_text("EXIT is accepted only from this host.\n", 403)
+                return legacy_error(403, "EXIT is accepted only from this host.")
             log.warning("EXIT received from %s: the service stops", request.client)
-            return Response(200, b"", LEGACY_TYPE, then=self.stop_service)
+            return Response(200, b"", LEGACY_TEXT_TYPE, then=self.stop_service)
         path, verdict = self.roots.locate(filename)
         if verdict != "ok":
             return _legacy_text("%s is not a readable file" % filename)
         params = Params({k: v for k, v in self.startup.explicit().items() if k not in IGNORED_BY_POST})
         return self._legacy_answer(path, params, "post")
+
+    def bcsb_get(self, request: Request) -> Response:
+        """DISTL's Apache BCSB reply: XML from the worker, or the status DISTL's module gives a refused query."""
+        try:
+            params = self._params(request.query_string, home_scope="distl")
+        except ParameterError as exc:  # DISTL parses before it writes file_name
+            return _legacy_text(bcsb_xml([("status", "Sorry(%r)" % str(exc))]))
+        image = params["distl.image"]
+        if image is None:
+            return _legacy_text(bcsb_xml([("file_name", None), ("status", BCSB_NO_IMAGE)]))
+        path, verdict = self.roots.locate(image)
+        if verdict != "ok":
+            refused = "Sorry(%r)" % ("%s not a readable file" % image)
+            return _legacy_text(bcsb_xml([("file_name", image), ("status", refused)]))
+        return self._legacy_answer(path, params, "bcsb")
 
     def api_get(self, request: Request) -> Response:
         try:
@@ -181,18 +189,19 @@ class Queries:
         return outcome if isinstance(outcome, Response) else _legacy_text(outcome.text)
 
     def _run(self, path: str, params: Params, reply: str | None, legacy: bool = False) -> Outcome | Response:
-        """The worker's outcome, or the error reply (busy, stopping, timed out, failed)."""
+        """The worker's outcome, or the error reply (refused at once when it could not be answered in time,
+        stopping, timed out, failed)."""
         def failure(status: int, text: str, **headers: str) -> Response:
-            if legacy:
-                return _legacy_text("Sorry: %s\n" % text, status, **headers)
-            response = error_response(status, text)
+            response = legacy_error(status, text) if legacy else error_response(status, text)
             response.headers.update(headers)
             return response
 
         try:
-            job = self.lane.submit(path, params.replace(distl__image=path), reply)
-        except LaneFull:
-            return failure(503, "the spotfinder service is busy; retry later", **{"Retry-After": str(RETRY_AFTER_S)})
+            job = self.lane.submit(path, params.replace(distl__image=path), reply, self.timeout_s)
+        except LaneFull as refused:
+            retry = {} if refused.retry_after_s is None else {"Retry-After": str(refused.retry_after_s)}
+            return failure(503, "the spotfinder service cannot answer in time (%s); retry later" % refused.reason,
+                           **retry)
         except LaneClosed:
             return failure(503, "the spotfinder service is stopping")
         outcome = job.wait(self.timeout_s)

@@ -78,9 +78,10 @@ class Service:
                                % (s.state_dir, exc)) from None
         self.metrics = Metrics()
         self.roll = Roll(liveness_s=s.worker_liveness_s)
-        self.lane = Lane(capacity=s.ondemand_capacity, dispatch_timeout_s=s.dispatch_timeout_s,
+        self.lane = Lane(capacity=s.ondemand_queue, dispatch_timeout_s=s.dispatch_timeout_s,
                          frame_timeout_s=s.frame_timeout_s)
-        self.metrics.watch_lane(self.lane.depth, self.lane.in_flight)
+        self.metrics.watch_lane(self.lane.depth, self.lane.in_flight, self.lane.expected_wait_s,
+                                lambda: self.lane.admit_limit(s.ondemand_timeout_s))
         self.context = zmq.Context()
         self.publish_from = time.monotonic() + s.pub_settle_s  # let subscribers (re)connect first
         self.publisher = self._bind("pub", s.pub, lambda: Publisher(
@@ -94,7 +95,7 @@ class Service:
         try:
             host, port = s.http_address
             self.http = HttpServer(host=host, port=port, timeout_s=s.http_timeout_s,
-                                   max_connections=s.http_max_connections)
+                                   max_connections=s.http_max_connections, max_upload_bytes=s.http_max_upload_bytes)
         except OSError as exc:
             raise ServiceError("cannot listen for HTTP on %s: %s" % (s.http, exc.strerror or exc)) from None
         self.watcher = Watcher(folders=s.watch, polling=s.polling, poll_interval_s=s.poll_interval_s,
@@ -179,7 +180,7 @@ class Service:
             self.tasks.run_due(now)
             if now >= self.publish_from:
                 self.dispatcher.dispatch(len(self.roll.workers))
-                if self.state is Lifecycle.PREPARING and self.status.health()[0]:
+                if self.state is Lifecycle.PREPARING and self.status.fit_to_run()[0]:
                     self.state = Lifecycle.SERVING
                     self.notifier.ready(self.status.line())
                     log.info("ready")
@@ -256,8 +257,8 @@ class Service:
         self.collector.heartbeat(**self.status.heartbeat_fields())
 
     def _watchdog(self) -> None:
-        healthy, why = self.status.health()
-        if healthy:
+        fit, why = self.status.fit_to_run()
+        if fit:
             self.notifier.send(WATCHDOG=1, STATUS=self.status.line())
         else:
             self.notifier.status("unhealthy: %s" % why)

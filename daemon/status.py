@@ -7,6 +7,7 @@ their own (``/results``), and never touch a part directly.
 """
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -25,6 +26,7 @@ from .roll import Roll
 from .watcher import Watcher
 
 RESULTS_LIMIT = 1000
+AWAITING_REMOTE = "no live workers (workers: 0 and no remote worker)"
 
 
 class Status:
@@ -56,13 +58,13 @@ class Status:
             self.progress_mark = time.monotonic()
 
     def health(self) -> tuple[bool, str]:
-        """Healthy = the watcher runs, some worker is alive when work can arrive, the queue drains and no
-        frame waits for completeness past its timeout and a reconciliation."""
+        """Healthy = the watcher runs, some worker is alive (a query can come at any time), the queue drains
+        and no frame waits for completeness past its timeout and a reconciliation."""
         s = self.settings
         if not self.watcher.alive():
             return False, "the folder watcher stopped"
-        if not self.roll.workers and (self.pool.count > 0 or self.counts["queued"]):
-            return False, "no live workers"
+        if not self.roll.workers:
+            return False, "no live workers" if self.pool.count else AWAITING_REMOTE
         stall_s = s.dispatch_timeout_s + s.frame_timeout_s
         if time.monotonic() - self.progress_mark > stall_s:
             return False, "queue not draining for %.0f s" % stall_s
@@ -71,8 +73,16 @@ class Status:
             return False, "a frame has waited for completeness for over %.0f s" % stuck_s
         return True, "ok"
 
+    def fit_to_run(self) -> tuple[bool, str]:
+        """What systemd is told (READY, then WATCHDOG): healthy, or a remote-workers-only service (workers: 0)
+        that waits for its first remote worker, which a restart would not bring."""
+        healthy, why = self.health()
+        return healthy or why == AWAITING_REMOTE, why
+
     def refresh(self) -> None:
-        """Build the snapshot HTTP threads read, and set the gauges."""
+        """Tell the on-demand lane how many workers it counts on, build the snapshot HTTP threads read, and set
+        the gauges."""
+        self.lane.set_workers(len(self.roll.workers) or (0 if self.pool.paused else self.pool.count))
         counts = self.counts
         now = time.monotonic()
         registered = dict(self.roll.workers)
@@ -93,6 +103,9 @@ class Status:
             "frames_per_s": self.collector.frames_per_s(),
             "ondemand_queue": self.lane.depth(),
             "ondemand_in_flight": self.lane.in_flight(),
+            "ondemand_frame_s": round(self.lane.frame_s(), 3),
+            "ondemand_expected_wait_s": _finite(self.lane.expected_wait_s()),
+            "ondemand_admit_limit": self.lane.admit_limit(self.settings.ondemand_timeout_s),
             "last_seq": self.ledger.last_seq(),
             "watcher_alive": self.watcher.alive(),
             "oldest_waiting_s": None if self.oldest_seen is None else round(time.time() - self.oldest_seen, 3),
@@ -128,6 +141,7 @@ class Status:
         http.route("GET", "/status", self._status)
         http.route("GET", "/results", self._results)
         http.route("GET", "/metrics", self._metrics)
+        http.reserve("/status", "/metrics")
 
     def _status(self, request: Request) -> Response:
         return json_response(self.snapshot())
@@ -147,6 +161,11 @@ class Status:
     def _metrics(self, request: Request) -> Response:
         body, content_type = self.metrics.render()
         return Response(200, body, content_type)
+
+
+def _finite(seconds: float) -> float | None:
+    """Seconds for JSON: None for an infinite wait (no worker)."""
+    return round(seconds, 3) if math.isfinite(seconds) else None
 
 
 def _worker(worker_id: str, info, pid, local: bool, now: float) -> dict:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import bz2
+import contextlib
 import http.client
 import json
 import os
@@ -11,7 +12,7 @@ import subprocess
 from pathlib import Path
 from urllib.parse import quote, urlencode
 
-from service_helpers import child_env, entry_point_command, free_port, wait_for
+from service_helpers import ServiceProcess, child_env, entry_point_command, free_port, wait_for
 from shared_data import PROBE, REAL, REFERENCE, need
 # (folder under data/real, frame): a 6M thaumatin frame stored compressed and one stored plain, a 2M and a 300K
 FRAMES = (("thaumatin_grid_dls_i24_pilatus3_6m", "thau_3_2_0001.cbf"),
@@ -36,6 +37,16 @@ def make_data_root(root: Path) -> Path:
             shutil.copyfile(plain, data / name)
     shutil.copyfile(PROBE / "raster_1_0319.cbf", data / "raster_1_0319.cbf")
     return data
+
+
+@contextlib.contextmanager
+def data_root_service(data: Path, **settings):
+    """``spotfinder serve`` (2 workers) with ``data`` as its data root, killed with its workers afterwards."""
+    process = ServiceProcess(data.parent, data / "watch", data_root=[str(data)], **settings)
+    try:
+        yield process.start()
+    finally:
+        process.kill_group()
 
 
 def reference(name: str, set_name: str, folder: Path) -> bytes:

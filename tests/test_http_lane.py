@@ -1,14 +1,17 @@
 """The on-demand lane with a real dispatcher, ledger and ZeroMQ sockets, in process: queries go ahead of the
-watcher's backlog, the queue is bounded, a lost job is resent once and then answered with an error."""
+watcher's backlog, the queue is bounded, a lost job is resent once and then answered with an error; a query
+is admitted by its expected wait (queries ahead x the lane's own time per frame / workers) against its
+deadline, and refused at once with no worker."""
 from __future__ import annotations
 
+import math
 import time
 
 import pytest
 import zmq
 
 from spotfinder_core import Params
-from spotfinder_daemon import protocol
+from spotfinder_daemon import ondemand, protocol
 from spotfinder_daemon.dispatcher import Dispatcher
 from spotfinder_daemon.ledger import Ledger
 from spotfinder_daemon.ondemand import Lane, LaneClosed, LaneFull
@@ -87,3 +90,80 @@ def test_an_abandoned_job_is_not_sent_and_closing_answers_the_rest(wired):
         lane.submit("/d/c_00001.cbf", Params(), None)
     dispatcher.dispatch(workers_alive=1)
     assert received(pull) == []
+
+
+class Clock:
+    """A monotonic clock the test moves (the lane times its jobs with it)."""
+
+    def __init__(self):
+        self.now = 1000.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+
+def run_one(lane: Lane, clock: Clock, seconds: float) -> None:
+    """Submit, take, start and finish one job that takes ``seconds`` at its worker."""
+    job = lane.submit("/d/t_00001.cbf", Params(), None, deadline_s=1e6)
+    [taken] = lane.take(1)
+    lane.dispatched(taken, clock.now)
+    lane.started(job.id, "w:1", clock.now + 60)
+    clock.now += seconds
+    lane.finished(job.id, {"status": "ok"}, None)
+
+
+def test_admission_follows_the_expected_wait_against_the_deadline(monkeypatch):
+    clock = Clock()
+    monkeypatch.setattr(ondemand, "time", clock)
+    lane = Lane(capacity=1000, dispatch_timeout_s=5.0, frame_timeout_s=5.0)
+    lane.set_workers(2)
+    # the prior (1 s per frame): 0.5 x 10 s leaves 4 frames of wait per worker ahead of a new query's own frame
+    assert lane.frame_s() == ondemand.PRIOR_FRAME_S == 1.0 and ondemand.DEADLINE_SHARE == 0.5
+    assert lane.admit_limit(10.0) == 9
+    jobs = [lane.submit("/d/q_%05d.cbf" % n, Params(), None, deadline_s=10.0) for n in range(9)]
+    assert lane.expected_wait_s() == 4.5
+    with pytest.raises(LaneFull) as refused:
+        lane.submit("/d/q_99999.cbf", Params(), None, deadline_s=10.0)
+    assert refused.value.retry_after_s == 1 and "9 queries ahead" in refused.value.reason
+    jobs.append(lane.submit("/d/q_99999.cbf", Params(), None, deadline_s=20.0))  # a longer deadline still fits
+    for job in jobs:
+        lane.abandon(job)
+    assert lane.depth() == 0
+    # the first measurement replaces the prior, later ones are folded in: quick to rise, slow to fall
+    run_one(lane, clock, 0.2)
+    assert lane.frame_s() == pytest.approx(0.2)
+    run_one(lane, clock, 0.4)
+    assert lane.frame_s() == pytest.approx(0.2 + ondemand.FRAME_S_RISE * 0.2) == pytest.approx(0.3)
+    run_one(lane, clock, 0.1)
+    assert lane.frame_s() == pytest.approx(0.3 - ondemand.FRAME_S_FALL * 0.2) == pytest.approx(0.29)
+    assert lane.admit_limit(10.0) == math.floor((5.0 / 0.29 - 1) * 2) + 1
+    assert lane.admit_limit(1000.0) == 1000  # the memory bound
+    lane.set_workers(1)
+    assert lane.admit_limit(0.1) == 1  # an idle lane takes a query however slow the frames are
+
+
+def test_retry_after_comes_from_the_estimate_and_the_memory_bound_holds():
+    lane = Lane(capacity=3, dispatch_timeout_s=5.0, frame_timeout_s=5.0)
+    lane.set_workers(1)
+    for n in range(3):
+        lane.submit("/d/q_%05d.cbf" % n, Params(), None, deadline_s=100.0)
+    with pytest.raises(LaneFull) as refused:
+        lane.submit("/d/q_00003.cbf", Params(), None, deadline_s=100.0)
+    assert refused.value.retry_after_s == 1  # one query must go first: one frame at the 1 s prior
+    lane = Lane(capacity=100, dispatch_timeout_s=5.0, frame_timeout_s=5.0)
+    lane.set_workers(1)
+    for n in range(20):  # patient queries (a 100 s deadline) fill the lane past what a 10 s one accepts
+        lane.submit("/d/q_%05d.cbf" % n, Params(), None, deadline_s=100.0)
+    assert lane.admit_limit(10.0) == 5
+    with pytest.raises(LaneFull) as refused:
+        lane.submit("/d/q_00020.cbf", Params(), None, deadline_s=10.0)
+    assert refused.value.retry_after_s == 16  # 16 queries must go first for it to fit: 16 frames at 1 s
+
+
+def test_with_no_worker_a_query_is_refused_at_once():
+    lane = Lane(capacity=10, dispatch_timeout_s=5.0, frame_timeout_s=5.0)
+    lane.set_workers(0)
+    with pytest.raises(LaneFull) as refused:
+        lane.submit("/d/q_00001.cbf", Params(), None, deadline_s=120.0)
+    assert refused.value.retry_after_s is None and "no worker" in refused.value.reason
+    assert lane.expected_wait_s() == math.inf and lane.admit_limit(120.0) == 0 and lane.depth() == 0

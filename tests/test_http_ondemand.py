@@ -10,8 +10,9 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from http_helpers import (FRAMES, PROBE, SETS, LegacyServer, legacy_url, make_data_root, reference, request)
-from service_helpers import ServiceProcess, child_env, entry_point_command
+from http_helpers import (FRAMES, PROBE, SETS, LegacyServer, data_root_service, legacy_url, make_data_root, reference,
+                          request)
+from service_helpers import child_env, entry_point_command
 
 THIN_CLIENT = entry_point_command("distl_thin_client")
 
@@ -24,11 +25,8 @@ def data(tmp_path_factory):
 @pytest.fixture(scope="module")
 def service(data):
     """``spotfinder serve`` with 2 workers, no start-up parameters, the data folder as its data root."""
-    process = ServiceProcess(data.parent, data / "watch", data_root=[str(data)])
-    try:
-        yield process.start()
-    finally:
-        process.kill_group()
+    with data_root_service(data) as running:
+        yield running
 
 
 def get(service, query) -> tuple[int, dict, bytes]:

@@ -75,3 +75,20 @@ def test_service_notifies_ready_watchdog_only_while_healthy_and_stopping(make_se
     service.signal(signal.SIGTERM)
     assert service.wait(30) == 0
     assert any(m.startswith("STOPPING=1") for m in received(sock))
+
+
+def test_a_remote_workers_only_service_is_ready_and_petted_while_it_waits_for_its_workers(make_service, tmp_path):
+    """workers: 0 answers queries with 503 and says unhealthy until a remote worker joins, but systemd must not
+    kill it for that: a restart would bring no worker."""
+    path = str(tmp_path / "notify")
+    sock = receiver(path)
+    service = make_service(workers=0)
+    service.start(env=child_env(NOTIFY_SOCKET=path, WATCHDOG_USEC="1000000"))
+    messages = []
+    wait_for(lambda: messages.extend(received(sock)) or any("WATCHDOG=1" in m for m in messages), 30,
+             "READY=1, then WATCHDOG=1")
+    assert any(m.startswith("READY=1") for m in messages)
+    status = service.wait_status(lambda s: s["state"] == "serving", 10, "the serving state in /status")
+    assert not status["healthy"] and status["health"] == "no live workers (workers: 0 and no remote worker)"
+    service.signal(signal.SIGTERM)
+    assert service.wait(30) == 0
