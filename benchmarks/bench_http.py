@@ -6,17 +6,22 @@ client example's 48 callers, no delay); for each, the requests/s, the p50/p99 la
 reply read) of the answered ones, and how many were refused with 503 (the service's default settings: queries
 wait by their expected time, as Apache's clients did).  Then the real DISTL (/work/shared/peer/distl_batch,
 one process) runs on the same frames in the same run, and its per-frame time is printed beside ours.
+``--overload S`` then offers three times what the workers can do for S seconds: how many are answered in
+time, how fast the rest are refused, whether /status stays answerable, and the service's resident memory.
 
-    /work/venv/bin/python benchmarks/bench_http.py [--frames N] [--requests N] [--concurrency 1 2 8 48] [--json]
+    .venv/bin/python benchmarks/bench_http.py [--frames N] [--requests N] [--concurrency 1 2 8 48]
+                                              [--overload 60] [--json]
 """
 from __future__ import annotations
 
 import argparse
 import http.client
 import json
+import math
 import os
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -98,12 +103,61 @@ def load(service: Service, frames: list[str], requests: int, concurrency: int) -
             "latency_p99_s": percentile(latencies, 0.99) if latencies else None}
 
 
+def memory_mb(pid: int) -> dict[str, float]:
+    """The resident size now and at its peak (VmRSS, VmHWM) of a process, in MB."""
+    fields = dict(line.split(":", 1) for line in Path("/proc/%d/status" % pid).read_text().splitlines())
+    return {name: int(fields[name].split()[0]) / 1024 for name in ("VmRSS", "VmHWM")}
+
+
+def overload(service: Service, frames: list[str], seconds: float, frame_s: float, workers: int) -> dict:
+    """Open-loop load at three times what the workers can do: one request every 1/rate s, each on its own
+    thread (a slow reply never slows the arrivals), and a /status probe every 0.25 s beside it."""
+    rate = 3 * workers / frame_s
+    replies: list[tuple[int, float]] = []
+    status_s: list[float] = []
+    done = threading.Event()
+
+    def one(frame: str) -> None:
+        try:
+            replies.append(service.query(frame))
+        except OSError:
+            replies.append((-1, math.inf))
+
+    def probe() -> None:
+        while not done.wait(0.25):
+            started = time.perf_counter()
+            status_s.append(time.perf_counter() - started if service._get("/status", 10)[0] == 200 else math.inf)
+
+    before = memory_mb(service.process.pid)
+    prober = threading.Thread(target=probe, daemon=True)
+    prober.start()
+    callers, begin = [], time.monotonic()
+    for n in range(int(rate * seconds)):
+        time.sleep(max(0.0, begin + n / rate - time.monotonic()))
+        callers.append(threading.Thread(target=one, args=(frames[n % len(frames)],), daemon=True))
+        callers[-1].start()
+    for caller in callers:
+        caller.join(180)
+    done.set()
+    prober.join(15)
+    after = memory_mb(service.process.pid)
+    answered = [t for status, t in replies if status == 200]
+    refused = [t for status, t in replies if status == 503]
+    return {"rate": rate, "seconds": seconds, "requests": len(replies), "ok": len(answered),
+            "refused_503": len(refused), "other": len(replies) - len(answered) - len(refused),
+            "ok_p99_s": percentile(answered, 0.99), "ok_max_s": max(answered),
+            "refused_max_s": max(refused, default=0.0), "status_max_s": max(status_s),
+            "service_rss_mb": (before["VmRSS"], after["VmRSS"]), "service_peak_mb": after["VmHWM"]}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--frames", type=int, default=19, help="distinct 6M frames to use (default 19)")
     parser.add_argument("--requests", type=int, default=100, help="requests per concurrency level (default 100)")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 2, 8, 48])
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--overload", type=float, metavar="S", default=0.0,
+                        help="then offer three times what the workers can do for S seconds (e.g. 60)")
     parser.add_argument("--json", action="store_true", help="print the figures as one JSON object too")
     args = parser.parse_args()
     if not thaumatin_present():
@@ -115,6 +169,7 @@ def main() -> int:
                 service.query(frame)
             levels = [load(service, frames, args.requests, c) for c in args.concurrency]
             ours_s = service.proc_seconds()
+            flood = overload(service, frames, args.overload, ours_s, args.workers) if args.overload else None
         finally:
             service.close()
         distl = per_frame(run_distl(frames))
@@ -123,6 +178,13 @@ def main() -> int:
         print("  concurrency %2d: %6.2f requests/s   p50 %6.3f s   p99 %6.3f s   (%d/%d answered 200, %d refused 503)"
               % (level["concurrency"], level["requests_per_s"], level["latency_p50_s"] or 0.0,
                  level["latency_p99_s"] or 0.0, level["ok"], level["requests"], level["refused_503"]))
+    if flood:
+        print("  overload: %.1f requests/s offered for %.0f s (3x the workers): %d answered 200 "
+              "(p99 %.2f s, max %.2f s), %d refused 503 at once (max %.3f s), %d other; /status max %.3f s; "
+              "service resident %.0f -> %.0f MB (peak %.0f MB)"
+              % (flood["rate"], flood["seconds"], flood["ok"], flood["ok_p99_s"], flood["ok_max_s"],
+                 flood["refused_503"], flood["refused_max_s"], flood["other"], flood["status_max_s"],
+                 *flood["service_rss_mb"], flood["service_peak_mb"]))
     print("  analysis per frame (ours, in the worker): %6.3f s" % ours_s)
     if distl:
         print("  real DISTL per frame (one process):       %6.3f s (%d frames)"
@@ -131,7 +193,7 @@ def main() -> int:
         best = max(level["requests_per_s"] for level in levels)
         print("  best requests/s vs DISTL frames/s (1 process): %.2f x" % (best * distl["seconds_mean"]))
     if args.json:
-        print(json.dumps({"levels": levels, "ours_proc_s": ours_s, "distl": distl}))
+        print(json.dumps({"levels": levels, "overload": flood, "ours_proc_s": ours_s, "distl": distl}))
     return 0
 
 
