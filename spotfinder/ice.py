@@ -35,7 +35,10 @@ def pixel_rings(flags: np.ndarray, geometry: Geometry, region: Region) -> list[P
     farthest = max(math.hypot(x - bx, y - by) for x, y in corners)
     outer_r = min(farthest, radius_px(geometry, d_min))
     nrings = int(outer_r / RING_WIDTH) + 1
-    first = int(radius_px(geometry, ICE_D_MAX) / RING_WIDTH)
+    # annuli nearer the beam than the region hold no pixel, so none is iced: skipped, as a beam far off the
+    # detector would make them millions
+    nearest = math.hypot(max(region.x0 - bx, bx - region.x1, 0), max(region.y0 - by, by - region.y1, 0))
+    first = max(int(radius_px(geometry, ICE_D_MAX) / RING_WIDTH), int(nearest / RING_WIDTH) - 1)
     last = nrings - 2
     if last < first:
         return []

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import base64
 import bz2
+import errno
 import hashlib
 import gzip
 import os
 import math
 import re
-from dataclasses import dataclass, replace
+import stat
+from dataclasses import dataclass
 
 import numpy as np
 from numba import njit
@@ -23,6 +25,20 @@ from .geometry import Geometry
 HEADER_BYTES = 12288
 MIME_HEADER_BYTES = 65536  # the CIF and MIME headers of a miniCBF end well before this
 BINARY_MARKER = b"\x0c\x1a\x04\xd5"
+BINARY_SLACK = 65536  # after the binary section: X-Binary-Size-Padding (4095 in real frames) and the boundary
+# Bounds on what a frame may cost to read: the largest detector, EIGER2 16M, has 18.1 Mpixel and 4371 pixels
+# a side, and its CBF takes 18 MB (its worst case, 7 bytes a pixel, 127 MB).
+MAX_FRAME_BYTES = 256 << 20
+MAX_FRAME_PIXELS = 1 << 25
+MAX_FRAME_SIDE = 1 << 16
+# Physical geometry, with margin on every side of real experiments: pixels from 1 um to 10 mm (detectors
+# have 50-200 um, a binned CCD 0.3 mm), distances from 1 mm to 100 m (real ones 40 mm to 10 m for SAXS),
+# wavelengths from 0.001 A to 100 A (300 kV electrons have 0.02 A, long-wavelength MX goes to 6 A).
+PIXEL_SIZE_MM = (1e-3, 10.0)
+DISTANCE_MM = (1.0, 1e5)
+WAVELENGTH_A = (1e-3, 100.0)
+BEAM_REACH = 100  # detector widths the beam may lie from the centre (see _beam_reach)
+NOT_REGULAR = "not a regular file (a device, FIFO or socket)"
 
 # (slow, fast) sizes → DISTL vendortype; the vendortype picks the scanbox tiling.
 PILATUS_SIZES = {(2527, 2463): "Pilatus-6M", (1679, 1475): "Pilatus-2M", (619, 487): "Pilatus-300K",
@@ -54,12 +70,49 @@ class Frame:
         return re.sub("#+", "%0*d" % (width, self.image_number), self.template)
 
 
-def _open(path: str):
-    if path.endswith(".gz"):
-        return gzip.open(path, "rb")
-    if path.endswith(".bz2"):
-        return bz2.open(path, "rb")
-    return open(path, "rb")
+def _open_regular(path: str):
+    """``path`` opened for reading as a binary file object, and its size; FrameError unless it is a regular file
+    of at most MAX_FRAME_BYTES.
+
+    Opened without blocking, so a FIFO cannot stall the reader until a writer comes, and checked on the
+    opened descriptor (fstat), so a name swapped after a check cannot slip a device such as /dev/zero past."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        if exc.errno == errno.ENXIO:  # a socket, or a device without its driver
+            raise FrameError(NOT_REGULAR) from None
+        raise
+    status = os.fstat(fd)
+    if not stat.S_ISREG(status.st_mode):
+        os.close(fd)
+        if stat.S_ISDIR(status.st_mode):
+            raise FrameError("is a directory, not a frame")
+        raise FrameError(NOT_REGULAR)
+    if status.st_size > MAX_FRAME_BYTES:
+        os.close(fd)
+        raise FrameError("file of %d bytes is larger than any frame (at most %d)" % (status.st_size, MAX_FRAME_BYTES))
+    return os.fdopen(fd, "rb"), status.st_size
+
+
+def _read_decompressed(stream) -> bytes:
+    """A compressed frame's bytes, decompressed no further than its own header says the frame reaches.
+
+    The bound is the end of the binary section (marker + X-Binary-Size) plus BINARY_SLACK, itself at most
+    MAX_FRAME_BYTES: a stream that goes on past it (a decompression bomb: kB that inflate to GB) is refused
+    before it is inflated.  Without a binary section only the head is kept: the frame is refused anyway."""
+    head = stream.read(MIME_HEADER_BYTES)
+    section = binary_section(head)
+    if section is None:
+        return head
+    bound = section.start + section.size + BINARY_SLACK
+    if bound > MAX_FRAME_BYTES:
+        raise FrameError("X-Binary-Size %d is larger than any frame (at most %d bytes)"
+                         % (section.size, MAX_FRAME_BYTES))
+    data = head + stream.read(max(0, bound - len(head)))
+    if stream.read(1):
+        raise FrameError("decompresses beyond the %d bytes its header declares (X-Binary-Size %d)"
+                         % (bound, section.size))
+    return data
 
 
 def _uncompressed_name(path: str) -> str:
@@ -104,14 +157,19 @@ def name_template(path: str) -> tuple[str, int | None, bool]:
 
 
 def read_bytes(path: str) -> bytes:
-    """The whole (decompressed) file; FrameError with the cause when it cannot be read."""
+    """The whole (decompressed) file, in bounded memory; FrameError with the cause when it cannot be read."""
     try:
-        with _open(path) as fh:
-            return fh.read()
+        raw, size = _open_regular(path)
+        with raw:
+            if path.endswith(".gz"):
+                with gzip.GzipFile(fileobj=raw, mode="rb") as stream:
+                    return _read_decompressed(stream)
+            if path.endswith(".bz2"):
+                with bz2.BZ2File(raw, "rb") as stream:
+                    return _read_decompressed(stream)
+            return raw.read(size)
     except FileNotFoundError:
         raise FrameError("no such file") from None
-    except IsADirectoryError:
-        raise FrameError("is a directory, not a frame") from None
     except PermissionError:
         raise FrameError("permission denied") from None
     except (OSError, EOFError, ValueError) as exc:
@@ -145,7 +203,8 @@ def parse_header(raw: bytes) -> dict[str, object]:
         if not record.strip():
             break
         key, _, value = record.partition(":")
-        if key.strip() in ("X-Binary-Size-Fastest-Dimension", "X-Binary-Size-Second-Dimension", "X-Binary-Size"):
+        if key.strip() in ("X-Binary-Size-Fastest-Dimension", "X-Binary-Size-Second-Dimension", "X-Binary-Size",
+                           "X-Binary-Number-of-Elements"):
             try:
                 fields[key.strip()] = int(value.strip())
             except ValueError:
@@ -181,27 +240,6 @@ def binary_section(data: bytes) -> BinarySection | None:
     start = marker + len(BINARY_MARKER)
     return BinarySection(start=start, size=int(size.group(1)), present=len(data) - start,
                          md5=md5.group(1) if md5 else None, byte_offset=b"x-CBF_BYTE_OFFSET" in mime)
-
-
-def binary_complete(path: str) -> bool:
-    """True when the whole binary section is present (X-Binary-Size bytes after the marker).
-
-    The watcher asks this before it dispatches a frame.  A plain CBF needs only its header and its size on
-    disk; a compressed one must decompress cleanly to the end.
-    """
-    try:
-        if path.endswith((".gz", ".bz2")):
-            section = binary_section(read_bytes(path))
-        else:
-            with open(path, "rb") as fh:
-                head = fh.read(MIME_HEADER_BYTES)
-                size = os.fstat(fh.fileno()).st_size
-            section = binary_section(head)
-            if section is not None:
-                section = replace(section, present=size - section.start)
-    except (FrameError, OSError):
-        return False
-    return section is not None and section.complete
 
 
 def decode_pixels(data: bytes, section: BinarySection, shape: tuple[int, int], verify_md5: bool = True) -> np.ndarray:
@@ -292,13 +330,47 @@ def geometry_from_header(fields: dict, overrides: dict | None = None) -> Geometr
     if abs(twotheta) < 0.02:
         twotheta = 0.0
     numbers = (distance, wavelength, pixel, *beam, twotheta)
-    if not all(math.isfinite(v) for v in numbers) or distance <= 0 or wavelength <= 0 or pixel < 1e-3:
+    if not all(math.isfinite(v) for v in numbers):
         raise FrameError("non-physical geometry: distance %g mm, wavelength %g A, pixel %g mm, beam %g, %g mm"
                          % (distance, wavelength, pixel, beam[0], beam[1]))
-    slow, fast = fields["X-Binary-Size-Second-Dimension"], fields["X-Binary-Size-Fastest-Dimension"]
+    slow, fast = _frame_shape(fields)
+    _within("pixel size", pixel, PIXEL_SIZE_MM, "mm")
+    _within("distance", distance, DISTANCE_MM, "mm")
+    _within("wavelength", wavelength, WAVELENGTH_A, "A")
+    _within("beam's slow offset from the centre", beam[0] / pixel - slow / 2.0, _beam_reach(slow), "px")
+    _within("beam's fast offset from the centre", beam[1] / pixel - fast / 2.0, _beam_reach(fast), "px")
+    saturation = fields["CCD_IMAGE_SATURATION"]
+    if not 1 <= saturation <= np.iinfo(np.int64).max:
+        raise FrameError("Count_cutoff %d is outside 1 to 2^63-1" % saturation)
     return Geometry(wavelength=float(wavelength), distance=float(distance), pixel_size=pixel,
-                    beam_x=float(beam[0]), beam_y=float(beam[1]), saturation=int(fields["CCD_IMAGE_SATURATION"]),
+                    beam_x=float(beam[0]), beam_y=float(beam[1]), saturation=int(saturation),
                     twotheta=float(twotheta), size_slow=slow, size_fast=fast, vendortype=vendortype(slow, fast))
+
+
+def _within(what: str, value: float, bounds: tuple[float, float], unit: str) -> None:
+    if not bounds[0] <= value <= bounds[1]:
+        raise FrameError("non-physical geometry: %s %g %s is outside %g to %g %s" % (what, value, unit, *bounds, unit))
+
+
+def _beam_reach(size: int) -> tuple[float, float]:
+    """How far (pixels) the beam may lie from the detector's centre along an axis of ``size`` pixels: on a
+    2theta arm it is off the detector (I19's PILATUS 300K frames have it 3 detector widths away), but
+    BEAM_REACH widths bound the rings and shells that its distance drives."""
+    return -BEAM_REACH * size, BEAM_REACH * size
+
+
+def _frame_shape(fields: dict) -> tuple[int, int]:
+    """(slow, fast) pixels from the MIME header, within MAX_FRAME_SIDE and MAX_FRAME_PIXELS, and agreeing
+    with X-Binary-Number-of-Elements where the header has it."""
+    slow, fast = fields["X-Binary-Size-Second-Dimension"], fields["X-Binary-Size-Fastest-Dimension"]
+    if not (1 <= slow <= MAX_FRAME_SIDE and 1 <= fast <= MAX_FRAME_SIDE and slow * fast <= MAX_FRAME_PIXELS):
+        raise FrameError("frame of %dx%d pixels is not a detector's (at most %d a side, %d in all)"
+                         % (fast, slow, MAX_FRAME_SIDE, MAX_FRAME_PIXELS))
+    elements = fields.get("X-Binary-Number-of-Elements", slow * fast)
+    if elements != slow * fast:
+        raise FrameError("X-Binary-Number-of-Elements %d does not match the %dx%d pixels of the dimensions"
+                         % (elements, fast, slow))
+    return slow, fast
 
 
 def _modules_fit(size: int, width: int, gap: int) -> bool:
@@ -326,8 +398,6 @@ def read_frame(path: str, overrides: dict | None = None, verify_md5: bool = True
     ``verify_md5`` checks the pixels' Content-MD5, which catches a corrupt section whose size is right (DISTL
     does not check it).  It is the largest single cost of reading a 6M frame (~15% of its analysis), so a
     host short of CPU can turn it off; truncation and a wrong pixel count are caught either way."""
-    if os.path.isdir(path):
-        raise FrameError("is a directory, not a frame")
     data = read_bytes(path)
     if not data:
         raise FrameError("empty file")

@@ -8,6 +8,7 @@ Python objects in an immutable mapping keyed by full path.
 from __future__ import annotations
 
 import ast
+import math
 import operator
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -61,7 +62,7 @@ PARAMETERS: tuple[Parameter, ...] = (
     _p("distl_highres_limit", "float", None, 3),
     _p("distl_binned_image_spot_size", "int", 4, 2),
     _p("distl_maximum_number_spots_for_indexing", "int", 300, 3),
-    _p("distl_minimum_number_spots_for_indexing", "int", 40, 3),
+    _p("distl_minimum_number_spots_for_indexing", "int", 40, 3, value_min=2),  # halved, then divides
     _p("distl_profile_bumpiness", "int", 2, 2),
     _p("distl_report_overloads", "bool", True, 3),
     _p("distl_keep_Zdata", "bool", True, 3),
@@ -206,13 +207,25 @@ def resolve_key(key: str, home_scope: str | None = "distl") -> Parameter:
     return tied[0]
 
 
+def _power(base, exponent):
+    """``**``, but a power of whole numbers with a large exponent is taken in floats: ``9**9**9`` in integers
+    would tie a thread up for minutes, in floats it overflows at once (and is refused as infinite)."""
+    if isinstance(base, int) and isinstance(exponent, int) and abs(base) > 1 and abs(exponent) > 64:
+        try:
+            return float(base) ** exponent
+        except OverflowError:
+            return math.inf
+    return base ** exponent
+
+
 _OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
-        ast.Pow: operator.pow, ast.USub: operator.neg, ast.UAdd: operator.pos, ast.FloorDiv: operator.floordiv,
+        ast.Pow: _power, ast.USub: operator.neg, ast.UAdd: operator.pos, ast.FloorDiv: operator.floordiv,
         ast.Mod: operator.mod}
 
 
 def _numeric(text: str) -> float:
-    """Evaluate a numeric expression (DISTL accepts ``2*1.5``) without eval()."""
+    """Evaluate a numeric expression (DISTL accepts ``2*1.5``) without eval(); an infinite or NaN result
+    (``1e999``, ``10**400``) is refused as ``inf`` and ``nan`` are."""
 
     def walk(node):
         if isinstance(node, ast.Constant) and isinstance(node.value, (int, float)) and not isinstance(node.value, bool):
@@ -224,9 +237,16 @@ def _numeric(text: str) -> float:
         raise ValueError("not a number")
 
     try:
-        return walk(ast.parse(text.strip(), mode="eval").body)
+        value = walk(ast.parse(text.strip(), mode="eval").body)
     except (SyntaxError, ValueError, ZeroDivisionError, OverflowError, TypeError) as exc:
         raise ValueError("not a numeric expression") from exc
+    try:
+        finite = math.isfinite(value)
+    except OverflowError:  # an integer beyond any float (10**400) is as infinite as 1e999 for a float parameter
+        finite = False
+    if not finite:
+        raise ValueError("not a finite number")
+    return value
 
 
 def convert(param: Parameter, text: str) -> object:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 
 import pytest
 
@@ -114,29 +115,6 @@ def test_values_convert_like_distl():
     assert err.value.unknown and str(err.value) == "Unknown file or keyword: verbose=True"
 
 
-def test_binary_complete_follows_the_bytes_on_disk(simulated, tmp_path):
-    import bz2
-
-    from spotfinder_core.image import binary_complete, binary_section
-
-    data = simulated["paths"]["spots"].read_bytes()
-    section = binary_section(data)
-    frame = tmp_path / "growing_0001.cbf"
-    frame.write_bytes(data[:1000])  # header not even finished
-    assert not binary_complete(str(frame))
-    frame.write_bytes(data[:section.start + section.size - 1])  # one byte short of X-Binary-Size
-    assert not binary_complete(str(frame))
-    frame.write_bytes(data)
-    assert binary_complete(str(frame))
-    packed = tmp_path / "packed_0001.cbf.bz2"
-    whole = bz2.compress(data)
-    packed.write_bytes(whole[: len(whole) // 2])
-    assert not binary_complete(str(packed))
-    packed.write_bytes(whole)
-    assert binary_complete(str(packed))
-    assert not binary_complete(str(tmp_path / "absent_0001.cbf"))
-
-
 def test_byte_offset_decoder_handles_every_delta_width():
     import numpy as np
     from fabio.compression import compByteOffset
@@ -149,3 +127,66 @@ def test_byte_offset_decoder_handles_every_delta_width():
     out = np.empty(values.size, dtype=np.int32)
     assert _byte_offset(stream, out) == values.size and np.array_equal(out, values)
     assert _byte_offset(stream[:-3], out) < values.size  # a cut stream says so
+
+
+BOUNDED_RUNNER = """
+import json, resource, sys
+resource.setrlimit(resource.RLIMIT_AS, (3 << 30, 3 << 30))
+from spotfinder_core import analyse
+result = analyse(sys.argv[1]).as_dict()
+print(json.dumps({"status": result["status"], "error": result["error"]}))
+"""
+
+
+def analysed_bounded(path) -> dict:
+    """analyse() of a path in a child with 3 GiB of address space and 30 s: a hang or a
+    runaway read fails the test instead of stalling it or the machine."""
+    proc = subprocess.run([sys.executable, "-c", BOUNDED_RUNNER, str(path)], capture_output=True, text=True,
+                          timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
+@pytest.mark.parametrize("suffix", [".cbf.gz", ".cbf.bz2"])
+def test_a_decompression_bomb_is_refused_before_it_inflates(make_frame, tmp_path, suffix):
+    """A good frame followed by 4 GiB of zeros, in a few MB: refused once past what its X-Binary-Size declares."""
+    import bz2
+    import gzip
+
+    compress = gzip.compress if suffix == ".cbf.gz" else bz2.compress
+    frame = make_frame(str(tmp_path / "frame_0001.cbf"))
+    zeros = compress(bytes(64 << 20))  # concatenated members (streams) decompress as one
+    bomb = tmp_path / ("bomb_0001" + suffix)
+    bomb.write_bytes(compress(frame) + zeros * 64)
+    assert bomb.stat().st_size < 8 << 20
+    record = analysed_bounded(bomb)
+    assert record["status"] == "error" and "decompresses beyond" in record["error"]
+
+
+def test_what_is_not_a_regular_file_is_refused_without_reading(tmp_path):
+    """A FIFO hung the reader (and the watcher's completeness check) forever; /dev/zero filled the memory."""
+    import os
+    import socket
+
+    fifo = tmp_path / "fifo_0001.cbf"
+    os.mkfifo(fifo)
+    zero = tmp_path / "zero_0001.cbf"
+    zero.symlink_to("/dev/zero")
+    listening = socket.socket(socket.AF_UNIX)
+    listening.bind(str(tmp_path / "socket_0001.cbf"))
+    for path in (fifo, zero, tmp_path / "socket_0001.cbf", tmp_path):
+        record = analysed_bounded(path)
+        assert record["status"] == "error"
+        assert record["error"] == ("is a directory, not a frame" if path == tmp_path else
+                                   "not a regular file (a device, FIFO or socket)")
+    listening.close()
+
+
+def test_a_file_larger_than_any_frame_is_refused_unread(tmp_path):
+    from spotfinder_core.image import MAX_FRAME_BYTES
+
+    huge = tmp_path / "huge_0001.cbf"
+    with open(huge, "wb") as fh:
+        fh.truncate(MAX_FRAME_BYTES + 1)  # sparse: no disk used
+    result = analyse(str(huge))
+    assert result.status == "error" and "larger than any frame" in result.error
