@@ -14,11 +14,13 @@ at most for the frames its worker already holds, never for the watcher's backlog
 own resend rules; the dispatcher only tells it when time passes and workers are lost.
 
 Every job leaves as a :class:`~spotfinder_daemon.protocol.Job`: lane ``query`` for the lane's jobs, lane ``watch``
-with the ledger id for frames, both with the service's parameters and its ``verify_md5`` setting.
+with the ledger id for frames, both with the service's parameters and its ``verify_md5`` setting; a frame's
+job names the watched folders as its ``roots``, for the worker to check the file it opens against.
 """
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 
@@ -45,7 +47,8 @@ class Expiry:
 
 class Dispatcher:
     def __init__(self, *, context: zmq.Context, endpoint: str, ledger: Ledger, params: Params,
-                 dispatch_timeout_s: float, max_tries: int, lane: Lane, verify_md5: bool = True):
+                 dispatch_timeout_s: float, max_tries: int, lane: Lane, verify_md5: bool = True,
+                 watch_roots: tuple[str, ...] | None = None):
         self.socket = context.socket(zmq.PUSH)
         self.socket.setsockopt(zmq.SNDHWM, 1)
         self.socket.setsockopt(zmq.LINGER, 0)  # unsent jobs stay queued in the ledger anyway
@@ -56,6 +59,7 @@ class Dispatcher:
         self.dispatch_timeout_s = dispatch_timeout_s
         self.max_tries = max_tries
         self.lane = lane
+        self.watch_roots = None if watch_roots is None else tuple(os.path.realpath(f) for f in watch_roots)
 
     def dispatch(self, workers_alive: int) -> int:
         """Send on-demand jobs, then queued frames, while live workers have room; how many were sent."""
@@ -83,7 +87,7 @@ class Dispatcher:
 
     def _frame_job(self, frame: Frame) -> protocol.Job:
         return protocol.Job(lane=protocol.WATCH, id=frame.id, frame=protocol.FrameRef(path=frame.path),
-                            params=self.params, verify_md5=self.verify_md5)
+                            params=self.params, verify_md5=self.verify_md5, roots=self.watch_roots)
 
     def expire(self, now: float) -> Expiry:
         """Re-queue overdue frames and jobs; the frames that used up their tries and must be failed (the lane

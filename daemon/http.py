@@ -11,8 +11,20 @@ Why it never hangs:
   from the accepting thread and is closed, except the first ``RESERVED_CONNECTIONS`` over it, which may
   ask only for the routes named by :meth:`HttpServer.reserve` (``/status``, ``/metrics``), so these
   answer while every slot holds a waiting query;
+* slow clients (slowloris) cannot hold the slots: a connection still reading its request after
+  ``SLOW_READER_S`` with nothing waiting in its socket (so the client is slow, not this host) is a slow
+  reader; a client address keeps at most ``MAX_SLOW_READERS_PER_CLIENT`` of
+  them: the slowest beyond are cut by the reaper, and at once when a new connection finds every slot
+  taken, so monitoring and queries get in while the attack lasts;
 * request line and body sizes are limited (414, 413), and a handler's exception becomes a 500 reply,
   never a traceback to the client.
+
+Why a web page cannot drive it: a state-changing request (POST, PUT, DELETE; DISTL's ``EXIT`` is a POST) that
+a browser sent on another site's behalf is refused with 403: an ``Origin`` or ``Referer`` naming another
+host:port than the service's own (its listening address, this host's names, loopback), or a ``Sec-Fetch-Site``
+other than ``same-origin``/``none``.  DISTL's clients send none of these.  A form route reads a body that is
+not multipart/form-data only as application/x-www-form-urlencoded, so a page's text/plain POST (which a
+browser sends without asking the server first) carries no form fields.
 
 Bodies: a route registered with ``form=True`` (DISTL's POST) takes multipart/form-data bodies up to
 ``max_upload_bytes`` (pilatus_client and adsc_client push the frame's pixels beside the ``filename`` field):
@@ -22,11 +34,14 @@ up to ``MAX_BODY_BYTES``.  DISTL's routes (its ``/spotfinder`` paths and the fal
 """
 from __future__ import annotations
 
+import array
 import contextlib
 import email.policy
+import fcntl
 import json
 import logging
 import socket
+import termios
 import threading
 import time
 from collections.abc import Callable
@@ -47,7 +62,11 @@ MAX_FORM_PARTS = 256
 LEGACY_PREFIX = "/spotfinder"  # DISTL's clients' paths: errors there are answered in text, as DISTL did
 LEGACY_TEXT_TYPE = "text/plain"  # DISTL's exact header value, no charset
 LISTEN_BACKLOG = 511  # Apache's: a burst of clients waits in the kernel for the accepting thread
+STATE_CHANGING = ("POST", "PUT", "DELETE")  # refused when a browser sent them for another site
+SAME_SITE_FETCHES = ("same-origin", "none")  # Sec-Fetch-Site values of a request the service's own page or a user made
 RESERVED_CONNECTIONS = 8  # beyond the cap, for the reserved routes only
+SLOW_READER_S = 0.1  # a request not read in this long is slow (on a beamline LAN one takes milliseconds)
+MAX_SLOW_READERS_PER_CLIENT = 16
 REAP_EVERY_S = 0.25
 REFUSED_LINGER_S = 2.0
 BUSY_REPLY = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain; charset=utf-8\r\n"
@@ -193,7 +212,7 @@ class _RequestHandler(BaseHTTPRequestHandler):
 
     def _serve(self) -> None:
         url = urlsplit(self.path)
-        self.route = self.server.find(self.command, url.path)
+        self.route = self.server.find("GET" if self.command == "HEAD" else self.command, url.path)
         self.route_name = "unmatched"
         if self.connection in self.server.reserved and url.path not in self.server.reserved_paths:
             busy = self._error(503, "too many connections; retry later")  # over the cap: /status and /metrics only
@@ -202,6 +221,11 @@ class _RequestHandler(BaseHTTPRequestHandler):
             return
         if len(self.path) > MAX_URL_BYTES:
             self._reply(self._error(414, "URL longer than %d bytes" % MAX_URL_BYTES))
+            return
+        if self.command in STATE_CHANGING and self.server.foreign(self.headers):
+            log.warning("%s %s from %s refused: sent on behalf of another site (Origin %r, Referer %r)", self.command,
+                        url.path, self.client_address[0], self.headers.get("Origin"), self.headers.get("Referer"))
+            self._reply(self._error(403, "cross-site request refused"), close=True)
             return
         content = self._read_body()
         if content is None:
@@ -229,7 +253,7 @@ class _RequestHandler(BaseHTTPRequestHandler):
             log.exception("handler for %s %s failed", self.command, request.path)
             return self._error(500, "internal error")
 
-    do_GET = do_POST = do_PUT = do_DELETE = _serve
+    do_GET = do_HEAD = do_POST = do_PUT = do_DELETE = _serve  # HEAD: GET's reply without its body
 
     def _read_body(self) -> tuple[bytes, dict[str, str]] | None:
         """(the body, a form route's fields), or None after answering why the body is refused."""
@@ -255,7 +279,7 @@ class _RequestHandler(BaseHTTPRequestHandler):
         if len(body) < length:  # timed out or cut off mid-body: nobody is left to answer
             self.close_connection = True
             return None
-        if not self.route.form:
+        if not self.route.form or content_type.content_type != "application/x-www-form-urlencoded":
             return body, {}
         return body, {key: values[0] for key, values in parse_qs(body.decode("utf-8", "replace")).items()}
 
@@ -313,17 +337,47 @@ class _RequestHandler(BaseHTTPRequestHandler):
         log.debug("%s %s", self.client_address[0], format % args)
 
 
+def _cut(conn: socket.socket) -> None:
+    """End a connection's reading: its handler's read returns at once and it closes."""
+    try:
+        conn.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+
+
+def _waiting_bytes(conn: socket.socket) -> int:
+    """Bytes the client sent that no handler read yet (FIONREAD); 0 for a closed socket."""
+    count = array.array("i", [0])
+    try:
+        fcntl.ioctl(conn.fileno(), termios.FIONREAD, count)
+    except (OSError, ValueError):
+        return 0
+    return count[0]
+
+
 class _Deadlines:
-    """Cuts off connections that take longer than ``limit_s`` to deliver a request, and closes refused ones
-    a little later (one reaper thread)."""
+    """Cuts off connections that take longer than ``limit_s`` to deliver a request, and each client's slow
+    readers beyond MAX_SLOW_READERS_PER_CLIENT; closes refused connections a little later (one reaper thread)."""
 
     def __init__(self, limit_s: float):
         self.limit_s = limit_s
         self._lock = threading.Lock()
-        self._due: dict[socket.socket, float] = {}
+        self._due: dict[socket.socket, float] = {}  # connections reading a request (or idle between requests)
+        self._clients: dict[socket.socket, str] = {}  # every connection's client address, from admit to forget
         self._closing: list[tuple[float, socket.socket]] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._reap, name="http-deadlines", daemon=True)
+
+    def admit(self, conn: socket.socket, client: str) -> None:
+        """A new connection: its first request's deadline runs from now."""
+        with self._lock:
+            self._clients[conn] = client
+            self._due[conn] = time.monotonic() + self.limit_s
+
+    def forget(self, conn: socket.socket) -> None:
+        with self._lock:
+            self._clients.pop(conn, None)
+            self._due.pop(conn, None)
 
     def arm(self, conn: socket.socket) -> None:
         with self._lock:
@@ -339,6 +393,31 @@ class _Deadlines:
         with self._lock:
             self._closing.append((time.monotonic() + REFUSED_LINGER_S, conn))
 
+    def cut_beyond_client_cap(self) -> socket.socket | None:
+        """Cut the slowest of the slow readers beyond a client's cap, and return it; None when there is none."""
+        with self._lock:
+            beyond = self._beyond_client_cap(time.monotonic())
+            if not beyond:
+                return None
+            conn = min(beyond, key=self._due.__getitem__)
+            del self._due[conn]
+        _cut(conn)
+        return conn
+
+    def _slow(self, now: float) -> list[socket.socket]:
+        """The slow readers, slowest first (under the lock): a request waiting in its socket is this host's delay."""
+        started_before = now + self.limit_s - SLOW_READER_S  # a deadline before this was armed SLOW_READER_S ago
+        old = [conn for conn, due in self._due.items() if due < started_before]
+        return sorted((conn for conn in old if not _waiting_bytes(conn)), key=self._due.__getitem__)
+
+    def _beyond_client_cap(self, now: float) -> list[socket.socket]:
+        """Each client's slow readers beyond MAX_SLOW_READERS_PER_CLIENT, the slowest ones (under the lock)."""
+        by_client: dict[str | None, list[socket.socket]] = {}
+        for conn in self._slow(now):
+            by_client.setdefault(self._clients.get(conn), []).append(conn)
+        return [conn for conns in by_client.values()
+                for conn in conns[:max(0, len(conns) - MAX_SLOW_READERS_PER_CLIENT)]]
+
     def start(self) -> None:
         self._thread.start()
 
@@ -349,16 +428,14 @@ class _Deadlines:
         while not self._stop.wait(REAP_EVERY_S):
             now = time.monotonic()
             with self._lock:
-                late = [conn for conn, due in self._due.items() if due < now]
+                late = {conn for conn, due in self._due.items() if due < now}
+                late.update(self._beyond_client_cap(now))
                 for conn in late:
                     del self._due[conn]
                 done = [conn for due, conn in self._closing if due < now]
                 self._closing = [(due, conn) for due, conn in self._closing if due >= now]
             for conn in late:
-                try:
-                    conn.shutdown(socket.SHUT_RDWR)  # the handler's read returns at once and it closes
-                except OSError:
-                    pass
+                _cut(conn)
             for conn in done:
                 conn.close()
 
@@ -377,10 +454,34 @@ class _Server(ThreadingHTTPServer):
         self.max_connections = max_connections
         self.connections = 0  # connections with a handler thread
         self.reserved: set[socket.socket] = set()  # of which over the cap: for the reserved paths only
+        self.vacated: set[socket.socket] = set()  # cut to make room: no longer counted, their threads ending
         self.reserved_paths: set[str] = set()
         self.busy = 0  # of which answering a request (not reading one, not idle between requests)
         self.counts = threading.Condition()
         super().__init__(address, _RequestHandler)
+        self.names = self._own_names()
+
+    def _own_names(self) -> set[str]:
+        """The host names a request for this service may name in its Origin or Referer (lower case)."""
+        host = self.server_address[0]
+        names = {"localhost", "127.0.0.1", "::1", socket.gethostname().lower(), socket.getfqdn().lower()}
+        return names if host in ("", "0.0.0.0", "::") else names | {host.lower()}
+
+    def foreign(self, headers) -> bool:
+        """Whether a browser sent this request on behalf of another site (see the module's docstring)."""
+        fetch_site = headers.get("Sec-Fetch-Site")
+        if fetch_site is not None and fetch_site.strip().lower() not in SAME_SITE_FETCHES:
+            return True
+        return any(value is not None and not self._own_url(value)
+                   for value in (headers.get("Origin"), headers.get("Referer")))
+
+    def _own_url(self, value: str) -> bool:
+        try:
+            url = urlsplit(value.strip())
+            port = url.port or {"http": 80, "https": 443}.get(url.scheme)
+        except ValueError:
+            return False
+        return url.hostname is not None and url.hostname in self.names and port == self.server_address[1]
 
     def find(self, method: str, path: str) -> _Route:
         """The route answering ``method path``: a registered one, else the method's fallback, else none."""
@@ -403,11 +504,17 @@ class _Server(ThreadingHTTPServer):
 
     def process_request(self, request, client_address) -> None:
         with self.counts:
+            if self.connections >= self.max_connections:
+                slowest = self.deadlines.cut_beyond_client_cap()
+                if slowest is not None:
+                    self.vacated.add(slowest)
+                    self.connections -= 1
             full = self.connections >= self.max_connections + RESERVED_CONNECTIONS
             if not full:
                 if self.connections >= self.max_connections:
                     self.reserved.add(request)
                 self.connections += 1
+                self.deadlines.admit(request, client_address[0])
         if full:
             self._refuse(request)
             return
@@ -426,8 +533,12 @@ class _Server(ThreadingHTTPServer):
 
     def _release(self, request) -> None:
         with self.counts:
-            self.connections -= 1
+            if request in self.vacated:
+                self.vacated.discard(request)
+            else:
+                self.connections -= 1
             self.reserved.discard(request)
+            self.deadlines.forget(request)
             self.counts.notify_all()
 
     def _refuse(self, conn: socket.socket) -> None:

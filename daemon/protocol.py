@@ -13,7 +13,7 @@ and the message ``type`` besides the fields of its class, for example::
     {"v": 1, "type": "job", "lane": "watch", "id": 42,
      "frame": {"path": "/data/x_00001.cbf", "index": null},
      "params": {"distl.res.outer": 2.0, "distl.scanbox_windows": [101, 51, 51]},
-     "verify_md5": true, "reply": null}
+     "verify_md5": true, "reply": null, "roots": ["/data"]}
     {"v": 1, "type": "heartbeat", "worker": "host:1a2b3c4d5e6f", "pid": 4711, "host": "host",
      "busy": {"lane": "query", "id": 3}}
 
@@ -22,6 +22,11 @@ the parameter table declares (tuples travel as arrays and come back as tuples). 
 not declare are ignored; a message of another version, an unknown type, a missing or ill-typed field is
 refused with one :class:`ProtocolError` naming the reason, because the results endpoint may face other
 hosts, and a worker of another version must be turned away rather than misread.
+
+A job's ``roots`` are the folders its frame must really lie in (the data roots, the watched folders): the
+worker opens the frame once, checks where the *opened* file lies, and analyses that open file, so a symlink
+flipped between the service's check and the worker's open cannot smuggle in a file from elsewhere.  A frame
+refused there gets an error result whose ``error`` is one of :data:`REFUSALS`.
 """
 from __future__ import annotations
 
@@ -38,6 +43,8 @@ WATCH = "watch"  # frames of the watched folders, ids from the ledger
 QUERY = "query"  # on-demand HTTP queries, ids from the lane's counter
 LANES = (WATCH, QUERY)
 REPLIES = ("body", "post", "bcsb")  # DISTL's GET text, its short POST text, its Apache BCSB XML
+# The error of a frame the worker refused to open (the same verdicts as the service's own path check).
+REFUSALS = {"outside": "not a file inside the allowed folders", "missing": "not a readable file"}
 
 
 class ProtocolError(ValueError):
@@ -68,7 +75,8 @@ class FrameRef:
 
 @dataclass(frozen=True, kw_only=True)
 class Job:
-    """Service -> worker: analyse one frame; ``reply`` asks for DISTL's text as well (``body`` or ``post``)."""
+    """Service -> worker: analyse one frame; ``reply`` asks for DISTL's text as well (``body`` or ``post``);
+    ``roots``: the folders the opened frame must really lie in (None: no check)."""
 
     TYPE: ClassVar[str] = "job"
     lane: str
@@ -77,6 +85,7 @@ class Job:
     params: Params
     verify_md5: bool = True
     reply: str | None = None
+    roots: tuple[str, ...] | None = None
 
     @property
     def key(self) -> JobKey:
@@ -226,6 +235,14 @@ def _reply(name: str, value: object) -> str | None:
     return value
 
 
+def _roots(name: str, value: object) -> tuple[str, ...] | None:
+    if value is None:
+        return None
+    if not isinstance(value, list) or not all(isinstance(v, str) and v.startswith("/") for v in value):
+        _fail(name, value, "a list of absolute folder paths or null")
+    return tuple(value)
+
+
 def _busy(name: str, value: object) -> JobKey | None:
     if value is None:
         return None
@@ -282,6 +299,7 @@ FIELDS: dict[str, Callable[[str, object], object]] = {
     "params": lambda name, value: decode_params(value),
     "verify_md5": _boolean,
     "reply": _reply,
+    "roots": _roots,
 }
 
 

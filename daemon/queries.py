@@ -8,14 +8,16 @@ Routes (registered on the service's :class:`~spotfinder_daemon.http.HttpServer`)
   every error in its ``<status>`` element at status 200;
 * ``GET /api/v1/analyse?image=...&res.outer=...``: the result fields as JSON, with real status codes;
 * ``POST /spotfinder`` (any path), thin_client's multipart form: ``filename=<frame>`` gives DISTL's short
-  POST text; ``filename=EXIT`` stops the service (loopback clients only).  pilatus_client's and adsc_client's
+  POST text; ``filename=EXIT`` stops the service (loopback clients only; a POST a browser sent for
+  another site never gets here, see :mod:`~spotfinder_daemon.http`).  pilatus_client's and adsc_client's
   forms get the same (the pixels they push are dropped as they stream in); ``Expect: 200`` (DISTL's liveness
   probe) gets 200 at once.  Errors on these routes are text, ``Sorry: ...`` where DISTL had no wording.
 
 Parameters are parsed the way DISTL's server did: full paths or unique suffixes, the first value of a
 repeated key, over the service's start-up parameters.  A frame is analysed only if its real path (after
 symlinks) lies inside a data root; a refused frame is answered exactly like a missing one in the legacy
-text, so the reply reveals nothing about files outside the roots.
+text, so the reply reveals nothing about files outside the roots.  The check is made here and again by the
+worker on the file it opened (the job's ``roots``), so a symlink flipped in between smuggles nothing in.
 """
 from __future__ import annotations
 
@@ -29,6 +31,7 @@ from spotfinder_core import ParameterError, Params
 from spotfinder_core.params import parse_word
 from spotfinder_core.report import bcsb_xml
 
+from . import protocol
 from .http import LEGACY_TEXT_TYPE, Request, Response, error_response, json_response, legacy_error
 from .ondemand import Lane, LaneClosed, LaneFull, Outcome
 
@@ -38,6 +41,7 @@ log = logging.getLogger("spotfinder.queries")
 IGNORED_BY_POST = ("distl.res.outer", "distl.res.inner")
 # What DISTL's BCSB module (Python 3.11) puts in <status> without distl.image: os.path.isfile(None) raises.
 BCSB_NO_IMAGE = "TypeError('stat: path should be string, bytes, os.PathLike or integer, not NoneType')"
+REFUSED_BY_WORKER = {error: verdict for verdict, error in protocol.REFUSALS.items()}
 
 
 class DataRoots:
@@ -66,6 +70,10 @@ class DataRoots:
 
 def _legacy_text(text: str, status: int = 200, **headers: str) -> Response:
     return Response(status, text.encode(), LEGACY_TEXT_TYPE, headers)
+
+
+def _legacy_reply(outcome: Outcome | Response) -> Response:
+    return outcome if isinstance(outcome, Response) else _legacy_text(outcome.text)
 
 
 def _is_loopback(address: str) -> bool:
@@ -124,10 +132,10 @@ class Queries:
         image = params["distl.image"]
         if image is None:
             return legacy_error(400, "Missing distl.image: add distl.image=FRAME to the query.")
-        path, verdict = self.roots.locate(image)
+        verdict, outcome = self._analyse(image, params, "body", legacy=True)
         if verdict != "ok":
             return _legacy_text("%s is not a readable file" % image)
-        return self._legacy_answer(path, params, "body")
+        return _legacy_reply(outcome)
 
     def legacy_post(self, request: Request) -> Response:
         """thin_client's form (pilatus_client's and adsc_client's too: their pushed pixels never reach here, only
@@ -143,11 +151,11 @@ class Queries:
                 return legacy_error(403, "EXIT is accepted only from this host.")
             log.warning("EXIT received from %s: the service stops", request.client)
             return Response(200, b"", LEGACY_TEXT_TYPE, then=self.stop_service)
-        path, verdict = self.roots.locate(filename)
+        params = Params({k: v for k, v in self.startup.explicit().items() if k not in IGNORED_BY_POST})
+        verdict, outcome = self._analyse(filename, params, "post", legacy=True)
         if verdict != "ok":
             return _legacy_text("%s is not a readable file" % filename)
-        params = Params({k: v for k, v in self.startup.explicit().items() if k not in IGNORED_BY_POST})
-        return self._legacy_answer(path, params, "post")
+        return _legacy_reply(outcome)
 
     def bcsb_get(self, request: Request) -> Response:
         """DISTL's Apache BCSB reply: XML from the worker, or the status DISTL's module gives a refused query."""
@@ -158,11 +166,11 @@ class Queries:
         image = params["distl.image"]
         if image is None:
             return _legacy_text(bcsb_xml([("file_name", None), ("status", BCSB_NO_IMAGE)]))
-        path, verdict = self.roots.locate(image)
+        verdict, outcome = self._analyse(image, params, "bcsb", legacy=True)
         if verdict != "ok":
             refused = "Sorry(%r)" % ("%s not a readable file" % image)
             return _legacy_text(bcsb_xml([("file_name", image), ("status", refused)]))
-        return self._legacy_answer(path, params, "bcsb")
+        return _legacy_reply(outcome)
 
     def api_get(self, request: Request) -> Response:
         try:
@@ -172,21 +180,30 @@ class Queries:
         image = params["distl.image"]
         if image is None:
             return error_response(400, "missing image: add image=FRAME (or distl.image=FRAME) to the query")
-        path, verdict = self.roots.locate(image)
+        verdict, outcome = self._analyse(image, params, None)
         if verdict == "outside":
             return error_response(403, "%s is outside the data roots" % image)
         if verdict == "missing":
             return error_response(404, "%s is not a readable file" % image)
-        outcome = self._run(path, params, None)
         if isinstance(outcome, Response):
             return outcome
         result = outcome.result
         return json_response(result, 200 if result["status"] == "ok" else 422)
 
     # ----- the lane ----------------------------------------------------------------------------------------
-    def _legacy_answer(self, path: str, params: Params, reply: str) -> Response:
-        outcome = self._run(path, params, reply, legacy=True)
-        return outcome if isinstance(outcome, Response) else _legacy_text(outcome.text)
+    def _analyse(self, image: str, params: Params, reply: str | None,
+                 legacy: bool = False) -> tuple[str, Outcome | Response | None]:
+        """(verdict, the worker's outcome or the error reply): ``ok``, else the frame was refused (``outside``
+        the roots or ``missing``) here or by the worker on the file it opened, and there is no outcome."""
+        path, verdict = self.roots.locate(image)
+        if verdict != "ok":
+            return verdict, None
+        outcome = self._run(path, params, reply, legacy)
+        if isinstance(outcome, Outcome) and outcome.result["status"] == "error":
+            refused = REFUSED_BY_WORKER.get(outcome.result.get("error"))
+            if refused is not None:
+                return refused, None
+        return "ok", outcome
 
     def _run(self, path: str, params: Params, reply: str | None, legacy: bool = False) -> Outcome | Response:
         """The worker's outcome, or the error reply (refused at once when it could not be answered in time,
@@ -197,7 +214,8 @@ class Queries:
             return response
 
         try:
-            job = self.lane.submit(path, params.replace(distl__image=path), reply, self.timeout_s)
+            job = self.lane.submit(path, params.replace(distl__image=path), reply, self.timeout_s,
+                                   roots=self.roots.folders)
         except LaneFull as refused:
             retry = {} if refused.retry_after_s is None else {"Retry-After": str(refused.retry_after_s)}
             return failure(503, "the spotfinder service cannot answer in time (%s); retry later" % refused.reason,

@@ -9,17 +9,25 @@ be, else dropped with a log line; a job for one frame of a multi-frame file gets
 A job may ask for DISTL's text as well (``reply``: ``body`` for the GET text, ``post`` for the short POST
 text, used by on-demand HTTP queries): it is formatted here, where the live Result with its details is.
 
+A job with ``roots`` names a frame that must really lie in those folders: the worker opens it once (never
+blocking: a FIFO is refused, not waited on), asks the kernel where the *opened* file is, and analyses that
+open file through a link in its own private folder, so what is analysed is what was checked, whatever
+symlinks change meanwhile.  A refused frame gets an error result from :data:`~spotfinder_daemon.protocol.REFUSALS`.
+
 Run by the service (``python -m spotfinder_daemon.worker``) or on other hosts by ``spotfinder worker --connect HOST``.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import fnmatch
 import logging
 import os
 import signal
+import stat
 import sys
+import tempfile
 import threading
 import time
 
@@ -43,16 +51,56 @@ CRASH_HOOK = "SPOTFINDER_TEST_CRASH_ON"
 FORMATTERS = {"body": format_body, "post": format_post, "bcsb": format_bcsb}
 
 
-def analyse_job(job: protocol.Job) -> tuple[dict, str | None]:
-    """The result of one job, and its text if the job asks for one; any exception becomes an error result."""
+class Refused(Exception):
+    """The frame is not a readable regular file inside the job's roots; the text is one of protocol.REFUSALS."""
+
+
+def _inside(real: str, roots: tuple[str, ...]) -> bool:
+    return any(os.path.commonpath((real, root)) == root for root in roots)
+
+
+@contextlib.contextmanager
+def opened_inside(path: str, roots: tuple[str, ...], scratch: str):
+    """A name for the very file opened at ``path`` (a link in the private folder ``scratch`` to its open
+    descriptor, with ``path``'s base name so a compressed frame keeps its suffix); Refused unless that file
+    is a regular file that really lies inside ``roots``."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except (OSError, ValueError):
+        raise Refused(protocol.REFUSALS["missing"]) from None
+    try:
+        descriptor = "/proc/self/fd/%d" % fd
+        if not _inside(os.readlink(descriptor), roots):
+            raise Refused(protocol.REFUSALS["outside"])
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise Refused(protocol.REFUSALS["missing"])
+        link = os.path.join(scratch, os.path.basename(path) or "frame")
+        os.symlink(descriptor, link)
+        try:
+            yield link
+        finally:
+            os.unlink(link)
+    finally:
+        os.close(fd)
+
+
+def analyse_job(job: protocol.Job, scratch: str) -> tuple[dict, str | None]:
+    """The result of one job, and its text if the job asks for one; any exception becomes an error result.
+    ``scratch``: the worker's private folder for :func:`opened_inside`."""
     path, index = job.frame.path, job.frame.index
     formatter = FORMATTERS.get(job.reply)
     try:
         if index is not None:
             result = Result.failure(path, "multi-frame files are not supported yet (frame index %d)" % index)
-        else:
+        elif job.roots is None:
             result = analyse(path, job.params, verify_md5=job.verify_md5)
+        else:
+            with opened_inside(path, job.roots, scratch) as opened:
+                result = analyse(opened, job.params, shown_as=path, verify_md5=job.verify_md5)
         return result.as_dict(), formatter(result) if formatter else None
+    except Refused as refused:
+        log.warning("refused %s: %s", path, refused)
+        return Result.failure(path, str(refused)).as_dict(), None
     except Exception as exc:  # a bug or a bad parameter must cost one frame, not the worker
         log.error("analysis of %s raised %s: %s", path, type(exc).__name__, exc)
         result = Result.failure(path, "analysis raised %s: %s" % (type(exc).__name__, exc))
@@ -124,6 +172,7 @@ class Worker:
         self._send(results, protocol.Ready)
         threading.Thread(target=self._heartbeats, name="heartbeat", daemon=True).start()
         crash_pattern = os.environ.get(CRASH_HOOK)
+        scratch = tempfile.TemporaryDirectory(prefix="spotfinder-worker-")  # 0700: nobody else can swap its links
         log.info("worker %s pulling from %s, results to %s", self.id, self.work_endpoint, self.results_endpoint)
         try:
             while not self.stopping.is_set():
@@ -140,7 +189,7 @@ class Worker:
                 self._send(results, protocol.Started, lane=job.lane, id=job.id, t_start=t_start)
                 if crash_pattern and fnmatch.fnmatch(os.path.basename(job.frame.path), crash_pattern):
                     os._exit(86)
-                result, text = analyse_job(job)
+                result, text = analyse_job(job, scratch.name)
                 self._send(results, protocol.Result, lane=job.lane, id=job.id, t_start=t_start, result=result,
                            text=text)
                 self.busy = None
@@ -150,6 +199,7 @@ class Worker:
             self._send(results, protocol.Bye)
             results.close()  # LINGER lets the last result reach the collector
             self.context.term()
+            scratch.cleanup()
         return 0
 
 

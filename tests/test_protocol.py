@@ -26,6 +26,7 @@ MESSAGES = [
     Job(lane=WATCH, id=42, frame=FrameRef(path="/d/x_00001.cbf"), params=PARAMS),
     Job(lane=QUERY, id=1, frame=FrameRef(path="/d/master.h5", index=0), params=Params(), verify_md5=False,
         reply="body"),
+    Job(lane=QUERY, id=2, frame=FrameRef(path="/d/x_00002.cbf"), params=Params(), roots=("/d", "/e/f")),
     Ready(**WORKER),
     Ready(worker="monitoring-probe"),
     Started(**WORKER, lane=WATCH, id=42, t_start=1700000000.25),
@@ -53,7 +54,7 @@ def test_the_wire_form_is_versioned_json_with_lane_id_and_frame():
     assert job == {"v": VERSION, "type": "job", "lane": "watch", "id": 42,
                    "frame": {"path": "/d/x_00001.cbf", "index": None},
                    "params": {"distl.res.outer": 2.5, "distl.scanbox_windows": [101, 51, 51]},
-                   "verify_md5": True, "reply": None}
+                   "verify_md5": True, "reply": None, "roots": None}
     heartbeat = json.loads(protocol.encode(MESSAGES[-2]))
     assert heartbeat == {"v": VERSION, "type": "heartbeat", **WORKER, "busy": {"lane": "query", "id": 3}}
 
@@ -162,6 +163,9 @@ JOB_REFUSALS = [
     (job_wire(params={"distl.verbose": 1}), "bad distl.verbose", True),
     (job_wire(verify_md5="yes"), "bad verify_md5", True),
     (job_wire(reply="html"), "bad reply", True),
+    (job_wire(roots="/d"), "bad roots", True),
+    (job_wire(roots=["d"]), "bad roots", True),
+    (job_wire(roots=["/d", None]), "bad roots", True),
 ]
 
 
@@ -201,7 +205,8 @@ def test_a_real_worker_process_speaks_the_protocol_on_both_lanes(tmp_path, make_
         ready = receive()
         assert isinstance(ready, Ready) and ready.pid == worker.pid and ready.worker
         sent = [Job(lane=WATCH, id=1, frame=FrameRef(path=str(frame)), params=PARAMS),
-                Job(lane=QUERY, id=1, frame=FrameRef(path=str(frame)), params=PARAMS, reply="body")]
+                Job(lane=QUERY, id=1, frame=FrameRef(path=str(frame)), params=PARAMS, reply="body",
+                    roots=(str(tmp_path),))]  # checked where it is opened: the same result and text
         for job in sent:
             jobs.send(protocol.encode(job))
         started, results, heartbeats = [], {}, []
