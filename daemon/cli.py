@@ -60,15 +60,11 @@ def _serve_arguments(parser: argparse.ArgumentParser) -> None:
     config.add_flags(parser)
 
 
-def _port(endpoint: str) -> int:
-    return int(endpoint.rpartition(":")[2])
-
-
 def _worker_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--connect", metavar="HOST", required=True, help="host running spotfinder serve")
-    parser.add_argument("--work-port", type=int, default=_port(DEFAULTS.work_endpoint), metavar="PORT",
+    parser.add_argument("--work-port", type=int, default=config.REMOTE_WORK_PORT, metavar="PORT",
                         help="its work_endpoint port (default %(default)s)")
-    parser.add_argument("--results-port", type=int, default=_port(DEFAULTS.results_endpoint), metavar="PORT",
+    parser.add_argument("--results-port", type=int, default=config.REMOTE_RESULTS_PORT, metavar="PORT",
                         help="its results_endpoint port (default %(default)s)")
     parser.add_argument("--processes", type=int, metavar="N", help="worker processes (default: number of cores)")
     parser.add_argument("--log-level", choices=config.LOG_LEVELS, default="info")

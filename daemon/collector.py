@@ -9,6 +9,10 @@ The results endpoint may be bound on a reachable interface for remote workers, s
 and checked (:func:`~spotfinder_daemon.protocol.decode_report`) before it is handled: a malformed one is dropped
 with one warning, and one that still fails costs only itself.
 
+While the ledger refuses writes (a full disk, a read-only folder) the ledger's part of each report waits in
+memory, in order, and is retried at every pass (:meth:`Collector.write_waiting`): the service stays up and
+unhealthy, and no result is lost or published before it is stored.
+
 Reports of lane ``query`` (on-demand HTTP queries) go to the waiting query through the lane instead: they
 are not frames of a collection, so they are neither recorded nor published, only counted in the metrics.
 """
@@ -17,12 +21,13 @@ from __future__ import annotations
 import collections
 import logging
 import time
+from collections.abc import Callable
 
 import zmq
 
 from . import protocol
 from . import publisher as messages
-from .ledger import Frame, Ledger
+from .ledger import Frame, Ledger, LedgerUnwritable
 from .metrics import Metrics
 from .ondemand import Lane
 from .publisher import Publisher
@@ -47,9 +52,27 @@ class Collector:
         self.roll = roll
         self.recent_done: collections.deque[float] = collections.deque()
         self.last_done = 0.0
+        self.unwritten: collections.deque[Callable[[], None]] = collections.deque()  # ledger writes to retry
+
+    def _write(self, action: Callable[[], None]) -> None:
+        """Run a ledger write (and what follows its commit) now, or after the ones already waiting."""
+        self.unwritten.append(action)
+        self.write_waiting()
+
+    def write_waiting(self) -> bool:
+        """Retry the waiting ledger writes in order, up to the first the ledger still refuses; True when none
+        is left."""
+        while self.unwritten:
+            try:
+                self.unwritten[0]()
+            except LedgerUnwritable:
+                return False
+            self.unwritten.popleft()
+        return True
 
     def receive_all(self) -> int:
         """Handle every message waiting on the socket; how many were received (good or not)."""
+        self.write_waiting()
         received = 0
         while True:
             try:
@@ -100,11 +123,11 @@ class Collector:
         if report.lane == protocol.QUERY:
             self.lane.started(report.id, report.worker, deadline)
         else:
-            self.ledger.mark_started(report.id, report.worker, deadline)
+            self._write(lambda: self.ledger.mark_started(report.id, report.worker, deadline))
 
     def _take_result(self, report: protocol.Result) -> None:
         if report.lane == protocol.WATCH:
-            self._publish_result(report)
+            self._write(lambda: self._publish_result(report))
         elif self.lane.finished(report.id, report.result, report.text) is not None:
             self._count_done("ondemand", report.result)
 
@@ -129,6 +152,9 @@ class Collector:
 
     def fail(self, frame: Frame, reason: str) -> None:
         """Publish the error result of a frame the service gave up on."""
+        self._write(lambda: self._publish_failure(frame, reason))
+
+    def _publish_failure(self, frame: Frame, reason: str) -> None:
         published = self.ledger.finish(frame.id, "failed", time.time(),
                                        lambda seq, current: messages.failure_message(seq, current, reason))
         if published is not None:
@@ -138,15 +164,15 @@ class Collector:
 
     def service_error(self, text: str, collection: str | None = None, **fields) -> None:
         """Publish (and store) an error that is not a frame's result."""
-        self.publisher.send(self.ledger.record(lambda seq: messages.error_message(seq, text, collection, **fields)))
+        self._write(lambda: self.publisher.send(
+            self.ledger.record(lambda seq: messages.error_message(seq, text, collection, **fields))))
         log.warning("%s", text)
         self.metrics.error("service")
 
     def heartbeat(self, **fields) -> None:
-        """A heartbeat, with ``last_seq``: the newest stored message, so a subscriber can tell a gap in the
-        results (fetch it from /results) from seqs taken by heartbeats."""
-        last_stored = self.ledger.last_stored_seq()
-        topic, body = messages.heartbeat_message(self.ledger.next_seq(), last_seq=last_stored, **fields)
+        """A heartbeat, with the newest seq (``last_seq``) and the ledger's id: a subscriber that has not seen
+        that seq of that ledger fetches what it missed from /results."""
+        topic, body = messages.heartbeat_message(ledger=self.ledger.id, last_seq=self.ledger.last_seq(), **fields)
         self.publisher.send({"topic": topic, "body": body})
 
     def frames_per_s(self) -> float:

@@ -102,7 +102,7 @@ def serve_settings(settings: Settings) -> int:
     try:
         return serve(settings)
     except ServiceError as exc:
-        return fail(str(exc), 1)
+        return fail(str(exc), EXIT_USAGE)
 
 
 def run_worker(args: argparse.Namespace) -> int:

@@ -38,6 +38,8 @@ def default_state_dir() -> str:
 
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
+REMOTE_WORK_PORT, REMOTE_RESULTS_PORT = 5602, 5603  # what `spotfinder worker --connect HOST` connects to
+IPC_PATH_MAX = 107  # bytes of an AF_UNIX socket path (sun_path) on Linux
 _ENDPOINT = re.compile(r"^(tcp://(\*|\[[0-9a-fA-F:.]+\]|[A-Za-z0-9_.-]+):(\d{1,5})|ipc://.+)$")
 
 
@@ -79,6 +81,10 @@ def _check_integer(declared: Setting, value: object) -> int | None:
 
 def _check_endpoint(declared: Setting, value: object) -> str:
     return check_endpoint(declared.name, value)
+
+
+def _check_local_endpoint(declared: Setting, value: object) -> str:
+    return value if value == "" else check_endpoint(declared.name, value)
 
 
 def _check_address(declared: Setting, value: object) -> str:
@@ -134,6 +140,7 @@ BOOLEAN = Kind(check=_check_boolean, flag_options={"action": "store_true"})
 NUMBER = Kind(check=_check_number, flag_options={"type": float})
 INTEGER = Kind(check=_check_integer, flag_options={"type": int})
 ENDPOINT = Kind(check=_check_endpoint)
+LOCAL_ENDPOINT = Kind(check=_check_local_endpoint)  # "" = an ipc:// socket in the state folder
 ADDRESS = Kind(check=_check_address)
 FOLDERS = Kind(check=_check_folders, flag_options={"action": "append"})
 STATE_FOLDER = Kind(check=_check_state_folder)
@@ -260,15 +267,19 @@ Largest multipart POST body on DISTL's routes: pilatus_client and adsc_client pu
 beside its filename (~100 MB for an EIGER 16M).  Only the form's small fields are kept; the pixels are
 dropped as they stream in, and each MiB must arrive within http_timeout_s.  A larger body gets a 413.""")
     work_endpoint: str = setting(
-        "tcp://127.0.0.1:5602", kind=ENDPOINT, section=SOCKETS, above="""\
+        "", kind=LOCAL_ENDPOINT, section=SOCKETS, above="""\
 Dispatcher PUSH socket (workers PULL frames here) and collector PULL socket (workers PUSH results here).
-For `spotfinder worker --connect HOST` on other hosts, bind on a reachable interface, e.g. tcp://*:5602.""")
-    results_endpoint: str = setting("tcp://127.0.0.1:5603", kind=ENDPOINT, section=SOCKETS)
+"" = an ipc:// socket in the state folder (work, results): local workers need no TCP port, and services
+with their own state folders share a host.  For `spotfinder worker --connect HOST` on other hosts, bind
+both on a reachable interface at the ports it expects: tcp://*:%d and tcp://*:%d."""
+        % (REMOTE_WORK_PORT, REMOTE_RESULTS_PORT))
+    results_endpoint: str = setting("", kind=LOCAL_ENDPOINT, section=SOCKETS)
     pub_settle_s: float = setting(
         0.5, kind=NUMBER, minimum=0.0, section=SOCKETS, above="""\
 Seconds to hold messages back after binding, so subscribers that were connected before a restart have
 reconnected.  PUB is best-effort (a subscriber that is away or too slow misses messages); the record is
-GET /results?since=SEQ.  Heartbeats carry last_seq, the newest stored message, to notice a gap.""")
+GET /results?since=SEQ.  Stored messages are numbered 1, 2, 3... (seq, beside the ledger's id); heartbeats
+take no seq and carry last_seq, the newest, so any gap in the seqs a subscriber saw is a message it missed.""")
 
     workers: int | None = setting(
         None, kind=INTEGER, minimum=0, nullable=True, section=WORKERS,
@@ -279,6 +290,11 @@ GET /results?since=SEQ.  Heartbeats carry last_seq, the newest stored message, t
     worker_liveness_s: float = setting(
         5.0, kind=NUMBER, minimum=0.01, section=WORKERS,
         beside="a worker not heard from for this long is presumed dead (>= 3 x heartbeat)")
+    worker_start_s: float = setting(
+        60.0, kind=NUMBER, minimum=0.01, section=WORKERS, above="""\
+A local worker loads its compiled kernels (about 1 s) before it joins, or compiles them when numba's cache
+is missing or stale (14 s measured on one free core, more with several workers per core).  One that has not
+joined within worker_liveness_s plus this is killed and replaced, and its next start is allowed twice as long.""")
 
     state_dir: str = setting(
         "", kind=STATE_FOLDER, section=DELIVERY, flag=Flag(help="folder of the ledger", metavar="DIR"),
@@ -359,6 +375,17 @@ def liveness_outlasts_heartbeats(values: dict) -> None:
                           % (values["worker_liveness_s"], values["heartbeat_interval_s"]))
 
 
+def local_endpoints_in_state_folder(values: dict) -> None:
+    """Resolve the work and results endpoints left "" to ipc:// sockets in the state folder."""
+    for name in ("work_endpoint", "results_endpoint"):
+        if values[name] == "":
+            path = os.path.join(values["state_dir"], name.split("_")[0])
+            if len(os.fsencode(path)) > IPC_PATH_MAX:
+                raise ConfigError("%s: the state folder's path is too long for an ipc:// socket in it (%s); set "
+                                  "%s to a tcp:// or shorter ipc:// endpoint" % (name, path, name))
+            values[name] = "ipc://" + path
+
+
 def endpoints_differ(values: dict) -> None:
     if len({values["pub"], values["work_endpoint"], values["results_endpoint"]}) < 3:
         raise ConfigError("pub, work_endpoint and results_endpoint must be three different endpoints")
@@ -377,7 +404,8 @@ def parameters_parse(values: dict) -> None:
         raise ConfigError("parameters: %s" % exc) from None
 
 
-CHECKS = (liveness_outlasts_heartbeats, endpoints_differ, watch_inside_data_root, parameters_parse)
+CHECKS = (liveness_outlasts_heartbeats, local_endpoints_in_state_folder, endpoints_differ, watch_inside_data_root,
+          parameters_parse)
 
 
 def validate(raw: dict) -> Settings:

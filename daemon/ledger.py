@@ -3,7 +3,9 @@
 States: ``seen`` (file noticed, not yet complete) → ``queued`` → ``dispatched`` (sent; ``worker`` is set
 once a worker says it started) → ``done`` | ``failed``.  A frame leaves the ledger's in-flight states only by
 :meth:`Ledger.finish`, which assigns the publication ``seq`` and stores the message in the same transaction:
-a restart can neither lose nor renumber a result.  Only the service's main thread writes; the HTTP
+a restart can neither lose nor renumber a result.  Each ledger has an id, made once and stored in it, that
+every stored message carries beside its ``seq`` (a new ledger numbers from 1 again).  A damaged ledger is
+refused at start (:class:`LedgerDamaged`), never read in part.  Only the service's main thread writes; the HTTP
 threads read through :func:`read_messages` on their own connections.
 
 A frame's ``identity`` is the file it was analysed from (``dev:ino``): a file re-created under a known name
@@ -16,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
+import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -46,6 +49,8 @@ CREATE TABLE IF NOT EXISTS messages (
     body TEXT NOT NULL
 );
 CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
+INSERT OR IGNORE INTO meta VALUES ('id', lower(hex(randomblob(8))));
 INSERT OR IGNORE INTO counters VALUES ('seq', 0);
 INSERT OR IGNORE INTO counters SELECT 'done', COUNT(*) FROM frames WHERE state = 'done';
 INSERT OR IGNORE INTO counters SELECT 'failed', COUNT(*) FROM frames WHERE state = 'failed';
@@ -76,6 +81,23 @@ _INSERT_SEEN = "INSERT OR IGNORE INTO frames (path, collection, state, t_seen) V
 Compose = Callable[[int, Frame], tuple[str, dict]]
 
 
+def _stored_path(path: str) -> str | bytes:
+    """A path as the ledger keeps it: text when it is UTF-8 (every ordinary name), else its exact bytes (a BLOB).
+
+    Linux names are bytes; Python decodes undecodable ones with surrogate escapes, which SQLite text refuses.
+    """
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:
+        return os.fsencode(path)
+    return path
+
+
+def _read_path(stored: str | bytes) -> str:
+    """The path :func:`_stored_path` stored, exactly as the file system named it."""
+    return os.fsdecode(stored) if isinstance(stored, bytes) else stored
+
+
 def connect(db_path: str) -> sqlite3.Connection:
     db = sqlite3.connect(db_path, timeout=10.0, isolation_level=None)
     db.execute("PRAGMA journal_mode=WAL")
@@ -83,25 +105,118 @@ def connect(db_path: str) -> sqlite3.Connection:
     return db
 
 
+class LedgerDamaged(RuntimeError):
+    """The ledger file fails its integrity check; the message says how (for the user, with the file's name)."""
+
+
+class LedgerUnwritable(RuntimeError):
+    """A write failed and was rolled back because the disk is full or the folder read-only: retry it later."""
+
+
+def _create(path: str) -> None:
+    """A new ledger, made under another name and renamed into place: a file at the ledger's name is always a
+    whole ledger, so an empty or foreign one there is damage, never a first start cut short."""
+    fresh = path + ".new"
+    for leftover in (fresh, fresh + "-wal", fresh + "-shm"):
+        if os.path.exists(leftover):
+            os.unlink(leftover)
+    db = connect(fresh)
+    db.executescript(SCHEMA)
+    db.close()
+    os.replace(fresh, path)
+
+
+WAL_MAGIC = (0x377F0682, 0x377F0683)  # little- and big-endian checksums
+WAL_HEADER, FRAME_HEADER = 32, 24
+
+
+def _wal_checksum(data: bytes, sums: tuple[int, int], big_endian: bool) -> tuple[int, int]:
+    """SQLite's cumulative checksum of the write-ahead log, over 32-bit words taken in pairs."""
+    words = struct.unpack("%s%dI" % (">" if big_endian else "<", len(data) // 4), data)
+    s0, s1 = sums
+    for i in range(0, len(words), 2):
+        s0 = (s0 + words[i] + s1) & 0xFFFFFFFF
+        s1 = (s1 + words[i + 1] + s0) & 0xFFFFFFFF
+    return s0, s1
+
+
+def check_wal(db_path: str) -> None:
+    """LedgerDamaged when SQLite would drop committed transactions of the write-ahead log left by a killed
+    service: its header is broken, or a commit of its current generation (its salts) lies at or after the
+    first frame that fails the checksum.  SQLite stops reading a log there without a word, and the seq
+    numbers of what it dropped would be issued again.  Frames of an older generation, and an unfinished
+    last transaction, are what a kill leaves behind: SQLite rightly ignores those."""
+    wal = db_path + "-wal"
+    try:
+        with open(wal, "rb") as fh:
+            log = fh.read()
+    except FileNotFoundError:
+        return
+    if len(log) < WAL_HEADER:
+        return
+    magic, _, page_size, _, salt1, salt2, sum1, sum2 = struct.unpack(">8I", log[:WAL_HEADER])
+    big_endian = bool(magic & 1)
+    if magic not in WAL_MAGIC or _wal_checksum(log[:24], (0, 0), big_endian) != (sum1, sum2):
+        if len(log) > WAL_HEADER + FRAME_HEADER:
+            raise LedgerDamaged("ledger %s is damaged: its write-ahead log %s has a broken header" % (db_path, wal))
+        return
+    frame_size = FRAME_HEADER + page_size
+    sums, intact = (sum1, sum2), True
+    for start in range(WAL_HEADER, len(log) - frame_size + 1, frame_size):
+        _, commit, frame_salt1, frame_salt2, check1, check2 = struct.unpack(">6I", log[start:start + FRAME_HEADER])
+        current = (frame_salt1, frame_salt2) == (salt1, salt2)
+        if intact and current:
+            sums = _wal_checksum(log[start:start + 8] + log[start + FRAME_HEADER:start + frame_size], sums, big_endian)
+            intact = sums == (check1, check2)
+        else:
+            intact = False
+        if not intact and current and commit:
+            raise LedgerDamaged("ledger %s is damaged: its write-ahead log %s fails its checksum at byte %d, "
+                                "before committed transactions" % (db_path, wal, start))
+
+
+def check_intact(db_path: str) -> None:
+    """LedgerDamaged unless the file is a ledger that passes SQLite's quick_check: damage found at start stops
+    the start, instead of failing queries later and issuing seq numbers again from a ledger read in part."""
+    db = sqlite3.connect(db_path, timeout=10.0, isolation_level=None)
+    try:
+        tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        problems = [row[0] for row in db.execute("PRAGMA quick_check(3)")]
+    except sqlite3.DatabaseError as exc:
+        tables, problems = set(), [str(exc)]
+    finally:
+        db.close()
+    if problems != ["ok"]:
+        raise LedgerDamaged("ledger %s is damaged: %s" % (db_path, "; ".join(problems)))
+    if "frames" not in tables:
+        raise LedgerDamaged("ledger %s is damaged: it is empty or not a ledger" % db_path)
+
+
 class Ledger:
     def __init__(self, *, state_dir: str):
         os.makedirs(state_dir, exist_ok=True)
         self.path = os.path.join(state_dir, FILE_NAME)
+        if not os.path.exists(self.path):
+            _create(self.path)
+        check_wal(self.path)  # before SQLite reads the log
+        check_intact(self.path)
         self.db = connect(self.path)
+        self.write_error: str | None = None  # why the last write failed, until a write succeeds again
         columns = {row[1] for row in self.db.execute("PRAGMA table_info(frames)")}
         if columns and "identity" not in columns:  # a ledger from before identities
             self.db.execute("ALTER TABLE frames ADD COLUMN identity TEXT")
         self.db.executescript(SCHEMA)
+        self.id = self.db.execute("SELECT value FROM meta WHERE name = 'id'").fetchone()[0]
 
     def close(self) -> None:
         self.db.close()
 
     def _transaction(self):
-        return _Transaction(self.db)
+        return _Transaction(self)
 
     def _frames(self, where: str, args: tuple = (), limit: int = -1) -> list[Frame]:
         rows = self.db.execute("SELECT %s FROM frames WHERE %s ORDER BY id LIMIT %d" % (_COLUMNS, where, limit), args)
-        return [Frame(*row) for row in rows]
+        return [Frame(row[0], _read_path(row[1]), *row[2:]) for row in rows]
 
     def get(self, frame_id: int) -> Frame | None:
         found = self._frames("id = ?", (frame_id,))
@@ -110,7 +225,7 @@ class Ledger:
     def see(self, path: str, collection: str, t_seen: float) -> bool:
         """Record a frame file noticed; False when it was already known."""
         with self._transaction():
-            cursor = self.db.execute(_INSERT_SEEN, (path, collection, t_seen))
+            cursor = self.db.execute(_INSERT_SEEN, (_stored_path(path), collection, t_seen))
         return cursor.rowcount == 1
 
     def enqueue(self, path: str, collection: str, t_seen: float, t_complete: float, identity: str,
@@ -122,12 +237,12 @@ class Ledger:
         given up.
         """
         with self._transaction():
-            self.db.execute(_INSERT_SEEN, (path, collection, t_seen))
+            self.db.execute(_INSERT_SEEN, (_stored_path(path), collection, t_seen))
             cursor = self.db.execute(
                 "UPDATE frames SET state = 'queued', t_seen = ?, t_complete = ?, identity = ?, tries = 0, "
                 "worker = NULL, deadline = NULL WHERE path = ? AND (state = 'seen' OR (state IN ('done', 'failed') AND "
                 "(? OR identity IS NOT ?) AND identity IS NOT NULL))",
-                (t_seen, t_complete, identity, path, created, identity))
+                (t_seen, t_complete, identity, _stored_path(path), created, identity))
         return cursor.rowcount == 1
 
     def give_up(self, path: str, identity: str, created: bool = False) -> Frame | None:
@@ -137,7 +252,7 @@ class Ledger:
             cursor = self.db.execute(
                 "UPDATE frames SET state = 'seen', identity = ?, tries = 0 WHERE path = ? AND (state = 'seen' OR "
                 "(state IN ('done', 'failed') AND (? OR identity IS NOT ?) AND identity IS NOT NULL))",
-                (identity, path, created, identity))
+                (identity, _stored_path(path), created, identity))
         return self.find(path) if cursor.rowcount == 1 else None
 
     def queued(self, limit: int) -> list[Frame]:
@@ -197,23 +312,25 @@ class Ledger:
         return self._frames("state = 'seen'")
 
     def find(self, path: str) -> Frame | None:
-        found = self._frames("path = ?", (path,))
+        found = self._frames("path = ?", (_stored_path(path),))
         return found[0] if found else None
 
     def known(self, path: str, identity: str) -> bool:
         """Whether the file ``identity`` at ``path`` needs no catch-up: its frame is being followed or in
         flight, or finished from this file (or from a file of a ledger that kept no identities)."""
-        row = self.db.execute("SELECT state, identity FROM frames WHERE path = ?", (path,)).fetchone()
+        row = self.db.execute("SELECT state, identity FROM frames WHERE path = ?", (_stored_path(path),)).fetchone()
         return row is not None and (row[0] not in FINAL or row[1] is None or row[1] == identity)
 
     def _next_seq(self) -> int:
         self.db.execute("UPDATE counters SET value = value + 1 WHERE name = 'seq'")
         return self.db.execute("SELECT value FROM counters WHERE name = 'seq'").fetchone()[0]
 
-    def next_seq(self) -> int:
-        """A sequence number for a message that is not stored (heartbeats)."""
-        with self._transaction():
-            return self._next_seq()
+    def _store(self, seq: int, topic: str, body: dict) -> dict:
+        """Store a message under its seq, stamped with this ledger's id: a seq means something only beside the
+        id of the ledger that issued it (a new ledger starts again from 1)."""
+        body["ledger"] = self.id
+        self.db.execute("INSERT INTO messages VALUES (?, ?, ?, ?)", (seq, body["type"], topic, json.dumps(body)))
+        return {"topic": topic, "body": body}
 
     def finish(self, frame_id: int, state: str, now: float, compose: Compose) -> dict | None:
         """The frame's final state, its seq and its message in one transaction; None if it was already final."""
@@ -226,17 +343,13 @@ class Ledger:
             self.db.execute("UPDATE frames SET state = ?, t_done = ?, seq = ? WHERE id = ?",
                             (state, now, seq, frame_id))
             self.db.execute("UPDATE counters SET value = value + 1 WHERE name = ?", (state,))
-            topic, body = compose(seq, self.get(frame_id))
-            self.db.execute("INSERT INTO messages VALUES (?, ?, ?, ?)", (seq, body["type"], topic, json.dumps(body)))
-        return {"topic": topic, "body": body}
+            return self._store(seq, *compose(seq, self.get(frame_id)))
 
     def record(self, compose: Callable[[int], tuple[str, dict]]) -> dict:
         """Store a message that concerns no single frame's outcome (service errors)."""
         with self._transaction():
             seq = self._next_seq()
-            topic, body = compose(seq)
-            self.db.execute("INSERT INTO messages VALUES (?, ?, ?, ?)", (seq, body["type"], topic, json.dumps(body)))
-        return {"topic": topic, "body": body}
+            return self._store(seq, *compose(seq))
 
     def counts(self) -> dict[str, int]:
         """Frames per state: the unfinished ones counted through the state index, the finished ones kept as
@@ -259,30 +372,67 @@ class Ledger:
             cursor = self.db.execute("DELETE FROM frames WHERE state IN ('done', 'failed') AND t_done < ?", (before,))
         return cursor.rowcount
 
-    def last_stored_seq(self) -> int:
-        """The seq of the newest stored message (results, errors), 0 if none."""
-        return self.db.execute("SELECT COALESCE(MAX(seq), 0) FROM messages").fetchone()[0]
+    def check_writable(self) -> bool:
+        """Whether a write commits again after a refusal (a write that changes nothing); clears ``write_error``."""
+        try:
+            with self._transaction():
+                self.db.execute("UPDATE counters SET value = value WHERE name = 'seq'")
+        except LedgerUnwritable:
+            return False
+        return True
 
     def last_seq(self) -> int:
+        """The newest seq issued: every seq belongs to a stored message (results, errors), so a gap in what
+        /results serves is a loss (or the retention's pruning), never a number spent elsewhere."""
         return self.db.execute("SELECT value FROM counters WHERE name = 'seq'").fetchone()[0]
 
 
-class _Transaction:
-    """BEGIN IMMEDIATE … COMMIT, rolled back on an exception (the connection runs in autocommit mode)."""
+_UNWRITABLE = ("SQLITE_FULL", "SQLITE_READONLY", "SQLITE_IOERR", "SQLITE_CANTOPEN")
 
-    def __init__(self, db: sqlite3.Connection):
-        self.db = db
+
+class _Transaction:
+    """BEGIN IMMEDIATE … COMMIT, rolled back on an exception (the connection runs in autocommit mode).
+
+    A write the disk or the folder refuses (full, read-only) becomes LedgerUnwritable and is noted in the
+    ledger's ``write_error`` until a transaction commits again: the service stays up and retries.
+    """
+
+    def __init__(self, ledger: Ledger):
+        self.ledger = ledger
+        self.db = ledger.db
 
     def __enter__(self):
-        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            self.db.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as exc:
+            self._refused(exc)
+            raise
 
     def __exit__(self, exc_type, exc, tb):
-        self.db.execute("ROLLBACK" if exc_type else "COMMIT")
+        if exc_type is None:
+            try:
+                self.db.execute("COMMIT")
+            except sqlite3.OperationalError as failed:
+                exc = failed
+            else:
+                self.ledger.write_error = None
+                return False
+        if self.db.in_transaction:
+            self.db.execute("ROLLBACK")
+        self._refused(exc)
+        if exc_type is None:
+            raise exc
         return False
 
+    def _refused(self, exc: BaseException) -> None:
+        """LedgerUnwritable (from ``exc``) when the disk or the folder refused the write."""
+        if isinstance(exc, sqlite3.OperationalError) and getattr(exc, "sqlite_errorname", "").startswith(_UNWRITABLE):
+            self.ledger.write_error = str(exc)
+            raise LedgerUnwritable("the ledger %s cannot be written: %s" % (self.ledger.path, exc)) from exc
 
-def read_messages(state_dir: str, since: int, limit: int = 1000) -> tuple[list[dict], int]:
-    """Stored messages (results, errors) with seq > since, oldest first, and the last seq issued.
+
+def read_messages(state_dir: str, since: int, limit: int = 1000) -> tuple[list[dict], int, str]:
+    """Stored messages (results, errors) with seq > since, oldest first, the last seq issued and the ledger's id.
 
     For late subscribers; it opens its own read-only connection, so any thread may call it.
     """
@@ -292,6 +442,7 @@ def read_messages(state_dir: str, since: int, limit: int = 1000) -> tuple[list[d
         db.execute("BEGIN")  # one read snapshot: the rows and the last seq agree
         rows = db.execute("SELECT body FROM messages WHERE seq > ? ORDER BY seq LIMIT ?", (since, limit)).fetchall()
         last = db.execute("SELECT value FROM counters WHERE name = 'seq'").fetchone()[0]
+        ledger_id = db.execute("SELECT value FROM meta WHERE name = 'id'").fetchone()[0]
     finally:
         db.close()
-    return [json.loads(body) for (body,) in rows], last
+    return [json.loads(body) for (body,) in rows], last, ledger_id

@@ -1,8 +1,9 @@
-"""The running service's claim on its state folder: an exclusive lock on a pid file it keeps open.
+"""The running service's claim on its state folder: an exclusive lock on the folder itself, held open.
 
-The lock, not the file's presence, says whether a service runs: the kernel drops it when the process ends,
-however it ends, so a stale file never blocks a start and a deleted one is re-created by the next start.
-``spotfinder stop`` asks :func:`holder` which pid to signal.
+The lock, not a file's presence, says whether a service runs: the kernel drops it when the process ends,
+however it ends.  It is taken on the folder's own descriptor, which nothing can delete from under the
+service (a lock on a file inside would be lost with the file, and a second service could lock a new one).
+The pid file beside it only tells ``spotfinder stop`` (through :func:`holder`) which pid to signal.
 """
 from __future__ import annotations
 
@@ -24,45 +25,59 @@ def path_in(state_dir: str) -> str:
     return os.path.join(state_dir, PID_FILE)
 
 
+def _open_folder(state_dir: str) -> int:
+    return os.open(state_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+
+
+def _written_pid(state_dir: str) -> str:
+    try:
+        with open(path_in(state_dir)) as handle:
+            return handle.read().strip()
+    except FileNotFoundError:
+        return ""
+
+
 class PidFile:
     """Held from :meth:`acquire` to :meth:`release` (or the process's end)."""
 
     def __init__(self, *, state_dir: str):
         self.state_dir = state_dir
-        self._handle = None
+        self._folder: int | None = None
 
     def acquire(self) -> None:
-        """Take the lock and write our pid; StateFolderInUse, or OSError when the folder is unusable."""
+        """Lock the folder and write our pid; StateFolderInUse, or OSError when the folder is unusable."""
         os.makedirs(self.state_dir, exist_ok=True)
-        handle = open(path_in(self.state_dir), "a+")
+        folder = _open_folder(self.state_dir)
         try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(folder, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            handle.seek(0)
-            other = handle.read().strip() or "?"
-            handle.close()
-            raise StateFolderInUse(self.state_dir, other) from None
-        handle.seek(0)
-        handle.truncate()
-        handle.write("%d\n" % os.getpid())
-        handle.flush()
-        self._handle = handle
+            os.close(folder)
+            raise StateFolderInUse(self.state_dir, _written_pid(self.state_dir) or "?") from None
+        try:
+            with open(path_in(self.state_dir), "w") as handle:
+                handle.write("%d\n" % os.getpid())
+        except OSError:
+            os.close(folder)
+            raise
+        self._folder = folder
 
     def release(self) -> None:
-        if self._handle is not None:
-            self._handle.close()
-            self._handle = None
+        if self._folder is not None:
+            os.close(self._folder)
+            self._folder = None
 
 
 def holder(state_dir: str) -> int | None:
     """The pid of the service holding the state folder, or None when none runs; ValueError when the lock is
     held but the file does not name a pid."""
     try:
-        with open(path_in(state_dir)) as handle:
-            try:
-                fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
-            except BlockingIOError:
-                return int(handle.read().strip())
-    except FileNotFoundError:
+        folder = _open_folder(state_dir)
+    except (FileNotFoundError, NotADirectoryError):
         return None
+    try:
+        fcntl.flock(folder, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return int(_written_pid(state_dir))
+    finally:
+        os.close(folder)
     return None

@@ -4,6 +4,11 @@ Used by the service and by ``spotfinder worker`` on other hosts.  The pool names
 (``--id``, see :mod:`spotfinder_daemon.roll`), so deaths match the roll and the ledger by id, never by a pid the
 kernel may have recycled.  Each worker exits by itself if we disappear (``--parent``), so a killed service
 leaves no orphans.
+
+A worker says nothing until it has loaded (or compiled) its kernels; one that has not joined within its start
+allowance is hung (:meth:`WorkerPool.not_joined`): the service kills it and a fresh one starts.  Each such
+kill doubles that slot's allowance until a worker joins, so a host slower than the allowance still gets its
+workers instead of killing them in a loop.
 """
 from __future__ import annotations
 
@@ -13,6 +18,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Collection
 
 from .roll import new_worker_id
 
@@ -23,14 +29,17 @@ RESTART_BACKOFF_S = 1.0  # a worker that dies at once is not restarted in a tigh
 
 class WorkerPool:
     def __init__(self, *, count: int, work_endpoint: str, results_endpoint: str, heartbeat_s: float = 1.0,
-                 log_level: str = "info"):
+                 log_level: str = "info", start_allowance_s: float = 60.0):
         self.count = count
+        self.start_allowance_s = start_allowance_s
         self.command = [sys.executable, "-m", "spotfinder_daemon.worker", "--work", work_endpoint,
                         "--results", results_endpoint, "--heartbeat", str(heartbeat_s), "--parent", str(os.getpid()),
                         "--log-level", log_level]
         self.processes: list[subprocess.Popen | None] = [None] * count
         self.ids: list[str | None] = [None] * count
         self.started_at = [0.0] * count
+        self.joined = [False] * count  # the slot's worker has been heard from
+        self.missed_starts = [0] * count  # workers killed in a row for not joining in time
         self.paused = False  # maintenance (SIGUSR2): workers asked to stop and not restarted
         self.stopping = False  # the service is shutting down: nothing is restarted any more
 
@@ -38,6 +47,7 @@ class WorkerPool:
         self.ids[slot] = new_worker_id()
         self.processes[slot] = subprocess.Popen(self.command + ["--id", self.ids[slot]], stdin=subprocess.DEVNULL)
         self.started_at[slot] = time.monotonic()
+        self.joined[slot] = False
         log.info("started worker %s (pid %d)", self.ids[slot], self.processes[slot].pid)
 
     def start(self) -> None:
@@ -47,6 +57,20 @@ class WorkerPool:
     def running(self) -> dict[str, int]:
         """Worker id -> pid of the local workers still running."""
         return {self.ids[slot]: p.pid for slot, p in enumerate(self.processes) if p is not None and p.poll() is None}
+
+    def not_joined(self, heard: Collection[str]) -> list[str]:
+        """The running local workers not ``heard`` from (not on the roll) since they started, for longer than
+        their slot's allowance; each counts as a missed start."""
+        now, late = time.monotonic(), []
+        for slot, process in enumerate(self.processes):
+            if process is None or process.poll() is not None or self.joined[slot]:
+                continue
+            if self.ids[slot] in heard:
+                self.joined[slot], self.missed_starts[slot] = True, 0
+            elif now - self.started_at[slot] > self.start_allowance_s * 2 ** self.missed_starts[slot]:
+                self.missed_starts[slot] += 1
+                late.append(self.ids[slot])
+        return late
 
     def kill(self, worker_id: str) -> bool:
         """SIGKILL a hung local worker (reap() then reports it and starts a fresh one); False if not ours."""

@@ -5,12 +5,14 @@ prefix filters work) and a JSON body.  Field names are an API: consumers parse t
 
 PUB is best-effort: a subscriber that is not connected, too slow, or connected across a crash between a
 commit and its send misses messages.  The record is the ledger, served by ``GET /results?since=SEQ``; every
-heartbeat carries ``last_seq``, the newest stored message, so a subscriber can notice a gap and fetch it.
+stored message has a ``seq`` and the ``ledger`` id beside it; heartbeats have no seq of their own and carry the
+newest (``last_seq``, ``ledger``), so every gap in the seqs a subscriber saw is a loss it can fetch.
 Messages are held back until ``hold_until`` (the settle time after binding), so subscribers that were
 connected before a restart have reconnected before the first one goes out.
 """
 from __future__ import annotations
 
+import base64
 import json
 import os
 import time
@@ -27,18 +29,26 @@ SCHEMA = "spotfinder.v1"
 SERVICE_COLLECTION = "service"  # the collection of messages that concern no collection (heartbeats)
 
 
+def readable(path: str) -> str:
+    """A path as text for JSON and topics: bytes that are not UTF-8 shown escaped (``\\xff``), so any consumer
+    can parse it; ``file_bytes_b64`` carries such a name exactly."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
 def collection_of(path: str) -> str:
     """Folder + file template, e.g. ``/data/visit/thau_3_2_####.cbf``: all frames of one sweep or grid."""
-    return os.path.join(os.path.dirname(path), name_template(path)[0])
+    return readable(os.path.join(os.path.dirname(path), name_template(path)[0]))
 
 
 def topic(kind: str, collection: str) -> str:
     return "%s.%s.%s" % (SCHEMA, kind, collection)
 
 
-def envelope(kind: str, seq: int, collection: str | None) -> dict:
+def envelope(kind: str, seq: int | None, collection: str | None) -> dict:
+    """The fields every message has; ``seq`` only for stored messages (the ledger adds its id beside it)."""
     now = time.time()
-    return {"schema": SCHEMA, "type": kind, "seq": seq,
+    stamp = {} if seq is None else {"seq": seq}
+    return {"schema": SCHEMA, "type": kind, **stamp,
             "time": datetime.fromtimestamp(now, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
             "host": HOST, "collection": collection}
 
@@ -47,7 +57,9 @@ def frame_message(seq: int, frame, result: dict, worker: str | None, t_start: fl
     """The ``result`` message of a frame (``frame`` is the ledger's record, ``result`` a Result.as_dict())."""
     body = envelope("result", seq, frame.collection)
     body.update({name: result.get(name) for name in FIELDS})
-    body["file"] = frame.path
+    body["file"] = readable(frame.path)
+    if body["file"] != frame.path:  # a name that is not UTF-8: its exact bytes too
+        body["file_bytes_b64"] = base64.b64encode(os.fsencode(frame.path)).decode()
     t_done = frame.t_done
     queue_ms = None
     if t_start is not None and frame.t_complete is not None:
@@ -71,8 +83,9 @@ def error_message(seq: int, text: str, collection: str | None = None, **fields) 
     return topic("error", collection or SERVICE_COLLECTION), body
 
 
-def heartbeat_message(seq: int, **fields) -> tuple[str, dict]:
-    body = envelope("heartbeat", seq, None)
+def heartbeat_message(**fields) -> tuple[str, dict]:
+    """Not stored and without a seq: a seq is spent only on what /results serves."""
+    body = envelope("heartbeat", None, None)
     body.update(fields)
     return topic("heartbeat", SERVICE_COLLECTION), body
 

@@ -9,9 +9,14 @@ checker, HTTP) only hand events in through the watcher's queue or the on-demand 
 snapshot (:mod:`.status`) and the ledger on their own connections.  SIGTERM/SIGINT (or an EXIT POST from this
 host) stop watching and listening, let the frames and queries in flight finish (frames not finished stay in
 the ledger for the next start), flush the PUB socket and return 0.
+
+A ledger that refuses writes (a full disk, a read-only folder) does not stop the service: it reports itself
+unhealthy (the watchdog is no longer petted), dispatches nothing, keeps the watcher's events and the
+workers' reports in memory in order, and retries them until the ledger takes writes again.
 """
 from __future__ import annotations
 
+import collections
 import enum
 import logging
 import signal
@@ -25,18 +30,18 @@ from .collector import Collector
 from .config import Settings, connect_endpoint
 from .dispatcher import Dispatcher
 from .http import HttpServer
-from .ledger import Ledger
+from .ledger import Ledger, LedgerDamaged, LedgerUnwritable
 from .metrics import Metrics
 from .notify import Notifier
 from .ondemand import Lane
 from .periodic import PeriodicTasks
 from .pidfile import PidFile, StateFolderInUse
 from .pool import WorkerPool
-from .publisher import Publisher, collection_of
+from .publisher import Publisher, collection_of, readable
 from .queries import DataRoots, Queries
-from .roll import Roll
+from .roll import Loss, Roll
 from .status import Status
-from .watcher import Watcher
+from .watcher import Event, Watcher
 
 log = logging.getLogger("spotfinder.service")
 
@@ -66,6 +71,9 @@ class Service:
         self.toggle_pause = threading.Event()  # SIGUSR2: maintenance pause of the local workers
         self.pid_file = PidFile(state_dir=settings.state_dir)
         self.tasks = PeriodicTasks()
+        self.unrecorded: collections.deque[Event] = collections.deque()  # watcher events the ledger refused
+        self.unsettled: collections.deque[Loss] = collections.deque()  # workers lost, their frames not yet released
+        self.ledger_refused = False  # the last supervision pass found the ledger refusing writes
 
     # ----- start -------------------------------------------------------------------------------------------
     def _build(self) -> None:
@@ -73,6 +81,9 @@ class Service:
         s = self.settings
         try:
             self.ledger = Ledger(state_dir=s.state_dir)
+        except LedgerDamaged as exc:  # refused, not moved aside: it holds the record of what was published
+            raise ServiceError("%s; move it away to start a new ledger (the watched frames are then analysed "
+                               "and published again, under a new ledger id)" % exc) from None
         except (sqlite3.Error, OSError) as exc:
             raise ServiceError("cannot open the ledger in %s: %s (move it away to start afresh)"
                                % (s.state_dir, exc)) from None
@@ -91,7 +102,8 @@ class Service:
             frame_timeout_s=s.frame_timeout_s, lane=self.lane, metrics=self.metrics, roll=self.roll))
         self.dispatcher = self._bind("work", s.work_endpoint, lambda: Dispatcher(
             context=self.context, endpoint=s.work_endpoint, ledger=self.ledger, params=s.params(),
-            dispatch_timeout_s=s.dispatch_timeout_s, max_tries=s.max_tries, lane=self.lane, verify_md5=s.verify_md5))
+            dispatch_timeout_s=s.dispatch_timeout_s, max_tries=s.max_tries, lane=self.lane, verify_md5=s.verify_md5,
+            watch_roots=s.watch))
         try:
             host, port = s.http_address
             self.http = HttpServer(host=host, port=port, timeout_s=s.http_timeout_s,
@@ -102,7 +114,8 @@ class Service:
                                incomplete_timeout_s=s.incomplete_timeout_s)
         self.pool = WorkerPool(count=s.worker_count, work_endpoint=connect_endpoint(s.work_endpoint),
                                results_endpoint=connect_endpoint(s.results_endpoint),
-                               heartbeat_s=s.heartbeat_interval_s, log_level=s.log_level)
+                               heartbeat_s=s.heartbeat_interval_s, log_level=s.log_level,
+                               start_allowance_s=s.worker_liveness_s + s.worker_start_s)
         self.status = Status(settings=s, ledger=self.ledger, roll=self.roll, pool=self.pool, collector=self.collector,
                              lane=self.lane, watcher=self.watcher, metrics=self.metrics, tasks=self.tasks,
                              lifecycle=lambda: self.state.value)
@@ -141,7 +154,10 @@ class Service:
         self._build()
         if not s.ondemand_roots:
             log.warning("no data_root and no watched folder: every on-demand query will be refused (set --data-root)")
-        requeued = self.ledger.requeue_in_flight()
+        try:
+            requeued = self.ledger.requeue_in_flight()
+        except LedgerUnwritable as exc:
+            raise ServiceError(str(exc)) from None
         if requeued:
             log.info("re-queued %d frames that were in flight when the service stopped", requeued)
         self._prune()
@@ -178,8 +194,11 @@ class Service:
                 log.warning("local workers %s", "paused (maintenance)" if self.pool.paused else "resumed")
             now = time.monotonic()
             self.tasks.run_due(now)
-            if now >= self.publish_from:
-                self.dispatcher.dispatch(len(self.roll.workers))
+            if now >= self.publish_from and not self.ledger.write_error:
+                try:
+                    self.dispatcher.dispatch(len(self.roll.workers))
+                except LedgerUnwritable:  # the job sent stays queued: a second result for it is dropped
+                    pass
                 if self.state is Lifecycle.PREPARING and self.status.fit_to_run()[0]:
                     self.state = Lifecycle.SERVING
                     self.notifier.ready(self.status.line())
@@ -187,19 +206,28 @@ class Service:
         return self._shutdown()
 
     def _take_watcher_events(self) -> None:
-        for event in self.watcher.drain():
-            collection = collection_of(event.path)
-            if event.kind == "seen":
-                if self.ledger.see(event.path, collection, event.t_seen):
-                    log.debug("seen %s", event.path)
-            elif event.kind == "complete":
-                if self.ledger.enqueue(event.path, collection, event.t_seen, event.t_complete, event.identity,
-                                       event.created):
-                    log.info("queued %s", event.path)
-            else:
-                frame = self.ledger.give_up(event.path, event.identity, event.created)
-                if frame is not None:
-                    self.collector.fail(frame, event.reason)
+        """Record the watcher's events in the ledger, in order; those it refuses wait for the next pass."""
+        self.unrecorded.extend(self.watcher.drain())
+        while self.unrecorded:
+            try:
+                self._record_event(self.unrecorded[0])
+            except LedgerUnwritable:
+                return
+            self.unrecorded.popleft()
+
+    def _record_event(self, event: Event) -> None:
+        collection = collection_of(event.path)
+        if event.kind == "seen":
+            if self.ledger.see(event.path, collection, event.t_seen):
+                log.debug("seen %s", event.path)
+        elif event.kind == "complete":
+            if self.ledger.enqueue(event.path, collection, event.t_seen, event.t_complete, event.identity,
+                                   event.created):
+                log.info("queued %s", event.path)
+        else:
+            frame = self.ledger.give_up(event.path, event.identity, event.created)
+            if frame is not None:
+                self.collector.fail(frame, event.reason)
 
     # ----- periodic tasks ----------------------------------------------------------------------------------
     def _reconcile(self) -> int:
@@ -217,8 +245,11 @@ class Service:
         return time.time() - days * 86400.0 if days else 0.0
 
     def _prune(self) -> None:
-        if self.settings.retention_days:
-            pruned = self.ledger.prune(self._retention_cutoff())
+        if self.settings.retention_days and not self.ledger.write_error:
+            try:
+                pruned = self.ledger.prune(self._retention_cutoff())
+            except LedgerUnwritable:
+                return
             if pruned:
                 log.info("forgot %d frames finished more than %g days ago", pruned, self.settings.retention_days)
 
@@ -232,14 +263,15 @@ class Service:
         for info in self.roll.silent():
             log.warning("worker %s silent for %.0f s: presumed dead", info.id, self.settings.worker_liveness_s)
             self.pool.kill(info.id)  # a local one is hung: the pool starts a fresh one
-        expiry = self.dispatcher.expire(time.monotonic())
-        self._settle(expiry.exhausted)
-        for worker_id in expiry.hung:
-            if self.pool.kill(worker_id):
-                log.warning("worker %s overran the frame timeout: killed as hung", worker_id)
-        held = {worker_id: [f.path for f in self.ledger.held_by(worker_id)] for worker_id, _, _ in exited}
-        for loss in self.roll.take_losses():
-            self._settle(self.dispatcher.worker_lost(loss.worker_id, charge=loss.charge))
+        for worker_id in self.pool.not_joined(self.roll.workers):
+            log.warning("worker %s has not joined %.0f s after it started: killed as hung, a fresh one starts",
+                        worker_id, self.settings.worker_liveness_s + self.settings.worker_start_s)
+            self.pool.kill(worker_id)
+        self._watch_ledger()
+        self._write_to_ledger(self._expire)
+        held = {worker_id: [readable(f.path) for f in self.ledger.held_by(worker_id)] for worker_id, _, _ in exited}
+        self.unsettled.extend(self.roll.take_losses())
+        self._write_to_ledger(self._settle_losses)
         for worker_id, pid, code in exited:
             if code != 0 and not self.pool.stopping:
                 frames = held[worker_id]
@@ -248,6 +280,42 @@ class Service:
                     worker=worker_id, frames=frames)
         self.status.observe_ledger()
         self.status.refresh()
+
+    def _write_to_ledger(self, action) -> None:
+        """Run ``action`` unless the ledger refuses writes; what it has not done by a refusal waits for a pass
+        where the ledger takes writes again."""
+        if not self.ledger.write_error:
+            try:
+                action()
+            except LedgerUnwritable:
+                pass
+
+    def _watch_ledger(self) -> None:
+        """Probe a ledger that refused a write when no waiting write retries it, and log each change."""
+        if self.ledger.write_error and not self.unrecorded and not self.collector.unwritten:
+            self.ledger.check_writable()
+        refused = self.ledger.write_error is not None
+        if refused and not self.ledger_refused:
+            log.error("the ledger refuses writes (%s): nothing is dispatched, new frames and results wait in "
+                      "memory until it takes writes again", self.ledger.write_error)
+        elif self.ledger_refused and not refused:
+            log.warning("the ledger takes writes again: what waited is recorded, dispatching resumes")
+        self.ledger_refused = refused
+
+    def _expire(self) -> None:
+        """Re-send overdue frames, fail those out of tries, kill the workers that hung on one."""
+        expiry = self.dispatcher.expire(time.monotonic())
+        self._settle(expiry.exhausted)
+        for worker_id in expiry.hung:
+            if self.pool.kill(worker_id):
+                log.warning("worker %s overran the frame timeout: killed as hung", worker_id)
+
+    def _settle_losses(self) -> None:
+        """Release the frames of lost workers, one worker at a time (a refusal keeps the rest for later)."""
+        while self.unsettled:
+            loss = self.unsettled[0]
+            self._settle(self.dispatcher.worker_lost(loss.worker_id, charge=loss.charge))
+            self.unsettled.popleft()
 
     def _settle(self, exhausted) -> None:
         for frame, reason in exhausted:
@@ -278,7 +346,7 @@ class Service:
         self._take_watcher_events()
         deadline = time.monotonic() + self.settings.drain_timeout_s
         while ((self.ledger.counts()["dispatched"] or self.lane.in_flight()) and time.monotonic() < deadline
-               and self.roll.workers):
+               and self.roll.workers and not self.ledger.write_error):  # results no ledger takes are done again
             if self.collector.socket.poll(TICK_S * 1000):
                 self.collector.receive_all()
             self._supervise()

@@ -58,9 +58,11 @@ class Status:
             self.progress_mark = time.monotonic()
 
     def health(self) -> tuple[bool, str]:
-        """Healthy = the watcher runs, some worker is alive (a query can come at any time), the queue drains
-        and no frame waits for completeness past its timeout and a reconciliation."""
+        """Healthy = the ledger takes writes, the watcher runs, some worker is alive (a query can come at any
+        time), the queue drains and no frame waits for completeness past its timeout and a reconciliation."""
         s = self.settings
+        if self.ledger.write_error:
+            return False, "the ledger cannot be written (%s): frames wait" % self.ledger.write_error
         if not self.watcher.alive():
             return False, "the folder watcher stopped"
         if not self.roll.workers:
@@ -71,7 +73,14 @@ class Status:
         stuck_s = 2 * s.incomplete_timeout_s + s.reconcile_interval_s
         if self.oldest_seen is not None and time.time() - self.oldest_seen > stuck_s:
             return False, "a frame has waited for completeness for over %.0f s" % stuck_s
+        if self.degraded():
+            return True, "degraded: %d of %d workers alive" % (len(self.roll.workers), self.pool.count)
         return True, "ok"
+
+    def degraded(self) -> bool:
+        """Fewer live workers than local ones configured (starting, hung, replaced, paused): frames still
+        flow, at a lower rate."""
+        return len(self.roll.workers) < self.pool.count
 
     def fit_to_run(self) -> tuple[bool, str]:
         """What systemd is told (READY, then WATCHDOG): healthy, or a remote-workers-only service (workers: 0)
@@ -94,6 +103,8 @@ class Status:
             "uptime_s": round(now - self.started, 3),
             "workers": workers,
             "workers_alive": len(self.roll.workers),
+            "workers_configured": self.pool.count,
+            "degraded": self.degraded(),
             "workers_paused": self.pool.paused,
             "queue_depth": counts["queued"],
             "in_flight": counts["dispatched"],
@@ -107,6 +118,8 @@ class Status:
             "ondemand_expected_wait_s": _finite(self.lane.expected_wait_s()),
             "ondemand_admit_limit": self.lane.admit_limit(self.settings.ondemand_timeout_s),
             "last_seq": self.ledger.last_seq(),
+            "ledger": self.ledger.id,
+            "ledger_error": self.ledger.write_error,
             "watcher_alive": self.watcher.alive(),
             "oldest_waiting_s": None if self.oldest_seen is None else round(time.time() - self.oldest_seen, 3),
             "watch": list(self.settings.watch),
@@ -123,14 +136,17 @@ class Status:
     def line(self) -> str:
         """systemd's one-line STATUS=."""
         snap = self.snapshot()
-        return "%d workers, queue %d, done %d, failed %d, %.1f frames/s" % (
-            snap["workers_alive"], snap["queue_depth"], snap["frames_done"], snap["frames_failed"],
-            snap["frames_per_s"])
+        workers = "%d workers" % snap["workers_alive"]
+        if snap["degraded"]:
+            workers = "%d of %d workers (degraded)" % (snap["workers_alive"], snap["workers_configured"])
+        return "%s, queue %d, done %d, failed %d, %.1f frames/s" % (
+            workers, snap["queue_depth"], snap["frames_done"], snap["frames_failed"], snap["frames_per_s"])
 
     def heartbeat_fields(self) -> dict:
         snap = self.snapshot()
-        return {key: snap[key] for key in ("queue_depth", "in_flight", "workers_alive", "frames_per_s",
-                                           "frames_done", "frames_failed", "uptime_s", "healthy")}
+        return {key: snap[key] for key in ("queue_depth", "in_flight", "workers_alive", "workers_configured",
+                                           "degraded", "frames_per_s", "frames_done", "frames_failed", "uptime_s",
+                                           "healthy")}
 
     # ----- any thread --------------------------------------------------------------------------------------
     def snapshot(self) -> dict:
@@ -152,11 +168,11 @@ class Status:
             limit = int(request.arg("limit", str(RESULTS_LIMIT)))
         except ValueError:
             return error_response(400, "since and limit must be integers")
-        if since < 0:
-            return error_response(400, "since must be 0 or more")
+        if not 0 <= since < 1 << 63:  # beyond SQLite's 64-bit integers
+            return error_response(400, "since must be from 0 to 2**63-1")
         limit = max(1, min(limit, RESULTS_LIMIT))
-        messages, last_seq = ledger_module.read_messages(self.settings.state_dir, since, limit)
-        return json_response({"since": since, "last_seq": last_seq, "results": messages})
+        messages, last_seq, ledger_id = ledger_module.read_messages(self.settings.state_dir, since, limit)
+        return json_response({"since": since, "last_seq": last_seq, "ledger": ledger_id, "results": messages})
 
     def _metrics(self, request: Request) -> Response:
         body, content_type = self.metrics.render()

@@ -1,10 +1,14 @@
 """The Watcher decides one thing: *that* a frame file is complete (or never will be).
 
 watchdog reports files matching ``*.cbf``, ``*.cbf.gz``, ``*.cbf.bz2`` (written in place or renamed into
-place); a checker thread then confirms each one is complete with ``binary_complete`` (the whole CBF binary
-section present, compressed files decompress cleanly).  It checks at once after a close-after-write or a
-rename, and otherwise when the size has stopped changing, so a growing file is not re-read on every chunk.
-A file that stops growing while incomplete for ``incomplete_timeout_s`` or vanishes is reported as such.
+place); a checker thread then confirms each one is complete with :func:`inspect` (the whole CBF binary
+section present, a compressed stream well ended), in bounded time and memory: the service never reads or
+inflates a whole frame.  It checks at once after a close-after-write or a rename, and otherwise when the size
+has stopped changing, so a growing file is not re-read on every chunk.  A file is given up with its cause as
+soon as its writer is done with it (closed after writing, renamed into place) or it cannot become a frame
+whatever comes next (not a CBF, corrupt, unreadable) and has settled; otherwise when it has not grown for
+``incomplete_timeout_s``, or when it vanishes.  A watched folder deleted and re-created is watched again
+within a second (:meth:`Watcher._rewatch_recreated`).
 
 Whether a frame was already analysed is the ledger's business, not the watcher's: it reports every file it
 is told about, with the file's ``identity`` (device and inode) and whether it was newly ``created`` (a
@@ -14,19 +18,25 @@ Events go to the main loop through :meth:`drain`; :meth:`fileno` becomes readabl
 """
 from __future__ import annotations
 
+import bz2
+import errno
 import fnmatch
+import gzip
 import logging
 import os
 import queue
 import threading
 import time
+import zlib
 from dataclasses import dataclass
+from stat import S_ISREG
 
 from watchdog.events import FileClosedEvent, FileMovedEvent, FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
+from watchdog.observers.api import ObservedWatch
 from watchdog.observers.polling import PollingObserver
 
-from spotfinder_core.image import binary_complete
+from spotfinder_core.image import BINARY_SLACK, MAX_FRAME_BYTES, MIME_HEADER_BYTES, binary_section
 
 from .wakeup import Wakeup
 
@@ -34,6 +44,13 @@ log = logging.getLogger("spotfinder.watcher")
 
 PATTERNS = ("*.cbf", "*.cbf.gz", "*.cbf.bz2")
 RECHECK_S = 0.1
+SETTLE_S = 2.0  # no growth for this long (and no close event): a file that cannot be a frame is reported
+REWATCH_EVERY_S = 1.0  # how often the watched folders are checked for having been deleted and re-created
+CBF_MAGIC = b"###CBF"  # the first bytes of every CBF file
+READ_CHUNK = 2**20
+GIVEN_UP_KEPT = 10_000  # files given up on, remembered so that completing one later counts as a new file
+
+COMPLETE, PARTIAL, NOT_A_FRAME = "complete", "partial", "not a frame"
 
 
 def is_frame_name(path: str) -> bool:
@@ -44,6 +61,104 @@ def is_frame_name(path: str) -> bool:
 def identity_of(stat: os.stat_result) -> str:
     """Which file a path names: a re-created file gets a new inode, a file written on gets none."""
     return "%d:%d" % (stat.st_dev, stat.st_ino)
+
+
+def status_of(path: str) -> os.stat_result | None:
+    """The file's status, or its link's when the link cannot be followed (a loop: reported once, and known by
+    the link's identity afterwards); None when it is gone."""
+    try:
+        return os.stat(path)
+    except FileNotFoundError:
+        return None
+    except OSError:
+        try:
+            return os.lstat(path)
+        except OSError:
+            return None
+
+
+def inspect(path: str) -> tuple[str, str]:
+    """(state, cause) of a frame file: ``complete``; ``partial`` (more bytes may still make it a frame); or
+    ``not a frame`` (no more bytes can).
+
+    Bounded work whatever the file holds: a plain file is read up to its binary section's header; a compressed
+    one is streamed through its decompressor with the output counted, not kept, and stops at what its header
+    declares, so a decompression bomb costs neither memory nor more than one frame's decoding.
+    """
+    try:
+        # without blocking, so a FIFO cannot hold the checker until a writer comes
+        with os.fdopen(os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC), "rb") as raw:
+            status = os.fstat(raw.fileno())
+            if not S_ISREG(status.st_mode):
+                return NOT_A_FRAME, "not a regular file (a directory, device, FIFO or socket)"
+            if path.endswith((".gz", ".bz2")):
+                return _inspect_compressed(raw, path.endswith(".gz"), status.st_size)
+            return _judge(raw.read(MIME_HEADER_BYTES), status.st_size)
+    except OSError as exc:
+        return NOT_A_FRAME, unreadable(exc)
+
+
+def unreadable(exc: OSError) -> str:
+    if exc.errno == errno.ELOOP:
+        return "unreadable: symbolic link loop"
+    return "unreadable: %s" % (exc.strerror or exc).lower()
+
+
+def _judge(head: bytes, size: int) -> tuple[str, str]:
+    """The state of a frame whose first (decompressed) bytes are ``head`` and whose length is ``size``."""
+    if not head:
+        return PARTIAL, "empty file"
+    if not CBF_MAGIC.startswith(head[:len(CBF_MAGIC)]):
+        return NOT_A_FRAME, "not a CBF file (it does not start with %s)" % CBF_MAGIC.decode()
+    section = binary_section(head)
+    if section is None:
+        if len(head) >= MIME_HEADER_BYTES:
+            return NOT_A_FRAME, "no binary section in the first %d KiB" % (MIME_HEADER_BYTES // 1024)
+        return PARTIAL, "no binary section (marker or X-Binary-Size missing)"
+    if section.size > MAX_FRAME_BYTES:
+        return NOT_A_FRAME, "X-Binary-Size %d is larger than any detector's frame" % section.size
+    if size - section.start < section.size:
+        return PARTIAL, "truncated: binary section has %d of its %d bytes (X-Binary-Size)" % (
+            max(0, size - section.start), section.size)
+    return COMPLETE, ""
+
+
+def _inspect_compressed(raw, gzipped: bool, compressed_size: int) -> tuple[str, str]:
+    """A compressed frame is complete when its stream ends cleanly after the whole binary section, within the
+    length its header declares (plus BINARY_SLACK for padding and the closing lines)."""
+    if compressed_size == 0:
+        return PARTIAL, "empty file"
+    try:
+        with gzip.GzipFile(fileobj=raw, mode="rb") if gzipped else bz2.BZ2File(raw, "rb") as stream:
+            head = stream.read(MIME_HEADER_BYTES)
+            state, cause = _judge(head, len(head))
+            if state == NOT_A_FRAME:
+                return state, cause
+            section = binary_section(head)
+            limit = (section.start + section.size if section else MIME_HEADER_BYTES) + BINARY_SLACK
+            size = len(head)
+            while size <= limit and (chunk := stream.read(min(READ_CHUNK, limit + 1 - size))):
+                size += len(chunk)
+    except EOFError:
+        return PARTIAL, "compressed stream ends early"
+    except (OSError, zlib.error) as exc:
+        if getattr(exc, "errno", None) is not None:  # the file, not its contents (permission, a link loop)
+            raise
+        return NOT_A_FRAME, "corrupt compression: %s" % exc
+    if size > limit:
+        return NOT_A_FRAME, "decompresses to more than the %d bytes its header allows (a decompression bomb?)" % limit
+    state, cause = _judge(head, size)
+    return (NOT_A_FRAME if state == PARTIAL else state), cause  # the stream has ended: nothing more will come
+
+
+def _frame_files(folder: str):
+    """(path, status) of every frame file under ``folder``, in name order within each folder."""
+    for root, _dirs, names in os.walk(folder):
+        for name in sorted(names):
+            path = os.path.join(root, name)
+            stat = status_of(path) if is_frame_name(path) else None
+            if stat is not None:
+                yield path, stat
 
 
 @dataclass(frozen=True)
@@ -71,6 +186,9 @@ class _Pending:
     size: int = -1
     checked_size: int = -1
     hinted: bool = True  # check at the next pass regardless of size stability (close, rename, catch-up)
+    written: bool = False  # closed after writing or renamed into place: its writer is done with it
+    state: str = PARTIAL  # what the last check found (inspect())
+    cause: str = "no complete CBF binary section"
 
 
 class _Handler(FileSystemEventHandler):
@@ -85,7 +203,7 @@ class _Handler(FileSystemEventHandler):
             path = os.fsdecode(path)
         if event.event_type in ("opened", "closed_no_write", "deleted") or not is_frame_name(path):
             return
-        self.watcher.notice(path, hinted=isinstance(event, (FileClosedEvent, FileMovedEvent)),
+        self.watcher.notice(path, written=isinstance(event, (FileClosedEvent, FileMovedEvent)),
                             created=event.event_type in ("created", "moved"))
 
 
@@ -101,11 +219,14 @@ class Watcher:
         self._wakeup = Wakeup()
         self._stopping = threading.Event()
         self._checker = threading.Thread(target=self._check_loop, name="completeness", daemon=True)
+        self._handler = _Handler(self)
+        self._watches: dict[str, tuple[ObservedWatch | None, str]] = {}  # folder -> its watch, the folder's identity
+        self._given_up: dict[str, bool] = {}  # the newest GIVEN_UP_KEPT paths given up, in order (checker thread)
 
     def start(self) -> None:
-        handler = _Handler(self)
         for folder in self.folders:
-            self.observer.schedule(handler, folder, recursive=True)
+            self._watches[folder] = (self.observer.schedule(self._handler, folder, recursive=True),
+                                     identity_of(os.stat(folder)))
         self.observer.start()
         self._checker.start()
         log.info("watching %s (%s)", ", ".join(self.folders) or "nothing",
@@ -139,17 +260,21 @@ class Watcher:
         self._events.put(event)
         self._wakeup.notify()
 
-    def notice(self, path: str, hinted: bool = False, t_seen: float | None = None, created: bool = False) -> None:
-        """A frame file to follow until it is complete (from watchdog, or the catch-up scan)."""
+    def notice(self, path: str, hinted: bool = False, t_seen: float | None = None, created: bool = False,
+               written: bool = False) -> None:
+        """A frame file to follow until it is complete (from watchdog, or the catch-up scan); ``written``: it
+        was closed after writing or renamed into place, so it is checked at once and judged as it is."""
         t_seen = t_seen or time.time()
+        hinted = hinted or written
         with self._lock:
             pending = self._pending.get(path)
             if pending is None:
-                self._pending[path] = _Pending(t_seen, time.monotonic(), created)
+                self._pending[path] = _Pending(t_seen, time.monotonic(), created, written=written)
                 self._emit(Event("seen", path, t_seen))
             else:
                 pending.hinted = pending.hinted or hinted
                 pending.created = pending.created or created
+                pending.written = pending.written or written
             if hinted:
                 self._lock.notify()
 
@@ -161,22 +286,41 @@ class Watcher:
         """
         found = 0
         for folder in self.folders:
-            for root, _dirs, names in os.walk(folder):
-                for name in sorted(names):
-                    path = os.path.join(root, name)
-                    if not is_frame_name(path):
-                        continue
-                    try:
-                        stat = os.stat(path)
-                    except OSError:
-                        continue
-                    if not is_known(path, identity_of(stat), stat.st_mtime):
-                        self.notice(path, hinted=True)
-                        found += 1
+            for path, stat in _frame_files(folder):
+                if not is_known(path, identity_of(stat), stat.st_mtime):
+                    self.notice(path, hinted=True)
+                    found += 1
         return found
 
+    def _rewatch_recreated(self) -> None:
+        """Watch again a watched folder that was deleted and re-created (its watch ended with the old folder),
+        and follow the frame files written into it before the new watch: new files all, even if an inode is
+        reused."""
+        watching = {emitter.watch for emitter in self.observer.emitters if emitter.is_alive()}
+        for folder, (watch, identity) in list(self._watches.items()):
+            try:
+                current = identity_of(os.stat(folder))
+                if current == identity and watch in watching:  # an inode may be reused: the watch's end tells
+                    continue
+                if watch is not None:
+                    self.observer.unschedule(watch)
+                    self._watches[folder] = (None, "")
+                self._watches[folder] = (self.observer.schedule(self._handler, folder, recursive=True), current)
+            except OSError:
+                continue  # gone (again): watched once it is back
+            log.warning("the watch on %s ended (the folder was deleted and re-created?): watching it again", folder)
+            for path, _stat in _frame_files(folder):
+                self.notice(path, hinted=True, created=True)
+
     def _check_loop(self) -> None:
+        next_rewatch = time.monotonic() + REWATCH_EVERY_S
         while not self._stopping.is_set():
+            if time.monotonic() >= next_rewatch:
+                next_rewatch = time.monotonic() + REWATCH_EVERY_S
+                try:
+                    self._rewatch_recreated()
+                except Exception as exc:  # a bug must cost a re-watch, never the checker thread
+                    log.error("watching the re-created folders again raised %s: %s", type(exc).__name__, exc)
             with self._lock:
                 self._lock.wait(RECHECK_S)
                 candidates = list(self._pending.items())
@@ -194,6 +338,10 @@ class Watcher:
 
     def _check(self, path: str, pending: _Pending) -> Event | None:
         def give_up(reason: str, identity: str) -> Event:
+            if identity:  # a writer may yet complete it (slow, or reopened): then it is a new outcome
+                self._given_up[path] = True
+                if len(self._given_up) > GIVEN_UP_KEPT:
+                    del self._given_up[next(iter(self._given_up))]
             return Event("incomplete", path, pending.t_seen, reason=reason, identity=identity, created=pending.created)
 
         now = time.monotonic()
@@ -202,7 +350,8 @@ class Watcher:
         except FileNotFoundError:
             return give_up("file vanished before it was complete", "")
         except OSError as exc:
-            return give_up("cannot stat: %s" % (exc.strerror or exc), "")
+            link = status_of(path)
+            return give_up(unreadable(exc), identity_of(link) if link else "")
         size = stat.st_size
         stable = size == pending.size
         if not stable:
@@ -210,10 +359,16 @@ class Watcher:
         hinted, pending.hinted = pending.hinted, False
         if hinted or (stable and size != pending.checked_size):
             pending.checked_size = size
-            if size > 0 and binary_complete(path):
+            pending.state, pending.cause = inspect(path)
+            if pending.state == COMPLETE:
                 return Event("complete", path, pending.t_seen, t_complete=time.time(), identity=identity_of(stat),
-                             created=pending.created)
+                             created=pending.created or self._given_up.pop(path, False))
+        # A file its writer is done with is judged as it is; one that merely stopped growing only once it
+        # cannot be a frame whatever comes next, or after the incomplete timeout (a writer may only be slow).
+        settled = now - pending.last_change >= SETTLE_S
+        if pending.written or (pending.state == NOT_A_FRAME and settled):
+            return give_up(pending.cause, identity_of(stat))
         if now - pending.last_change > self.incomplete_timeout_s:
-            return give_up("incomplete: no complete CBF binary section after %.0f s without growth"
-                           % self.incomplete_timeout_s, identity_of(stat))
+            return give_up("incomplete after %.0f s without growth: %s" % (self.incomplete_timeout_s, pending.cause),
+                           identity_of(stat))
         return None

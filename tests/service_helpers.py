@@ -265,3 +265,21 @@ def subscribe():
     yield make
     for subscriber in made:
         subscriber.close()
+
+
+def receiver(address: str) -> socket.socket:
+    """A datagram socket bound where a service is told to send its sd_notify messages (NOTIFY_SOCKET)."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(address)
+    sock.settimeout(0.1)
+    return sock
+
+
+def received(sock: socket.socket) -> list[str]:
+    """The notifications waiting on a receiver (it waits 0.1 s for each)."""
+    out = []
+    while True:
+        try:
+            out.append(sock.recv(4096).decode())
+        except (TimeoutError, BlockingIOError):
+            return out

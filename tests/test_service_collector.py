@@ -159,3 +159,31 @@ def test_a_hung_worker_is_reported_and_its_frame_requeued(tmp_path):
         dispatcher.close()
         ledger.close()
         context.term()
+
+
+def test_heartbeats_spend_no_seq_and_name_the_newest_with_the_ledger_id(wired):
+    collector, push, sub, ledger, roll = wired
+    frame_id = dispatched_frame(ledger)
+    deliver(collector, push, Ready(worker="w:1", pid=7))
+    collector.heartbeat(queue_depth=0)
+    deliver(collector, push, Result(worker="w:1", pid=7, lane=WATCH, id=frame_id, result={"status": "ok"}))
+    collector.heartbeat(queue_depth=0)
+    before, result, after = published(sub)
+    assert "seq" not in before and before["last_seq"] == 0 and before["ledger"] == ledger.id
+    assert result["seq"] == 1 and result["ledger"] == ledger.id
+    assert "seq" not in after and after["last_seq"] == 1 and ledger.last_seq() == 1
+
+
+def test_reports_the_ledger_refuses_wait_in_order_and_are_published_once_stored(wired):
+    collector, push, sub, ledger, roll = wired
+    frame_id = dispatched_frame(ledger)
+    ledger.db.execute("PRAGMA query_only = ON")  # SQLite refuses every write, as on a full disk
+    deliver(collector, push, Started(worker="w:1", pid=7, lane=WATCH, id=frame_id),
+            Result(worker="w:1", pid=7, lane=WATCH, id=frame_id, result={"status": "ok"}))
+    assert len(collector.unwritten) == 2 and ledger.write_error and published(sub) == []
+    assert ledger.get(frame_id).state == "dispatched" and not collector.write_waiting()
+    ledger.db.execute("PRAGMA query_only = OFF")
+    assert collector.write_waiting() and not collector.unwritten and ledger.write_error is None
+    [message] = published(sub)
+    assert message["seq"] == 1 and message["file"] == "/d/x_00001.cbf"
+    assert ledger.get(frame_id).state == "done" and ledger.get(frame_id).worker == "w:1"

@@ -67,12 +67,12 @@ def test_serve_reports_an_unusable_state_folder_or_ledger_in_one_line(tmp_path):
     corrupt = tmp_path / "corrupt"
     corrupt.mkdir()
     (corrupt / "ledger.sqlite3").write_bytes(b"this is not an SQLite database" * 100)
-    for state_dir, message in ((blocker / "state", "cannot use state folder"), (corrupt, "cannot open the ledger")):
+    for state_dir, message in ((blocker / "state", "cannot use state folder"), (corrupt, "is damaged")):
         pub, http = free_ports(2)
         done = subprocess.run(python_command("serve", "--state-dir", str(state_dir), "--workers", "0", "--pub",
                                              "tcp://127.0.0.1:%d" % pub, "--http", "127.0.0.1:%d" % http),
                               capture_output=True, text=True, env=child_env(), timeout=30)
-        assert done.returncode == 1 and message in done.stderr, done.stderr
+        assert done.returncode == 2 and message in done.stderr, done.stderr
         assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
 
 
@@ -85,7 +85,7 @@ def test_serve_reports_an_endpoint_in_use_in_one_line(tmp_path):
         done = subprocess.run(python_command("serve", "--state-dir", str(tmp_path), "--workers", "0", "--pub",
                                              "tcp://127.0.0.1:%d" % port, "--http", "127.0.0.1:%d" % free_port()),
                               capture_output=True, text=True, env=child_env(), timeout=30)
-    assert done.returncode == 1
+    assert done.returncode == 2
     assert "cannot bind pub endpoint tcp://127.0.0.1:%d" % port in done.stderr
     assert "Traceback" not in done.stderr
 

@@ -1,9 +1,15 @@
 """The ledger on a real SQLite file: state transitions, exactly-once finish, seq across restarts, tries."""
 from __future__ import annotations
 
+import base64
+import os
+import random
+import shutil
 import time
 
-from spotfinder_daemon.ledger import Ledger, read_messages
+import pytest
+
+from spotfinder_daemon.ledger import FILE_NAME, Ledger, LedgerDamaged, LedgerUnwritable, read_messages
 from spotfinder_daemon.publisher import failure_message, frame_message
 
 
@@ -21,18 +27,19 @@ def test_a_frame_is_finished_once_and_its_seq_survives_a_restart(tmp_path):
     ledger = Ledger(state_dir=str(tmp_path))
     first, second = queued(ledger, "/d/x_00001.cbf"), queued(ledger, "/d/x_00002.cbf")
     assert not ledger.enqueue("/d/x_00001.cbf", "/d/x_#####.cbf", 0.0, 0.0, "1:14")  # a second event changes nothing
-    heartbeat_seq = ledger.next_seq()
     one = ledger.finish(first, "done", time.time(), compose_ok)
     assert ledger.finish(first, "done", time.time(), compose_ok) is None  # the duplicate result is dropped
-    assert one["body"]["seq"] > heartbeat_seq
+    assert one["body"]["seq"] == 1 and one["body"]["ledger"] == ledger.id
     assert one["topic"] == "spotfinder.v1.result./d/x_#####.cbf"
     ledger.close()
 
     reopened = Ledger(state_dir=str(tmp_path))
     two = reopened.finish(second, "done", time.time(), compose_ok)
     assert two["body"]["seq"] == one["body"]["seq"] + 1
-    messages, last = read_messages(str(tmp_path), since=0)
+    assert reopened.id == ledger.id  # made once, kept in the ledger
+    messages, last, ledger_id = read_messages(str(tmp_path), since=0)
     assert [m["file"] for m in messages] == ["/d/x_00001.cbf", "/d/x_00002.cbf"] and last == two["body"]["seq"]
+    assert ledger_id == ledger.id and {m["ledger"] for m in messages} == {ledger.id}
     assert read_messages(str(tmp_path), since=one["body"]["seq"])[0] == [two["body"]]
     assert reopened.counts()["done"] == 2
 
@@ -110,3 +117,87 @@ def test_a_file_recreated_under_a_finished_name_reopens_its_frame(tmp_path):
     assert ledger.get(frame_id).state == "queued"
     ledger.mark_dispatched(frame_id, time.monotonic() + 10)
     assert ledger.give_up("/d/x_00001.cbf", "") is None  # in flight: not given up
+
+
+def ledger_with_history(state_dir, frames: int = 200) -> Ledger:
+    """A ledger of several pages: ``frames`` finished frames and their messages."""
+    ledger = Ledger(state_dir=str(state_dir))
+    for n in range(1, frames + 1):
+        ledger.finish(queued(ledger, "/d/x_%05d.cbf" % n), "done", time.time(), compose_ok)
+    return ledger
+
+
+def copy_as_killed(ledger: Ledger, to) -> None:
+    """The files a SIGKILL would leave: the database and its write-ahead log as they are now, not checkpointed."""
+    to.mkdir()
+    for suffix in ("", "-wal"):
+        shutil.copyfile(ledger.path + suffix, to / (FILE_NAME + suffix))
+
+
+def test_a_ledger_damaged_mid_file_or_emptied_is_refused_at_start(tmp_path):
+    ledger_with_history(tmp_path / "a").close()
+    damaged = tmp_path / "a" / FILE_NAME
+    with open(damaged, "r+b") as fh:  # random bytes over the middle pages
+        fh.seek(4 * 4096)
+        fh.write(random.Random(1).randbytes(3 * 4096))
+    with pytest.raises(LedgerDamaged, match="ledger %s is damaged: " % damaged):
+        Ledger(state_dir=str(tmp_path / "a"))
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / FILE_NAME).write_bytes(b"")
+    with pytest.raises(LedgerDamaged, match="empty or not a ledger"):
+        Ledger(state_dir=str(tmp_path / "b"))
+    fresh = Ledger(state_dir=str(tmp_path / "c"))  # a missing ledger is a new one, with an id of its own
+    assert fresh.id != ledger_with_history(tmp_path / "d", frames=1).id and fresh.last_seq() == 0
+
+
+def test_a_write_ahead_log_damaged_after_a_kill_is_refused_not_cut_short(tmp_path):
+    ledger = ledger_with_history(tmp_path / "live", frames=60)
+    copy_as_killed(ledger, tmp_path / "intact")
+    copy_as_killed(ledger, tmp_path / "torn")
+    copy_as_killed(ledger, tmp_path / "damaged")
+    wal_size = os.path.getsize(ledger.path + "-wal")
+    ledger.close()
+    with open(tmp_path / "torn" / (FILE_NAME + "-wal"), "ab") as fh:  # a frame cut short by the kill
+        fh.write(b"\x00" * 1000)
+    with open(tmp_path / "damaged" / (FILE_NAME + "-wal"), "r+b") as fh:
+        fh.seek(wal_size // 2)
+        fh.write(random.Random(2).randbytes(64))
+    for name in ("intact", "torn"):
+        kept = Ledger(state_dir=str(tmp_path / name))
+        assert kept.last_seq() == 60 and len(read_messages(str(tmp_path / name), since=0)[0]) == 60
+        kept.close()
+    with pytest.raises(LedgerDamaged, match="write-ahead log .* fails its checksum"):
+        Ledger(state_dir=str(tmp_path / "damaged"))
+
+
+def test_a_refused_write_is_rolled_back_and_noted_until_a_write_commits_again(tmp_path):
+    ledger = Ledger(state_dir=str(tmp_path))
+    frame_id = queued(ledger, "/d/x_00001.cbf")
+    ledger.db.execute("PRAGMA query_only = ON")  # SQLite refuses every write, as on a read-only folder
+    with pytest.raises(LedgerUnwritable, match="cannot be written: attempt to write a readonly database"):
+        ledger.finish(frame_id, "done", time.time(), compose_ok)
+    assert ledger.write_error and not ledger.check_writable()
+    assert ledger.get(frame_id).state == "queued" and ledger.last_seq() == 0 and not ledger.db.in_transaction
+    ledger.db.execute("PRAGMA query_only = OFF")
+    assert ledger.check_writable() and ledger.write_error is None
+    assert ledger.finish(frame_id, "done", time.time(), compose_ok)["body"]["seq"] == 1
+
+
+def test_a_path_that_is_not_utf8_is_kept_exactly(tmp_path):
+    """Linux names are bytes: one that is not UTF-8 (a surrogate-escaped str in Python) is stored and read back
+    exactly, found and known by that name, and its result published with the exact bytes too."""
+    path = os.fsdecode(b"/d/fz_name_\xff\xfe_0001.cbf")
+    ledger = Ledger(state_dir=str(tmp_path))
+    assert ledger.see(path, "/d/fz_name_\\xff\\xfe_####.cbf", time.time())
+    assert not ledger.see(path, "/d/fz_name_\\xff\\xfe_####.cbf", time.time())
+    assert ledger.enqueue(path, "/d/fz_name_\\xff\\xfe_####.cbf", time.time(), time.time(), "1:7")
+    assert ledger.find(path).path == path and [f.path for f in ledger.queued(10)] == [path]
+    assert ledger.find(os.fsdecode(b"/d/fz_name_\xff\xfd_0001.cbf")) is None
+    ledger.close()
+    reopened = Ledger(state_dir=str(tmp_path))
+    frame_id = reopened.find(path).id
+    body = reopened.finish(frame_id, "done", time.time(), compose_ok)["body"]
+    assert reopened.known(path, "1:7")
+    assert body["file"] == "/d/fz_name_\\xff\\xfe_0001.cbf"
+    assert os.fsdecode(base64.b64decode(body["file_bytes_b64"])) == path
+    assert read_messages(str(tmp_path), since=0)[0] == [body]

@@ -2,30 +2,13 @@
 from __future__ import annotations
 
 import signal
-import socket
 import time
 import uuid
 
 from spotfinder_daemon.notify import Notifier
-from service_helpers import child_env, make_service, real_frames, wait_for
+from service_helpers import child_env, make_service, real_frames, received, receiver, wait_for
 
 __all__ = ["make_service"]
-
-
-def receiver(address: str) -> socket.socket:
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    sock.bind(address)
-    sock.settimeout(0.1)
-    return sock
-
-
-def received(sock: socket.socket) -> list[str]:
-    out = []
-    while True:
-        try:
-            out.append(sock.recv(4096).decode())
-        except (TimeoutError, BlockingIOError):
-            return out
 
 
 def test_notifier_paths_abstract_sockets_and_absence(tmp_path):

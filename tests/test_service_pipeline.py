@@ -45,6 +45,11 @@ def process_exists(pid: int) -> bool:
         return False
 
 
+def stored_messages(subscriber) -> list[dict]:
+    """What the subscriber received that has a seq: everything but heartbeats."""
+    return [m for m in subscriber.messages if m["type"] != "heartbeat"]
+
+
 def expected_files(watch, count: int, template: str = "frame_#####.cbf") -> list[str]:
     return [str(watch / template.replace("#####", "%05d" % n)) for n in range(1, count + 1)]
 
@@ -59,7 +64,7 @@ def test_every_frame_published_exactly_once_with_increasing_seq(make_service, su
     thread.join(10)
 
     assert_exactly_once(results, expected_files(service.watch, 12))
-    assert_seq_increasing(subscriber.messages)
+    assert_seq_increasing(stored_messages(subscriber))
     first = min(results, key=lambda r: r["image_number"])
     assert first["status"] == "ok", first
     assert first["schema"] == "spotfinder.v1" and first["type"] == "result"
@@ -73,11 +78,15 @@ def test_every_frame_published_exactly_once_with_increasing_seq(make_service, su
 
     heartbeats = [m for m in subscriber.messages if m["type"] == "heartbeat"]
     assert heartbeats and {"queue_depth", "workers_alive", "frames_per_s", "frames_done", "frames_failed",
-                           "last_seq"} <= set(heartbeats[-1])
-    # last_seq is the newest stored message: a results-only subscriber can tell a lost result from a heartbeat
-    stored = {r["seq"] for r in results}
-    assert all(h["last_seq"] < h["seq"] and (h["last_seq"] in stored or h["last_seq"] == 0) for h in heartbeats)
-    wait_for(lambda: [m for m in subscriber.messages if m["type"] == "heartbeat"][-1]["last_seq"] == max(stored), 5,
+                           "last_seq", "ledger"} <= set(heartbeats[-1])
+    # heartbeats spend no seq: the seqs a subscriber sees, results and errors, run 1, 2, 3... without a gap,
+    # and every heartbeat names the newest of them, of the ledger every message names
+    stored = [m for m in subscriber.messages if m["type"] != "heartbeat"]
+    assert [m["seq"] for m in stored] == list(range(1, len(stored) + 1))
+    assert all("seq" not in h and (h["last_seq"] == 0 or h["last_seq"] in {m["seq"] for m in stored})
+               for h in heartbeats)
+    assert {m["ledger"] for m in subscriber.messages} == {service.get("/results")["ledger"]}
+    wait_for(lambda: [m for m in subscriber.messages if m["type"] == "heartbeat"][-1]["last_seq"] == len(stored), 5,
              "a heartbeat naming the last result")
 
     status = service.wait_status(lambda s: s["frames_done"] == 12, what="12 frames done")
@@ -149,7 +158,7 @@ def test_worker_killed_with_sigkill_mid_frame_loses_nothing(make_service, subscr
 
     assert resent, "no worker was killed while it held a frame"
     assert_exactly_once(results, expected_files(service.watch, count))
-    assert_seq_increasing(subscriber.messages)
+    assert_seq_increasing(stored_messages(subscriber))
     by_file = {r["file"]: r for r in results}
     assert all(by_file[path]["tries"] == 1 and by_file[path]["status"] == "ok" for path in resent), resent
     status = service.status()
@@ -180,7 +189,7 @@ def test_service_restarted_mid_run_loses_nothing(make_service, subscribe, how):
 
     assert_exactly_once(record, expected_files(service.watch, 30))
     assert all(r["status"] == "ok" for r in record), [r["error"] for r in record if r["status"] != "ok"]
-    assert_seq_increasing(subscriber.messages)
+    assert_seq_increasing(stored_messages(subscriber))
     if how == signal.SIGTERM:  # a clean stop publishes all it stored; a SIGKILL may lose what was being sent
         assert_exactly_once(subscriber.results(), expected_files(service.watch, 30))
         assert "stopped:" in first_log and "handed back to the ledger" in first_log
@@ -222,7 +231,7 @@ def test_incomplete_corrupt_and_vanished_frames_give_error_results(make_service,
     assert sorted(results) == ["corrupt_00001.cbf", "good_00001.cbf", "truncated_00001.cbf", "vanishing_00001.cbf"]
     assert results["good_00001.cbf"]["status"] == "ok"
     assert results["truncated_00001.cbf"]["status"] == "error"
-    assert "incomplete" in results["truncated_00001.cbf"]["error"]
+    assert "truncated: binary section has" in results["truncated_00001.cbf"]["error"]
     assert "vanished" in results["vanishing_00001.cbf"]["error"]
     assert results["corrupt_00001.cbf"]["status"] == "error" and results["corrupt_00001.cbf"]["error"]
     # the service gave up on two; the corrupt one was analysed and refused by the analysis

@@ -63,9 +63,12 @@ def test_replay_refuses_empty_and_corrupt_sources_in_one_line(tmp_path):
 
 
 def test_stop_with_a_garbled_pid_file_answers_in_one_line(tmp_path):
-    pid_file = tmp_path / "spotfinder.pid"
-    with open(pid_file, "w") as held:  # locked, as by a running service, but empty
-        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    (tmp_path / "spotfinder.pid").write_text("")
+    folder = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    try:  # the state folder locked, as by a running service, but its pid file empty
+        fcntl.flock(folder, fcntl.LOCK_EX | fcntl.LOCK_NB)
         done = subprocess.run(python_command("stop", "--state-dir", str(tmp_path), "--timeout", "1"),
                               capture_output=True, text=True, env=child_env(), timeout=30)
+    finally:
+        os.close(folder)
     assert done.returncode == 1 and "empty or garbled" in done.stderr and "Traceback" not in done.stderr

@@ -2,14 +2,19 @@
 from __future__ import annotations
 
 import bz2
+import gzip
 import os
+import shutil
 import threading
 import time
 
 import pytest
 
+from spotfinder_core.image import binary_section
 from spotfinder_daemon.watcher import Watcher
-from service_helpers import wait_for
+from service_helpers import make_service, subscribe, wait_for
+
+__all__ = ["make_service", "subscribe"]  # fixtures used by name
 
 
 @pytest.fixture(params=[False, True], ids=["inotify", "polling"])
@@ -63,16 +68,81 @@ def test_renamed_and_compressed_frames_and_other_files(watcher, tmp_path, make_f
 
 
 def test_incomplete_and_vanished_files_are_reported(watcher, tmp_path, make_frame):
+    """Files still open for writing: given up only after the incomplete timeout, with the cause, or vanished."""
     data = make_frame(str(tmp_path / "source_00001.cbf"))
-    (watcher.folder / "cut_00001.cbf").write_bytes(data[:-50])
-    (watcher.folder / "bad_00001.cbf.bz2").write_bytes(bz2.compress(data)[:-30])
-    gone = watcher.folder / "gone_00001.cbf"
-    gone.write_bytes(data[:100])
-    events(watcher, "seen", 3)
-    gone.unlink()
-    reported = {os.path.basename(e.path): e.reason for e in events(watcher, "incomplete", 3)}
+    with open(watcher.folder / "cut_00001.cbf", "wb") as cut, open(watcher.folder / "bad_00001.cbf.bz2", "wb") as bad, \
+            open(watcher.folder / "gone_00001.cbf", "wb") as gone:
+        for fh, part in ((cut, data[:-50]), (bad, bz2.compress(data)[:-30]), (gone, data[:100])):
+            fh.write(part)
+            fh.flush()
+        events(watcher, "seen", 3)
+        os.unlink(gone.name)
+        reported = {os.path.basename(e.path): e.reason for e in events(watcher, "incomplete", 3)}
     assert "vanished" in reported["gone_00001.cbf"]
-    assert "incomplete" in reported["cut_00001.cbf"] and "incomplete" in reported["bad_00001.cbf.bz2"]
+    assert reported["cut_00001.cbf"] == "incomplete after 1 s without growth: " + truncated(data[:-50])
+    assert reported["bad_00001.cbf.bz2"] == "incomplete after 1 s without growth: compressed stream ends early"
+
+
+def truncated(cut: bytes) -> str:
+    """The cause a frame cut to ``cut`` is reported with."""
+    section = binary_section(cut)
+    return "truncated: binary section has %d of its %d bytes (X-Binary-Size)" % (section.present, section.size)
+
+
+def bad_files(folder, data: bytes) -> dict[str, str]:
+    """Files that are not frames, written (and closed) at once: name -> the cause they must be reported with."""
+    (folder / "text_00001.cbf").write_text("not a frame\n")
+    (folder / "empty_00001.cbf").write_bytes(b"")
+    (folder / "header_00001.cbf").write_bytes(data[:data.index(b"--CIF-BINARY-FORMAT-SECTION--")])
+    (folder / "cut_00001.cbf").write_bytes(data[:-50])
+    (folder / "cut_00001.cbf.bz2").write_bytes(bz2.compress(data)[:-30])
+    (folder / "junk_00001.cbf.gz").write_bytes(b"not gzip at all")
+    locked = folder / "locked_00001.cbf"
+    if os.geteuid() == 0:  # root reads anything, except a write-only /proc/sys file
+        locked.symlink_to("/proc/sys/vm/compact_memory")
+    else:
+        hidden = folder / ".locked_00001.cbf"
+        hidden.write_bytes(data)
+        hidden.chmod(0)
+        hidden.rename(locked)
+    (folder / "loop_00001.cbf").symlink_to("loop_00001.cbf")
+    os.mkfifo(folder / "fifo_00001.cbf")
+    return {"text_00001.cbf": "not a CBF file (it does not start with ###CBF)", "empty_00001.cbf": "empty file",
+            "header_00001.cbf": "no binary section (marker or X-Binary-Size missing)",
+            "cut_00001.cbf": truncated(data[:-50]),
+            "cut_00001.cbf.bz2": "compressed stream ends early",
+            "junk_00001.cbf.gz": "corrupt compression: Not a gzipped file (b'no')",
+            "locked_00001.cbf": "unreadable: permission denied",
+            "loop_00001.cbf": "unreadable: symbolic link loop",
+            "fifo_00001.cbf": "not a regular file (a directory, device, FIFO or socket)"}
+
+
+@pytest.mark.parametrize("polling", [False, True], ids=["inotify", "polling"])
+def test_files_that_cannot_be_frames_are_reported_with_their_cause_without_the_timeout(polling, tmp_path, make_frame):
+    """Closed after writing (inotify tells) or unable to become a frame whatever comes next: reported within a
+    settle time with the cause the CLI would give, not 30 s later as "incomplete".  Without close events
+    (polling) a file that a slow writer may still extend waits for the timeout, and a link loop, which
+    watchdog's polling cannot stat, is found by the catch-up scan."""
+    data = make_frame(str(tmp_path / "source_00001.cbf"))
+    folder = tmp_path / "watch"
+    folder.mkdir()
+    w = Watcher(folders=(str(folder),), polling=polling, poll_interval_s=0.1, incomplete_timeout_s=30.0)
+    w.start()
+    try:
+        causes = bad_files(folder, data)
+        if polling:
+            causes = {name: cause for name, cause in causes.items()
+                      if name.startswith(("text", "junk", "lock", "loop", "fifo"))}
+            assert w.catch_up(lambda path, identity, mtime: not path.endswith("loop_00001.cbf")) == 1
+        collected = []
+        wait_for(lambda: collected.extend(w.drain()) or len([e for e in collected if e.kind == "incomplete"])
+                 >= len(causes), 10, "%d files reported" % len(causes))
+        time.sleep(0.5)
+        collected.extend(w.drain())
+    finally:
+        w.stop()
+    assert {os.path.basename(e.path): e.reason for e in collected if e.kind == "incomplete"} == causes
+    assert not [e for e in collected if e.kind == "complete"]
 
 
 def test_catch_up_follows_unknown_files_only(tmp_path, make_frame):
@@ -100,3 +170,74 @@ def test_a_flood_of_events_never_blocks_the_thread_that_reports_them(tmp_path):
     thread.start()
     assert done.wait(30), "notice() blocked on a full wake-up pipe"
     assert len(w.drain()) == 70_000 and w.drain() == []
+
+
+def test_a_watched_folder_deleted_and_recreated_is_watched_again_within_seconds(watcher, tmp_path, make_frame):
+    """Frames written into the re-created folder, before and after its new watch, are complete in seconds,
+    not at the next catch-up scan."""
+    data = make_frame(str(tmp_path / "source_00001.cbf"))
+    shutil.rmtree(watcher.folder)
+    time.sleep(0.5)  # the old watch sees the folder go
+    (watcher.folder / "sub").mkdir(parents=True)
+    (watcher.folder / "early_00001.cbf").write_bytes(data)  # most likely before the new watch
+    time.sleep(2.5)
+    (watcher.folder / "sub" / "late_00001.cbf").write_bytes(data)  # certainly after it
+    complete = events(watcher, "complete", 2, timeout=5.0)
+    assert sorted(os.path.basename(e.path) for e in complete) == ["early_00001.cbf", "late_00001.cbf"]
+    assert all(e.created for e in complete)  # new files, even if the file system reuses an inode
+
+
+def peak_rss_kib(pid: int) -> int:
+    """The process's peak resident memory (VmHWM)."""
+    with open("/proc/%d/status" % pid) as fh:
+        return next(int(line.split()[1]) for line in fh if line.startswith("VmHWM:"))
+
+
+def test_decompression_bombs_cost_the_service_no_memory_and_delay_no_frame(make_service, subscribe, make_frame,
+                                                                            tmp_path):
+    """A 3.8 kB .cbf.bz2 that inflates to 2 GiB (behind a real frame's header) and a 2 MB .cbf.gz that inflates
+    to 2 GiB of zeros: one error result each, the service's peak memory barely moves, good frames beside them
+    are analysed at once."""
+    service = make_service(workers=1).start()
+    subscriber = subscribe(service.pub)
+    data = make_frame(str(tmp_path / "source_00001.cbf"))
+    peak_before = peak_rss_kib(service.process.pid)
+    zeros_bz2 = bz2.compress(bytes(46 << 20))  # 81 bytes
+    (service.watch / "bomb_00001.cbf.bz2").write_bytes(bz2.compress(data) + zeros_bz2 * 47)
+    zeros_gz = gzip.compress(bytes(64 << 20))  # 64 kB
+    (service.watch / "bomb_00002.cbf.gz").write_bytes(zeros_gz * 32)
+    for number in (1, 2):
+        make_frame(str(service.watch / ("good_%05d.cbf" % number)), seed=number)
+    results = {os.path.basename(r["file"]): r for r in subscriber.settled_results(service, 4, 30)}
+    assert sorted(results) == ["bomb_00001.cbf.bz2", "bomb_00002.cbf.gz", "good_00001.cbf", "good_00002.cbf"]
+    assert "decompression bomb" in results["bomb_00001.cbf.bz2"]["error"]
+    assert "not a CBF file" in results["bomb_00002.cbf.gz"]["error"]
+    assert all(results["good_%05d.cbf" % n]["status"] == "ok" for n in (1, 2))
+    assert max(r["t_done"] for r in results.values()) - min(r["t_seen"] for r in results.values()) < 10
+    assert peak_rss_kib(service.process.pid) - peak_before < 50 * 1024
+
+
+def test_a_file_given_up_and_completed_later_is_complete_as_a_new_file(watcher, tmp_path, make_frame):
+    """A writer that closes a frame half-written and later appends the rest: the early verdict is not final,
+    the completed file is reported as new (``created``), so the ledger analyses it."""
+    data = make_frame(str(tmp_path / "source_00001.cbf"))
+    target = watcher.folder / "slow_00001.cbf"
+    target.write_bytes(data[:-500])
+    assert events(watcher, "incomplete", 1)[0].reason.endswith(truncated(data[:-500]))
+    with open(target, "ab") as fh:
+        fh.write(data[-500:])
+    complete = events(watcher, "complete", 1)
+    assert [(e.path, e.created) for e in complete] == [(str(target), True)]
+
+
+def test_the_service_answers_bad_files_with_their_cause_long_before_the_incomplete_timeout(make_service, subscribe,
+                                                                                           make_frame, tmp_path):
+    service = make_service(workers=1, incomplete_timeout_s=30.0).start()
+    subscriber = subscribe(service.pub)
+    causes = bad_files(service.watch, make_frame(str(tmp_path / "source_00001.cbf")))
+    make_frame(str(service.watch / "good_00001.cbf"))
+    started = time.monotonic()
+    results = {os.path.basename(r["file"]): r for r in subscriber.settled_results(service, len(causes) + 1, 20)}
+    assert time.monotonic() - started < 10
+    assert results.pop("good_00001.cbf")["status"] == "ok"
+    assert {name: r["error"] for name, r in results.items()} == causes

@@ -40,7 +40,7 @@ def test_units_verify(tmp_path, name, instance):
 def test_service_unit_is_notify_with_watchdog_and_hardening():
     service = unit("spotfinder.service")["Service"]
     assert service["Type"] == "notify" and int(service["WatchdogSec"]) > 0
-    assert service["Restart"] == "on-failure"
+    assert service["Restart"] == "on-failure" and service["RestartPreventExitStatus"] == "2"
     assert service["ExecStart"].endswith("serve --config /etc/spotfinder/spotfinder.yaml")
     assert service["User"] == "spotfinder" and service["StateDirectory"] == "spotfinder"
     assert "NUMBA_CACHE_DIR=/var/lib/spotfinder" in service["Environment"]  # writable JIT cache
