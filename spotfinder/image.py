@@ -81,6 +81,8 @@ def _open_regular(path: str):
     except OSError as exc:
         if exc.errno == errno.ENXIO:  # a socket, or a device without its driver
             raise FrameError(NOT_REGULAR) from None
+        if exc.errno == errno.ELOOP:
+            raise FrameError("unreadable: symbolic link loop") from None
         raise
     status = os.fstat(fd)
     if not stat.S_ISREG(status.st_mode):
@@ -173,7 +175,8 @@ def read_bytes(path: str) -> bytes:
     except PermissionError:
         raise FrameError("permission denied") from None
     except (OSError, EOFError, ValueError) as exc:
-        raise FrameError("cannot read (corrupt compression?): %s" % exc) from None
+        compressed = path.endswith((".gz", ".bz2"))
+        raise FrameError("cannot read%s: %s" % (" (corrupt compression?)" if compressed else "", exc)) from None
 
 
 def parse_header(raw: bytes) -> dict[str, object]:

@@ -190,3 +190,10 @@ def test_a_file_larger_than_any_frame_is_refused_unread(tmp_path):
         fh.truncate(MAX_FRAME_BYTES + 1)  # sparse: no disk used
     result = analyse(str(huge))
     assert result.status == "error" and "larger than any frame" in result.error
+
+
+def test_a_symbolic_link_loop_is_named_as_such(tmp_path):
+    (tmp_path / "loop_a_0001.cbf").symlink_to(tmp_path / "loop_b_0001.cbf")
+    (tmp_path / "loop_b_0001.cbf").symlink_to(tmp_path / "loop_a_0001.cbf")
+    result = analyse(str(tmp_path / "loop_a_0001.cbf"))
+    assert result.status == "error" and result.error == "unreadable: symbolic link loop"
