@@ -345,6 +345,9 @@ class Watcher:
             return Event("incomplete", path, pending.t_seen, reason=reason, identity=identity, created=pending.created)
 
         now = time.monotonic()
+        # Read before the file is: a close event that lands while it is inspected must not turn what the
+        # inspection saw of the unfinished file into a final verdict (it hints a fresh check instead).
+        written = pending.written
         try:
             stat = os.stat(path)
         except FileNotFoundError:
@@ -366,7 +369,7 @@ class Watcher:
         # A file its writer is done with is judged as it is; one that merely stopped growing only once it
         # cannot be a frame whatever comes next, or after the incomplete timeout (a writer may only be slow).
         settled = now - pending.last_change >= SETTLE_S
-        if pending.written or (pending.state == NOT_A_FRAME and settled):
+        if written or (pending.state == NOT_A_FRAME and settled):
             return give_up(pending.cause, identity_of(stat))
         if now - pending.last_change > self.incomplete_timeout_s:
             return give_up("incomplete after %.0f s without growth: %s" % (self.incomplete_timeout_s, pending.cause),

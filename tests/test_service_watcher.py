@@ -11,6 +11,7 @@ import time
 import pytest
 
 from spotfinder_core.image import binary_section
+from spotfinder_daemon import watcher as watcher_module
 from spotfinder_daemon.watcher import Watcher
 from service_helpers import make_service, subscribe, wait_for
 
@@ -241,3 +242,30 @@ def test_the_service_answers_bad_files_with_their_cause_long_before_the_incomple
     assert time.monotonic() - started < 10
     assert results.pop("good_00001.cbf")["status"] == "ok"
     assert {name: r["error"] for name, r in results.items()} == causes
+
+
+def test_a_close_that_lands_while_the_file_is_inspected_does_not_fail_the_frame(tmp_path, make_frame, monkeypatch):
+    """The writer finishes while the checker reads the unfinished file: that reading is not the final verdict
+    (the close hints a fresh check, which finds the frame complete)."""
+    data = make_frame(str(tmp_path / "source_00001.cbf"), shape=(200, 160))
+    folder = tmp_path / "watched"
+    folder.mkdir()
+    path = str(folder / "x_00001.cbf")
+    writer = open(path, "wb")
+    writer.write(data[: len(data) * 3 // 4])
+    writer.flush()
+    w = Watcher(folders=(str(folder),))
+    w.notice(path, hinted=True)
+    real_inspect = watcher_module.inspect
+
+    def inspect_while_the_writer_finishes(inspected: str):
+        seen = real_inspect(inspected)
+        writer.write(data[len(data) * 3 // 4:])
+        writer.close()
+        w.notice(path, written=True)  # its close event
+        return seen
+
+    monkeypatch.setattr(watcher_module, "inspect", inspect_while_the_writer_finishes)
+    assert w._check(path, w._pending[path]) is None
+    monkeypatch.setattr(watcher_module, "inspect", real_inspect)
+    assert w._check(path, w._pending[path]).kind == "complete"
