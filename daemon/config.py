@@ -295,6 +295,18 @@ take no seq and carry last_seq, the newest, so any gap in the seqs a subscriber 
 A local worker loads its compiled kernels (about 1 s) before it joins, or compiles them when numba's cache
 is missing or stale (14 s measured on one free core, more with several workers per core).  One that has not
 joined within worker_liveness_s plus this is killed and replaced, and its next start is allowed twice as long.""")
+    worker_memory_mb: int | None = setting(
+        1024, kind=INTEGER, minimum=512, nullable=True, section=WORKERS, above="""\
+The budget of each worker for one frame, sent with each job so remote workers follow it too.  Memory: the
+worker's data (its heap and private mappings, RLIMIT_DATA) may not grow past this; a frame needing more is
+one error result "out of memory (budget N MB)", and the worker goes on (or leaves for a fresh one when the
+analysis could not free that frame's arrays).  A worker holds ~250 MB of its own; with an EIGER2 16M frame it
+peaks at ~650 MB, with a PILATUS 6M frame at ~400 MB.  null = no limit.""")
+    worker_frame_s: float | None = setting(
+        30.0, kind=NUMBER, minimum=0.01, nullable=True, section=WORKERS, above="""\
+Time: a frame still running after this long is one error result, not sent again; its worker leaves and a
+fresh one starts (a PILATUS 6M frame takes ~0.2 s).  It acts only below frame_timeout_s, which stays for
+workers that stop answering altogether.  null = no limit.""")
 
     state_dir: str = setting(
         "", kind=STATE_FOLDER, section=DELIVERY, flag=Flag(help="folder of the ledger", metavar="DIR"),

@@ -14,7 +14,8 @@ at most for the frames its worker already holds, never for the watcher's backlog
 own resend rules; the dispatcher only tells it when time passes and workers are lost.
 
 Every job leaves as a :class:`~spotfinder_daemon.protocol.Job`: lane ``query`` for the lane's jobs, lane ``watch``
-with the ledger id for frames, both with the service's parameters and its ``verify_md5`` setting; a frame's
+with the ledger id for frames, both with the service's parameters, its ``verify_md5`` setting and the workers'
+budget per frame (memory, time); a frame's
 job names the watched folders as its ``roots``, for the worker to check the file it opens against.
 """
 from __future__ import annotations
@@ -22,7 +23,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import zmq
 
@@ -48,7 +49,8 @@ class Expiry:
 class Dispatcher:
     def __init__(self, *, context: zmq.Context, endpoint: str, ledger: Ledger, params: Params,
                  dispatch_timeout_s: float, max_tries: int, lane: Lane, verify_md5: bool = True,
-                 watch_roots: tuple[str, ...] | None = None):
+                 watch_roots: tuple[str, ...] | None = None, budget_mb: int | None = None,
+                 budget_s: float | None = None):
         self.socket = context.socket(zmq.PUSH)
         self.socket.setsockopt(zmq.SNDHWM, 1)
         self.socket.setsockopt(zmq.LINGER, 0)  # unsent jobs stay queued in the ledger anyway
@@ -56,6 +58,7 @@ class Dispatcher:
         self.ledger = ledger
         self.params = params
         self.verify_md5 = verify_md5  # sent with every job, so remote workers follow the service's setting
+        self.budget = {"budget_mb": budget_mb, "budget_s": budget_s}  # the worker's budget, sent the same way
         self.dispatch_timeout_s = dispatch_timeout_s
         self.max_tries = max_tries
         self.lane = lane
@@ -69,7 +72,7 @@ class Dispatcher:
         jobs = self.lane.take(room)
         for n, job in enumerate(jobs):
             try:
-                self.socket.send(protocol.encode(job.message(self.verify_md5)), zmq.NOBLOCK)
+                self.socket.send(protocol.encode(replace(job.message(self.verify_md5), **self.budget)), zmq.NOBLOCK)
             except zmq.Again:
                 for unsent in reversed(jobs[n:]):
                     self.lane.put_back(unsent)
@@ -87,7 +90,7 @@ class Dispatcher:
 
     def _frame_job(self, frame: Frame) -> protocol.Job:
         return protocol.Job(lane=protocol.WATCH, id=frame.id, frame=protocol.FrameRef(path=frame.path),
-                            params=self.params, verify_md5=self.verify_md5, roots=self.watch_roots)
+                            params=self.params, verify_md5=self.verify_md5, roots=self.watch_roots, **self.budget)
 
     def expire(self, now: float) -> Expiry:
         """Re-queue overdue frames and jobs; the frames that used up their tries and must be failed (the lane

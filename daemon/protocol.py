@@ -13,7 +13,7 @@ and the message ``type`` besides the fields of its class, for example::
     {"v": 1, "type": "job", "lane": "watch", "id": 42,
      "frame": {"path": "/data/x_00001.cbf", "index": null},
      "params": {"distl.res.outer": 2.0, "distl.scanbox_windows": [101, 51, 51]},
-     "verify_md5": true, "reply": null, "roots": ["/data"]}
+     "verify_md5": true, "reply": null, "roots": ["/data"], "budget_mb": 1024, "budget_s": 30.0}
     {"v": 1, "type": "heartbeat", "worker": "host:1a2b3c4d5e6f", "pid": 4711, "host": "host",
      "busy": {"lane": "query", "id": 3}}
 
@@ -76,7 +76,8 @@ class FrameRef:
 @dataclass(frozen=True, kw_only=True)
 class Job:
     """Service -> worker: analyse one frame; ``reply`` asks for DISTL's text as well (``body`` or ``post``);
-    ``roots``: the folders the opened frame must really lie in (None: no check)."""
+    ``roots``: the folders the opened frame must really lie in (None: no check); ``budget_mb`` and ``budget_s``:
+    the worker's memory and time budget for it (None: none), sent with the job so remote workers follow them."""
 
     TYPE: ClassVar[str] = "job"
     lane: str
@@ -86,6 +87,8 @@ class Job:
     verify_md5: bool = True
     reply: str | None = None
     roots: tuple[str, ...] | None = None
+    budget_mb: int | None = None
+    budget_s: float | None = None
 
     @property
     def key(self) -> JobKey:
@@ -300,6 +303,8 @@ FIELDS: dict[str, Callable[[str, object], object]] = {
     "verify_md5": _boolean,
     "reply": _reply,
     "roots": _roots,
+    "budget_mb": _optional(lambda v: _is_int(v) and v > 0, "a positive integer"),
+    "budget_s": _optional(lambda v: _is_number(v) and v > 0, "a positive number"),
 }
 
 

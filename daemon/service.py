@@ -103,7 +103,7 @@ class Service:
         self.dispatcher = self._bind("work", s.work_endpoint, lambda: Dispatcher(
             context=self.context, endpoint=s.work_endpoint, ledger=self.ledger, params=s.params(),
             dispatch_timeout_s=s.dispatch_timeout_s, max_tries=s.max_tries, lane=self.lane, verify_md5=s.verify_md5,
-            watch_roots=s.watch))
+            watch_roots=s.watch, budget_mb=s.worker_memory_mb, budget_s=s.worker_frame_s))
         try:
             host, port = s.http_address
             self.http = HttpServer(host=host, port=port, timeout_s=s.http_timeout_s,

@@ -14,16 +14,33 @@ blocking: a FIFO is refused, not waited on), asks the kernel where the *opened* 
 open file through a link in its own private folder, so what is analysed is what was checked, whatever
 symlinks change meanwhile.  A refused frame gets an error result from :data:`~spotfinder_daemon.protocol.REFUSALS`.
 
+A job carries the worker's budget for its frame.  Memory (``budget_mb``): the process's data segment
+(RLIMIT_DATA: heap and private writable mappings, which numpy's large arrays are) may not grow past it, so a
+frame needing more raises MemoryError and becomes the error result "out of memory (budget N MB)".  RLIMIT_DATA,
+not RLIMIT_AS: the address space also counts the libraries mapped read-only (~260 MB here), which have nothing
+to do with a frame.  The worker goes on when the frame's arrays were freed; but numba does not free what a
+kernel had allocated when an allocation inside it fails (measured: 100-220 MB each time, until good frames no
+longer fit), so after such a frame (glibc's count of allocated bytes tells) the worker answers and leaves, and
+its pool starts a fresh one.
+
+Time (``budget_s``): a thread watches the running frame; past the budget it sends the error result "took
+longer than the budget of N s" and ends the process, since code running in a numba kernel cannot be
+interrupted and a frame that slow may never end.  The result goes out first, so the service takes it as the
+frame's answer (no re-send) and its pool starts a fresh worker.  The service's own ``frame_timeout_s`` stays
+for workers that stop answering at all (one stuck in native code holding the GIL cannot run this thread).
+
 Run by the service (``python -m spotfinder_daemon.worker``) or on other hosts by ``spotfinder worker --connect HOST``.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import dataclasses
 import fnmatch
 import logging
 import os
+import resource
 import signal
 import stat
 import sys
@@ -46,6 +63,12 @@ log = logging.getLogger("spotfinder.worker")
 # Test hook: a worker exits abruptly on frames whose file name matches this pattern, the way a crash in
 # native code would.  It lets the tests prove that a frame which kills workers ends as "failed".
 CRASH_HOOK = "SPOTFINDER_TEST_CRASH_ON"
+# Test hook: a worker sleeps instead of analysing frames whose file name matches this pattern, the way a frame
+# stuck in endless work would.  It lets the tests prove that the time budget answers such a frame once.
+STALL_HOOK = "SPOTFINDER_TEST_STALL_ON"
+STALL_S = 3600.0
+KEPT_BY_CACHES = 16 << 20  # bytes a frame may leave allocated in the library's caches (geometry tables)
+BUDGET_CHECK_S = 0.1  # how often the watch thread looks at the running frame's deadline
 
 
 FORMATTERS = {"body": format_body, "post": format_post, "bcsb": format_bcsb}
@@ -84,11 +107,58 @@ def opened_inside(path: str, roots: tuple[str, ...], scratch: str):
         os.close(fd)
 
 
+def limit_memory(budget_mb: int | None) -> None:
+    """Hold this process's data segment to ``budget_mb`` (None: as far as the hard limit lets it grow)."""
+    _, hard = resource.getrlimit(resource.RLIMIT_DATA)
+    soft = hard if budget_mb is None else budget_mb << 20
+    if hard != resource.RLIM_INFINITY:
+        soft = min(soft, hard)
+    resource.setrlimit(resource.RLIMIT_DATA, (soft, hard))
+
+
+OUT_OF_MEMORY = "out of memory"  # analyse()'s error for a MemoryError
+
+
+def out_of_memory(budget_mb: int | None) -> str:
+    return OUT_OF_MEMORY if budget_mb is None else "%s (budget %d MB)" % (OUT_OF_MEMORY, budget_mb)
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                      "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
+def allocated_bytes() -> int | None:
+    """Bytes the C allocator has handed out and not had back (numpy's and numba's arrays live there), without
+    the freed memory glibc keeps for the next frame, which the process's size includes; None off glibc 2.33+."""
+    try:
+        mallinfo2 = ctypes.CDLL("libc.so.6").mallinfo2
+    except (OSError, AttributeError):
+        return None
+    mallinfo2.restype = _MallInfo2
+    info = mallinfo2()
+    return info.uordblks + info.hblkhd
+
+
+def gave_back(allocated_before: int | None) -> bool:
+    """Whether the arrays allocated since ``allocated_before`` (see :func:`allocated_bytes`) were all freed,
+    within what caches may keep; False when the allocator cannot tell."""
+    allocated_after = allocated_bytes()
+    return (allocated_before is not None and allocated_after is not None
+            and allocated_after <= allocated_before + KEPT_BY_CACHES)
+
+
+def answer(job: protocol.Job, result: Result) -> tuple[dict, str | None]:
+    """A job's result as it is sent: the result's fields, and its text if the job asks for one."""
+    formatter = FORMATTERS.get(job.reply)
+    return result.as_dict(), formatter(result) if formatter else None
+
+
 def analyse_job(job: protocol.Job, scratch: str) -> tuple[dict, str | None]:
     """The result of one job, and its text if the job asks for one; any exception becomes an error result.
     ``scratch``: the worker's private folder for :func:`opened_inside`."""
     path, index = job.frame.path, job.frame.index
-    formatter = FORMATTERS.get(job.reply)
+    limit_memory(job.budget_mb)
     try:
         if index is not None:
             result = Result.failure(path, "multi-frame files are not supported yet (frame index %d)" % index)
@@ -97,14 +167,29 @@ def analyse_job(job: protocol.Job, scratch: str) -> tuple[dict, str | None]:
         else:
             with opened_inside(path, job.roots, scratch) as opened:
                 result = analyse(opened, job.params, shown_as=path, verify_md5=job.verify_md5)
-        return result.as_dict(), formatter(result) if formatter else None
+        if result.error == OUT_OF_MEMORY:
+            result.error = out_of_memory(job.budget_mb)
+            log.warning("%s: %s", path, result.error)
+        return answer(job, result)
     except Refused as refused:
         log.warning("refused %s: %s", path, refused)
         return Result.failure(path, str(refused)).as_dict(), None
+    except MemoryError:  # past the budget outside analyse() (opening, formatting): the same verdict
+        log.warning("%s: %s", path, out_of_memory(job.budget_mb))
+        return answer(job, Result.failure(path, out_of_memory(job.budget_mb)))
     except Exception as exc:  # a bug or a bad parameter must cost one frame, not the worker
         log.error("analysis of %s raised %s: %s", path, type(exc).__name__, exc)
-        result = Result.failure(path, "analysis raised %s: %s" % (type(exc).__name__, exc))
-        return result.as_dict(), formatter(result) if formatter else None
+        return answer(job, Result.failure(path, "analysis raised %s: %s" % (type(exc).__name__, exc)))
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Running:
+    """The job a worker is analysing, when it started (wall clock, for its reports) and its time budget's
+    deadline (``time.monotonic()``; None: no budget)."""
+
+    job: protocol.Job
+    t_start: float
+    deadline: float | None
 
 
 class Worker:
@@ -116,6 +201,8 @@ class Worker:
         self.heartbeat_s = heartbeat_s
         self.parent_pid = parent_pid
         self.busy: protocol.JobKey | None = None
+        self.running: Running | None = None
+        self.answering = threading.Lock()  # held by whoever answers the running job: the loop or the watch
         self.stopping = threading.Event()
         self.context = zmq.Context()
 
@@ -158,6 +245,30 @@ class Worker:
         finally:
             sock.close(linger=0)
 
+    def _watch_time_budget(self) -> None:
+        """Answer the running job with an error result once it is past its time budget, then end the process:
+        the loop, waiting for the lock to send its own result, never does."""
+        while True:
+            time.sleep(BUDGET_CHECK_S)
+            with self.answering:
+                running = self.running
+                if running is None or running.deadline is None or time.monotonic() < running.deadline:
+                    continue
+                job = running.job
+                log.error("%s took longer than the budget of %g s: answered as an error; this worker leaves and "
+                          "a fresh one takes its place", job.frame.path, job.budget_s)
+                failure = Result.failure(job.frame.path, "took longer than the budget of %g s" % job.budget_s)
+                result, text = answer(job, failure)
+                context = zmq.Context()  # its own, so term() waits until this one result is sent
+                sock = context.socket(zmq.PUSH)
+                sock.setsockopt(zmq.LINGER, 5000)
+                sock.connect(self.results_endpoint)
+                self._send(sock, protocol.Result, lane=job.lane, id=job.id, t_start=running.t_start, result=result,
+                           text=text)
+                sock.close()
+                context.term()
+                os._exit(0)
+
     def run(self) -> int:
         pull = self.context.socket(zmq.PULL)
         pull.setsockopt(zmq.RCVHWM, 1)  # hoard nothing: a frame waits in the dispatcher, not here
@@ -171,7 +282,8 @@ class Worker:
             log.warning("warm-up failed (%s: %s); the first frame will compile the kernels", type(exc).__name__, exc)
         self._send(results, protocol.Ready)
         threading.Thread(target=self._heartbeats, name="heartbeat", daemon=True).start()
-        crash_pattern = os.environ.get(CRASH_HOOK)
+        threading.Thread(target=self._watch_time_budget, name="time-budget", daemon=True).start()
+        crash_pattern, stall_pattern = os.environ.get(CRASH_HOOK), os.environ.get(STALL_HOOK)
         scratch = tempfile.TemporaryDirectory(prefix="spotfinder-worker-")  # 0700: nobody else can swap its links
         log.info("worker %s pulling from %s, results to %s", self.id, self.work_endpoint, self.results_endpoint)
         try:
@@ -189,10 +301,23 @@ class Worker:
                 self._send(results, protocol.Started, lane=job.lane, id=job.id, t_start=t_start)
                 if crash_pattern and fnmatch.fnmatch(os.path.basename(job.frame.path), crash_pattern):
                     os._exit(86)
+                deadline = None if job.budget_s is None else time.monotonic() + job.budget_s
+                with self.answering:
+                    self.running = Running(job=job, t_start=t_start, deadline=deadline)
+                if stall_pattern and fnmatch.fnmatch(os.path.basename(job.frame.path), stall_pattern):
+                    time.sleep(STALL_S)
+                allocated_before = allocated_bytes()
                 result, text = analyse_job(job, scratch.name)
+                with self.answering:
+                    self.running = None
                 self._send(results, protocol.Result, lane=job.lane, id=job.id, t_start=t_start, result=result,
                            text=text)
                 self.busy = None
+                if str(result.get("error")).startswith(OUT_OF_MEMORY) and not gave_back(allocated_before):
+                    log.warning("the arrays of %s were not all freed (%s bytes allocated, %s before it); this "
+                                "worker leaves and a fresh one takes its place", job.frame.path, allocated_bytes(),
+                                allocated_before)
+                    self.stopping.set()
         finally:
             self.stopping.set()
             pull.close()

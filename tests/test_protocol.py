@@ -54,7 +54,7 @@ def test_the_wire_form_is_versioned_json_with_lane_id_and_frame():
     assert job == {"v": VERSION, "type": "job", "lane": "watch", "id": 42,
                    "frame": {"path": "/d/x_00001.cbf", "index": None},
                    "params": {"distl.res.outer": 2.5, "distl.scanbox_windows": [101, 51, 51]},
-                   "verify_md5": True, "reply": None, "roots": None}
+                   "verify_md5": True, "reply": None, "roots": None, "budget_mb": None, "budget_s": None}
     heartbeat = json.loads(protocol.encode(MESSAGES[-2]))
     assert heartbeat == {"v": VERSION, "type": "heartbeat", **WORKER, "busy": {"lane": "query", "id": 3}}
 
