@@ -18,10 +18,8 @@ Events go to the main loop through :meth:`drain`; :meth:`fileno` becomes readabl
 """
 from __future__ import annotations
 
-import bz2
 import errno
 import fnmatch
-import gzip
 import logging
 import os
 import queue
@@ -29,14 +27,14 @@ import threading
 import time
 import zlib
 from dataclasses import dataclass
-from stat import S_ISREG
 
 from watchdog.events import FileClosedEvent, FileMovedEvent, FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 from watchdog.observers.api import ObservedWatch
 from watchdog.observers.polling import PollingObserver
 
-from spotfinder_core.image import BINARY_SLACK, MAX_FRAME_BYTES, MIME_HEADER_BYTES, binary_section
+from spotfinder_core.image import (BINARY_SLACK, LINK_LOOP, MAX_FRAME_BYTES, MIME_HEADER_BYTES, FrameError,
+                                   binary_section, decompressed_bound, decompressing, open_frame_file)
 
 from .wakeup import Wakeup
 
@@ -86,21 +84,22 @@ def inspect(path: str) -> tuple[str, str]:
     declares, so a decompression bomb costs neither memory nor more than one frame's decoding.
     """
     try:
-        # without blocking, so a FIFO cannot hold the checker until a writer comes
-        with os.fdopen(os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC), "rb") as raw:
-            status = os.fstat(raw.fileno())
-            if not S_ISREG(status.st_mode):
-                return NOT_A_FRAME, "not a regular file (a directory, device, FIFO or socket)"
-            if path.endswith((".gz", ".bz2")):
-                return _inspect_compressed(raw, path.endswith(".gz"), status.st_size)
-            return _judge(raw.read(MIME_HEADER_BYTES), status.st_size)
+        raw, size = open_frame_file(path)  # the reader's own opening: without blocking, regular files only
+        with raw:
+            stream = decompressing(raw, path)
+            if stream is None:
+                return _judge(raw.read(MIME_HEADER_BYTES), size)
+            with stream:
+                return _inspect_compressed(stream, size)
+    except FrameError as exc:
+        return NOT_A_FRAME, str(exc)
     except OSError as exc:
         return NOT_A_FRAME, unreadable(exc)
 
 
 def unreadable(exc: OSError) -> str:
     if exc.errno == errno.ELOOP:
-        return "unreadable: symbolic link loop"
+        return LINK_LOOP
     return "unreadable: %s" % (exc.strerror or exc).lower()
 
 
@@ -123,22 +122,21 @@ def _judge(head: bytes, size: int) -> tuple[str, str]:
     return COMPLETE, ""
 
 
-def _inspect_compressed(raw, gzipped: bool, compressed_size: int) -> tuple[str, str]:
+def _inspect_compressed(stream, compressed_size: int) -> tuple[str, str]:
     """A compressed frame is complete when its stream ends cleanly after the whole binary section, within the
-    length its header declares (plus BINARY_SLACK for padding and the closing lines)."""
+    length its header declares (the reader's own bound, :func:`decompressed_bound`)."""
     if compressed_size == 0:
         return PARTIAL, "empty file"
     try:
-        with gzip.GzipFile(fileobj=raw, mode="rb") if gzipped else bz2.BZ2File(raw, "rb") as stream:
-            head = stream.read(MIME_HEADER_BYTES)
-            state, cause = _judge(head, len(head))
-            if state == NOT_A_FRAME:
-                return state, cause
-            section = binary_section(head)
-            limit = (section.start + section.size if section else MIME_HEADER_BYTES) + BINARY_SLACK
-            size = len(head)
-            while size <= limit and (chunk := stream.read(min(READ_CHUNK, limit + 1 - size))):
-                size += len(chunk)
+        head = stream.read(MIME_HEADER_BYTES)
+        state, cause = _judge(head, len(head))
+        if state == NOT_A_FRAME:
+            return state, cause
+        section = binary_section(head)
+        limit = decompressed_bound(section) if section else MIME_HEADER_BYTES + BINARY_SLACK
+        size = len(head)
+        while size <= limit and (chunk := stream.read(min(READ_CHUNK, limit + 1 - size))):
+            size += len(chunk)
     except EOFError:
         return PARTIAL, "compressed stream ends early"
     except (OSError, zlib.error) as exc:

@@ -39,6 +39,7 @@ DISTANCE_MM = (1.0, 1e5)
 WAVELENGTH_A = (1e-3, 100.0)
 BEAM_REACH = 100  # detector widths the beam may lie from the centre (see _beam_reach)
 NOT_REGULAR = "not a regular file (a device, FIFO or socket)"
+LINK_LOOP = "unreadable: symbolic link loop"
 
 # (slow, fast) sizes → DISTL vendortype; the vendortype picks the scanbox tiling.
 PILATUS_SIZES = {(2527, 2463): "Pilatus-6M", (1679, 1475): "Pilatus-2M", (619, 487): "Pilatus-300K",
@@ -70,9 +71,9 @@ class Frame:
         return re.sub("#+", "%0*d" % (width, self.image_number), self.template)
 
 
-def _open_regular(path: str):
+def open_frame_file(path: str):
     """``path`` opened for reading as a binary file object, and its size; FrameError unless it is a regular file
-    of at most MAX_FRAME_BYTES.
+    of at most MAX_FRAME_BYTES.  The service's watcher judges files by it too.
 
     Opened without blocking, so a FIFO cannot stall the reader until a writer comes, and checked on the
     opened descriptor (fstat), so a name swapped after a check cannot slip a device such as /dev/zero past."""
@@ -82,7 +83,7 @@ def _open_regular(path: str):
         if exc.errno == errno.ENXIO:  # a socket, or a device without its driver
             raise FrameError(NOT_REGULAR) from None
         if exc.errno == errno.ELOOP:
-            raise FrameError("unreadable: symbolic link loop") from None
+            raise FrameError(LINK_LOOP) from None
         raise
     status = os.fstat(fd)
     if not stat.S_ISREG(status.st_mode):
@@ -96,20 +97,35 @@ def _open_regular(path: str):
     return os.fdopen(fd, "rb"), status.st_size
 
 
-def _read_decompressed(stream) -> bytes:
-    """A compressed frame's bytes, decompressed no further than its own header says the frame reaches.
+def decompressing(raw, path: str):
+    """The decompressed stream of a ``.gz``/``.bz2`` frame file opened as ``raw``; None for a plain one."""
+    if path.endswith(".gz"):
+        return gzip.GzipFile(fileobj=raw, mode="rb")
+    if path.endswith(".bz2"):
+        return bz2.BZ2File(raw, "rb")
+    return None
 
-    The bound is the end of the binary section (marker + X-Binary-Size) plus BINARY_SLACK, itself at most
-    MAX_FRAME_BYTES: a stream that goes on past it (a decompression bomb: kB that inflate to GB) is refused
-    before it is inflated.  Without a binary section only the head is kept: the frame is refused anyway."""
-    head = stream.read(MIME_HEADER_BYTES)
-    section = binary_section(head)
-    if section is None:
-        return head
+
+def decompressed_bound(section: BinarySection) -> int:
+    """How far a compressed frame may decompress: the end of its binary section (marker + X-Binary-Size) plus
+    BINARY_SLACK; FrameError when that is beyond MAX_FRAME_BYTES."""
     bound = section.start + section.size + BINARY_SLACK
     if bound > MAX_FRAME_BYTES:
         raise FrameError("X-Binary-Size %d is larger than any frame (at most %d bytes)"
                          % (section.size, MAX_FRAME_BYTES))
+    return bound
+
+
+def _read_decompressed(stream) -> bytes:
+    """A compressed frame's bytes, decompressed no further than its own header says the frame reaches.
+
+    A stream that goes on past :func:`decompressed_bound` (a decompression bomb: kB that inflate to GB) is
+    refused before it is inflated.  Without a binary section only the head is kept: the frame is refused anyway."""
+    head = stream.read(MIME_HEADER_BYTES)
+    section = binary_section(head)
+    if section is None:
+        return head
+    bound = decompressed_bound(section)
     data = head + stream.read(max(0, bound - len(head)))
     if stream.read(1):
         raise FrameError("decompresses beyond the %d bytes its header declares (X-Binary-Size %d)"
@@ -161,15 +177,13 @@ def name_template(path: str) -> tuple[str, int | None, bool]:
 def read_bytes(path: str) -> bytes:
     """The whole (decompressed) file, in bounded memory; FrameError with the cause when it cannot be read."""
     try:
-        raw, size = _open_regular(path)
+        raw, size = open_frame_file(path)
         with raw:
-            if path.endswith(".gz"):
-                with gzip.GzipFile(fileobj=raw, mode="rb") as stream:
-                    return _read_decompressed(stream)
-            if path.endswith(".bz2"):
-                with bz2.BZ2File(raw, "rb") as stream:
-                    return _read_decompressed(stream)
-            return raw.read(size)
+            stream = decompressing(raw, path)
+            if stream is None:
+                return raw.read(size)
+            with stream:
+                return _read_decompressed(stream)
     except FileNotFoundError:
         raise FrameError("no such file") from None
     except PermissionError:

@@ -115,7 +115,7 @@ def bad_files(folder, data: bytes) -> dict[str, str]:
             "junk_00001.cbf.gz": "corrupt compression: Not a gzipped file (b'no')",
             "locked_00001.cbf": "unreadable: permission denied",
             "loop_00001.cbf": "unreadable: symbolic link loop",
-            "fifo_00001.cbf": "not a regular file (a directory, device, FIFO or socket)"}
+            "fifo_00001.cbf": "not a regular file (a device, FIFO or socket)"}  # the reader's own words
 
 
 @pytest.mark.parametrize("polling", [False, True], ids=["inotify", "polling"])
