@@ -10,8 +10,8 @@ and checked (:func:`~spotfinder_daemon.protocol.decode_report`) before it is han
 with one warning, and one that still fails costs only itself.
 
 While the ledger refuses writes (a full disk, a read-only folder) the ledger's part of each report waits in
-memory, in order, and is retried at every pass (:meth:`Collector.write_waiting`): the service stays up and
-unhealthy, and no result is lost or published before it is stored.
+memory, in order, and is retried at every pass (a :class:`~spotfinder_daemon.ledger.WriteBacklog`): the service
+stays up and unhealthy, and no result is lost or published before it is stored.
 
 Reports of lane ``query`` (on-demand HTTP queries) go to the waiting query through the lane instead: they
 are not frames of a collection, so they are neither recorded nor published, only counted in the metrics.
@@ -27,7 +27,7 @@ import zmq
 
 from . import protocol
 from . import publisher as messages
-from .ledger import Frame, Ledger, LedgerUnwritable
+from .ledger import Frame, Ledger, WriteBacklog
 from .metrics import Metrics
 from .ondemand import Lane
 from .publisher import Publisher
@@ -52,27 +52,16 @@ class Collector:
         self.roll = roll
         self.recent_done: collections.deque[float] = collections.deque()
         self.last_done = 0.0
-        self.unwritten: collections.deque[Callable[[], None]] = collections.deque()  # ledger writes to retry
+        self.unwritten = WriteBacklog()  # the ledger's part of reports, while the ledger refuses writes
 
     def _write(self, action: Callable[[], None]) -> None:
         """Run a ledger write (and what follows its commit) now, or after the ones already waiting."""
-        self.unwritten.append(action)
-        self.write_waiting()
-
-    def write_waiting(self) -> bool:
-        """Retry the waiting ledger writes in order, up to the first the ledger still refuses; True when none
-        is left."""
-        while self.unwritten:
-            try:
-                self.unwritten[0]()
-            except LedgerUnwritable:
-                return False
-            self.unwritten.popleft()
-        return True
+        self.unwritten.add(action)
+        self.unwritten.retry()
 
     def receive_all(self) -> int:
         """Handle every message waiting on the socket; how many were received (good or not)."""
-        self.write_waiting()
+        self.unwritten.retry()
         received = 0
         while True:
             try:

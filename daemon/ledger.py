@@ -15,6 +15,7 @@ Final frames and stored messages older than the retention are pruned (:meth:`Led
 """
 from __future__ import annotations
 
+import collections
 import json
 import os
 import sqlite3
@@ -111,6 +112,30 @@ class LedgerDamaged(RuntimeError):
 
 class LedgerUnwritable(RuntimeError):
     """A write failed and was rolled back because the disk is full or the folder read-only: retry it later."""
+
+
+class WriteBacklog:
+    """Ledger writes that must land in order.  While the ledger refuses writes, a write waits here with every
+    write added after it, and :meth:`retry` runs them again, oldest first, up to the first still refused."""
+
+    def __init__(self):
+        self._waiting: collections.deque[Callable[[], object]] = collections.deque()
+
+    def __len__(self) -> int:
+        return len(self._waiting)
+
+    def add(self, *writes: Callable[[], object]) -> None:
+        self._waiting.extend(writes)
+
+    def retry(self) -> bool:
+        """Run the waiting writes in order; True when none is left."""
+        while self._waiting:
+            try:
+                self._waiting[0]()
+            except LedgerUnwritable:
+                return False
+            self._waiting.popleft()
+        return True
 
 
 def _create(path: str) -> None:

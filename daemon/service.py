@@ -16,7 +16,7 @@ workers' reports in memory in order, and retries them until the ledger takes wri
 """
 from __future__ import annotations
 
-import collections
+import functools
 import enum
 import logging
 import signal
@@ -30,7 +30,7 @@ from .collector import Collector
 from .config import Settings, connect_endpoint
 from .dispatcher import Dispatcher
 from .http import HttpServer
-from .ledger import Ledger, LedgerDamaged, LedgerUnwritable
+from .ledger import Ledger, LedgerDamaged, LedgerUnwritable, WriteBacklog
 from .metrics import Metrics
 from .notify import Notifier
 from .ondemand import Lane
@@ -71,8 +71,8 @@ class Service:
         self.toggle_pause = threading.Event()  # SIGUSR2: maintenance pause of the local workers
         self.pid_file = PidFile(state_dir=settings.state_dir)
         self.tasks = PeriodicTasks()
-        self.unrecorded: collections.deque[Event] = collections.deque()  # watcher events the ledger refused
-        self.unsettled: collections.deque[Loss] = collections.deque()  # workers lost, their frames not yet released
+        self.unrecorded = WriteBacklog()  # watcher events the ledger refused
+        self.unsettled = WriteBacklog()  # workers lost, their frames not yet released
         self.ledger_refused = False  # the last supervision pass found the ledger refusing writes
 
     # ----- start -------------------------------------------------------------------------------------------
@@ -207,13 +207,8 @@ class Service:
 
     def _take_watcher_events(self) -> None:
         """Record the watcher's events in the ledger, in order; those it refuses wait for the next pass."""
-        self.unrecorded.extend(self.watcher.drain())
-        while self.unrecorded:
-            try:
-                self._record_event(self.unrecorded[0])
-            except LedgerUnwritable:
-                return
-            self.unrecorded.popleft()
+        self.unrecorded.add(*(functools.partial(self._record_event, event) for event in self.watcher.drain()))
+        self.unrecorded.retry()
 
     def _record_event(self, event: Event) -> None:
         collection = collection_of(event.path)
@@ -270,8 +265,8 @@ class Service:
         self._watch_ledger()
         self._write_to_ledger(self._expire)
         held = {worker_id: [readable(f.path) for f in self.ledger.held_by(worker_id)] for worker_id, _, _ in exited}
-        self.unsettled.extend(self.roll.take_losses())
-        self._write_to_ledger(self._settle_losses)
+        self.unsettled.add(*(functools.partial(self._settle_loss, loss) for loss in self.roll.take_losses()))
+        self._write_to_ledger(self.unsettled.retry)
         for worker_id, pid, code in exited:
             if code != 0 and not self.pool.stopping:
                 frames = held[worker_id]
@@ -310,12 +305,9 @@ class Service:
             if self.pool.kill(worker_id):
                 log.warning("worker %s overran the frame timeout: killed as hung", worker_id)
 
-    def _settle_losses(self) -> None:
-        """Release the frames of lost workers, one worker at a time (a refusal keeps the rest for later)."""
-        while self.unsettled:
-            loss = self.unsettled[0]
-            self._settle(self.dispatcher.worker_lost(loss.worker_id, charge=loss.charge))
-            self.unsettled.popleft()
+    def _settle_loss(self, loss: Loss) -> None:
+        """Release the frames a lost worker held (one worker per write: a refusal keeps the rest for later)."""
+        self._settle(self.dispatcher.worker_lost(loss.worker_id, charge=loss.charge))
 
     def _settle(self, exhausted) -> None:
         for frame, reason in exhausted:

@@ -181,9 +181,9 @@ def test_reports_the_ledger_refuses_wait_in_order_and_are_published_once_stored(
     deliver(collector, push, Started(worker="w:1", pid=7, lane=WATCH, id=frame_id),
             Result(worker="w:1", pid=7, lane=WATCH, id=frame_id, result={"status": "ok"}))
     assert len(collector.unwritten) == 2 and ledger.write_error and published(sub) == []
-    assert ledger.get(frame_id).state == "dispatched" and not collector.write_waiting()
+    assert ledger.get(frame_id).state == "dispatched" and not collector.unwritten.retry()
     ledger.db.execute("PRAGMA query_only = OFF")
-    assert collector.write_waiting() and not collector.unwritten and ledger.write_error is None
+    assert collector.unwritten.retry() and not collector.unwritten and ledger.write_error is None
     [message] = published(sub)
     assert message["seq"] == 1 and message["file"] == "/d/x_00001.cbf"
     assert ledger.get(frame_id).state == "done" and ledger.get(frame_id).worker == "w:1"
