@@ -111,8 +111,9 @@ class Ready(Report):
 
 
 @dataclass(frozen=True, kw_only=True)
-class Started(Report):
-    TYPE: ClassVar[str] = "started"
+class JobReport(Report):
+    """A report about one job, named by its lane and id; ``t_start``: when the worker started it (wall clock)."""
+
     lane: str
     id: int
     t_start: float | None = None
@@ -123,19 +124,17 @@ class Started(Report):
 
 
 @dataclass(frozen=True, kw_only=True)
-class Result(Report):
+class Started(JobReport):
+    TYPE: ClassVar[str] = "started"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Result(JobReport):
     """The analysis result as ``Result.as_dict()`` gives it, and the text the job asked for."""
 
     TYPE: ClassVar[str] = "result"
-    lane: str
-    id: int
-    t_start: float | None = None
     result: dict
     text: str | None = None
-
-    @property
-    def key(self) -> JobKey:
-        return JobKey(lane=self.lane, id=self.id)
 
 
 @dataclass(frozen=True, kw_only=True)
