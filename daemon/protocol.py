@@ -31,6 +31,7 @@ refused there gets an error result whose ``error`` is one of :data:`REFUSALS`.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable
 from dataclasses import MISSING, asdict, dataclass, fields
 from typing import ClassVar, NoReturn
@@ -45,6 +46,12 @@ LANES = (WATCH, QUERY)
 REPLIES = ("body", "post", "bcsb")  # DISTL's GET text, its short POST text, its Apache BCSB XML
 # The error of a frame the worker refused to open (the same verdicts as the service's own path check).
 REFUSALS = {"outside": "not a file inside the allowed folders", "missing": "not a readable file"}
+
+
+def inside(real: str, roots: tuple[str, ...]) -> bool:
+    """Whether a resolved path lies inside one of the (resolved) roots: what a job's ``roots`` mean, for the
+    service's check before it sends a query and the worker's check of the file it opened."""
+    return any(os.path.commonpath((real, root)) == root for root in roots)
 
 
 class ProtocolError(ValueError):

@@ -61,7 +61,7 @@ class DataRoots:
             real = os.path.realpath(absolute)
         except ValueError:  # an embedded NUL
             return image, "outside"
-        if not any(os.path.commonpath((real, root)) == root for root in self.folders):
+        if not protocol.inside(real, self.folders):
             return absolute, "outside"
         if not os.path.isfile(real) or not os.access(real, os.R_OK):
             return absolute, "missing"

@@ -78,10 +78,6 @@ class Refused(Exception):
     """The frame is not a readable regular file inside the job's roots; the text is one of protocol.REFUSALS."""
 
 
-def _inside(real: str, roots: tuple[str, ...]) -> bool:
-    return any(os.path.commonpath((real, root)) == root for root in roots)
-
-
 @contextlib.contextmanager
 def opened_inside(path: str, roots: tuple[str, ...], scratch: str):
     """A name for the very file opened at ``path`` (a link in the private folder ``scratch`` to its open
@@ -93,7 +89,7 @@ def opened_inside(path: str, roots: tuple[str, ...], scratch: str):
         raise Refused(protocol.REFUSALS["missing"]) from None
     try:
         descriptor = "/proc/self/fd/%d" % fd
-        if not _inside(os.readlink(descriptor), roots):
+        if not protocol.inside(os.readlink(descriptor), roots):
             raise Refused(protocol.REFUSALS["outside"])
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise Refused(protocol.REFUSALS["missing"])
