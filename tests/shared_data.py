@@ -2,6 +2,7 @@
 test that needs it is skipped, with the reason."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,10 @@ SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 REAL = SHARED / "data" / "real"
 REFERENCE = SHARED / "reference" / "distl"
 PROBE = SHARED / "peer" / "probe"
+# The real DISTL's venv (../shared/peer/setup.sh builds it), its dxtbx stand-in, and cctbx's stock server clients
+PEER_VENV = Path(os.environ.get("DISTL_PEER_VENV", "~/.distl-peer")).expanduser()
+PEER_SHIM = SHARED / "peer" / "shim"
+STOCK_CLIENTS = next(PEER_VENV.glob("lib/python3*/site-packages/spotfinder/servers"), None)
 
 
 def need(*paths: Path, what: str) -> None:

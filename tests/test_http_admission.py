@@ -20,9 +20,8 @@ import pytest
 
 from http_helpers import SETS, legacy_url, make_data_root, reference, request
 from service_helpers import ServiceProcess
+from shared_data import PEER_VENV, STOCK_CLIENTS
 
-PEER_VENV = Path(os.environ.get("DISTL_PEER_VENV", "~/.distl-peer")).expanduser()
-CLIENT_EXAMPLE = "lib/python3.11/site-packages/spotfinder/servers/general_client_example.py"
 FRAME = "thau_3_2_0001.cbf"  # a PILATUS 6M frame with DISTL's reference texts
 REFERENCE_SET = "res4.9_bins"  # the references were made at distl.res.outer=4.9 (the example's own is 3.3)
 
@@ -58,8 +57,8 @@ def six_stand_in() -> dict[str, types.ModuleType]:
 def load_client_example(monkeypatch, replies: Path) -> types.ModuleType:
     """The stock example as it is installed, its logic untouched; only its console is a stand-in that keeps each
     reply in a file of its own (48 processes print at once, and a reply is bytes)."""
-    path = PEER_VENV / CLIENT_EXAMPLE
-    if not path.is_file():
+    path = STOCK_CLIENTS / "general_client_example.py" if STOCK_CLIENTS else None
+    if path is None or not path.is_file():
         pytest.skip("the stock cctbx client example is not in the peer venv %s (set DISTL_PEER_VENV)" % PEER_VENV)
     for name, module in six_stand_in().items():
         monkeypatch.setitem(sys.modules, name, module)

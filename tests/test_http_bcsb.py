@@ -3,7 +3,6 @@ module runs in the peer venv on the same frames, and a real service answers the 
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 from pathlib import Path
 from urllib.parse import quote, urlencode
@@ -12,10 +11,8 @@ import pytest
 
 from http_helpers import data_root_service, make_data_root, request
 from service_helpers import child_env
-from shared_data import SHARED, need
+from shared_data import PEER_SHIM, PEER_VENV, need
 
-PEER_VENV = Path(os.environ.get("DISTL_PEER_VENV", "~/.distl-peer")).expanduser()
-PEER_SHIM = SHARED / "peer" / "shim"
 # cctbx's module as Apache ran it; what DISTL prints goes to stdout (Apache's log), only the returned XML is the reply
 PEER_RUN = """
 import contextlib, io, json, sys

@@ -21,17 +21,15 @@ import pytest
 
 from http_helpers import data_root_service, legacy_url, make_data_root, request
 from service_helpers import ServiceProcess
-from shared_data import PROBE
+from shared_data import PEER_VENV, PROBE, STOCK_CLIENTS
 from spotfinder_core.image import read_bytes, read_frame
 
-PEER = Path(os.environ.get("DISTL_PEER_VENV", "~/.distl-peer")).expanduser()
-STOCK = next(PEER.glob("lib/python3*/site-packages/spotfinder/servers"), None)
 PROBE_ADDRESS = "localhost:8125"  # where mp_spotfinder_server_is_alive.py sends its probe, fixed in its code
 UPLOAD_BYTES = 100 << 20
 MiB = 1 << 20
 
-pytestmark = pytest.mark.skipif(STOCK is None, reason="DISTL's stock clients live in the peer venv %s "
-                                "(set DISTL_PEER_VENV); not found" % PEER)
+pytestmark = pytest.mark.skipif(STOCK_CLIENTS is None, reason="DISTL's stock clients live in the peer venv %s "
+                                "(set DISTL_PEER_VENV); not found" % PEER_VENV)
 
 
 class Python2Connection(http.client.HTTPConnection):
@@ -104,7 +102,7 @@ def stand_ins() -> dict[str, types.ModuleType]:
 
 def load_stock(name: str, patch: pytest.MonkeyPatch) -> types.ModuleType:
     """The stock module ``spotfinder.servers.<name>`` from the peer venv, executed as it is."""
-    spec = importlib.util.spec_from_file_location("spotfinder.servers." + name, STOCK / (name + ".py"))
+    spec = importlib.util.spec_from_file_location("spotfinder.servers." + name, STOCK_CLIENTS / (name + ".py"))
     module = importlib.util.module_from_spec(spec)
     patch.setitem(sys.modules, spec.name, module)
     spec.loader.exec_module(module)
