@@ -8,9 +8,10 @@ import importlib
 
 from .params import ParameterError, Params, parse_words
 
-_MODULE_OF = {"analyse": ".analysis", "read_frame": ".image", "FrameError": ".image", "Result": ".result"}
+_MODULE_OF = {"analyse": ".analysis", "read_frame": ".image", "FrameError": ".image", "Result": ".result",
+              "open_series": ".nexus"}
 
-__all__ = ["analyse", "read_frame", "FrameError", "Params", "ParameterError", "parse_words", "Result"]
+__all__ = ["analyse", "read_frame", "FrameError", "Params", "ParameterError", "parse_words", "Result", "open_series"]
 
 
 def __getattr__(name: str):

@@ -11,7 +11,7 @@ import numpy as np
 
 from . import background, heuristics, ice, report, resolution, spots
 from .geometry import pixel_resolution, python_geometry
-from .image import Frame, FrameError, name_template, read_frame
+from .image import BinarySection, Frame, FrameError, decode_pixels, name_template, read_frame
 from .params import Params, effective_settings
 from .result import Result
 
@@ -23,27 +23,33 @@ def _overrides(params: Params) -> dict:
             "wavelength": params["autoindex_override_wavelength"], "twotheta": params["autoindex_override_twotheta"]}
 
 
-def analyse(path: str, params: Params | None = None, shown_as: str | None = None, verify_md5: bool = True) -> Result:
+def analyse(path: str, params: Params | None = None, shown_as: str | None = None, verify_md5: bool = True,
+            index: int | None = None) -> Result:
     """Analyse one frame the DISTL way. Bad frames give ``status="error"`` with a one-line cause.
 
     ``shown_as`` is the name the result and the report use when it differs from the path opened (a
     service opens the resolved path it checked, and reports the one it was asked about).  ``verify_md5``
-    checks the binary section against its Content-MD5 (see ``read_frame``).
+    checks the binary section against its Content-MD5 (see ``read_frame``).  ``index`` names a frame of an
+    HDF5 (EIGER) file, 0-based; a file holding one frame needs none.
     """
     params = params or Params()
     start = time.perf_counter()
+    shown = shown_as or path
     try:
-        frame = read_frame(path, _overrides(params), verify_md5)
+        frame = read_frame(path, _overrides(params), verify_md5, index)
         if shown_as is not None:
-            template, number, _ = name_template(shown_as)
-            frame = replace(frame, path=shown_as, template=template, image_number=number)
+            if frame.index is None:
+                template, number, _ = name_template(shown_as)
+                frame = replace(frame, path=shown_as, template=template, image_number=number)
+            else:
+                frame = replace(frame, path=shown_as, template=os.path.basename(shown_as))
         result = analyse_frame(frame, params)
     except FrameError as exc:
-        result = Result.failure(shown_as or path, str(exc))
+        result = Result.failure(shown, str(exc), index)
     except MemoryError:
-        result = Result.failure(shown_as or path, "out of memory")
+        result = Result.failure(shown, "out of memory", index)
     except Exception as exc:  # a bug must cost one frame, never the caller (a CLI batch, a worker)
-        result = Result.failure(shown_as or path, "internal error: %s: %s" % (type(exc).__name__, exc))
+        result = Result.failure(shown, "internal error: %s: %s" % (type(exc).__name__, exc), index)
     result.proc_ms = round((time.perf_counter() - start) * 1000.0, 3)
     return result
 
@@ -87,7 +93,7 @@ def analyse_frame(frame: Frame, params: Params) -> Result:
         heights = cls.above_background(final.body_x, final.body_y)
         listing = [_listing(final, i, pixels, heights) for i in focus]
     result = Result(
-        path=frame.path, file=frame.label, image_number=frame.image_number,
+        path=frame.path, file=frame.label, image_number=frame.image_number, frame_index=frame.index,
         spot_total=len(final),
         remove_ice=len(subsets["ice_free_resolution_spots"]) if "ice_free_resolution_spots" in subsets else None,
         in_resolution_total=len(subsets["spots_resolution"]),
@@ -223,11 +229,47 @@ def retain_freed_memory() -> bool:
 
 def warm_up() -> float:
     """Compile (or load from numba's cache) every kernel by analysing a small simulated frame in memory, so
-    that a worker's first real frame is as fast as the rest; returns the seconds it took."""
+    that a worker's first real frame is as fast as the rest; returns the seconds it took.
+
+    On a first start the workers compile the same kernels at once, each on its own core.  They share the work
+    through numba's cache: the first to start compiles in pipeline order, the others compile the kernels of
+    the later stages first, on stand-ins of the same types, so that each finds the other's half cached when it
+    gets there.  Two workers on the 2-core EPYC then join after ~6 s instead of ~10 (benchmarks/bench_startup.py).
+    """
+    from .jit import first_to_compile
     from .simulate import Scene, frame_of, random_spots
 
     start = time.perf_counter()
     scene = Scene(seed=7, ice_ring_d=3.67, ice_ring_counts=30.0)
     scene.spots = random_spots(scene, 40)
-    analyse_frame(frame_of(scene, "warm_up_0001.cbf"), Params({"distl.bins.verbose": True}))
+    frame = frame_of(scene, "warm_up_0001.cbf")
+    with first_to_compile() as first:
+        if not first:
+            _compile_later_stages(frame)
+        analyse_frame(frame, Params({"distl.bins.verbose": True}))
+        _decode_one_pixel()  # the frame above was never encoded
     return time.perf_counter() - start
+
+
+def _decode_one_pixel() -> None:
+    decode_pixels(b"\x00", BinarySection(start=0, size=1, present=1, md5=None, byte_offset=True), (1, 1))
+
+
+def _compile_later_stages(frame: Frame) -> None:
+    """The kernels of the stages after the classification (decoding, resolution, ice rings, maxima, spot
+    growth and its background planes), called on blank classes and planes: only the argument types decide
+    what numba compiles."""
+    g = frame.geometry
+    settings = effective_settings(Params(), g.family)
+    region = background.Region.of(g, settings.margin)
+    flags = np.zeros(frame.pixels.shape, dtype=np.uint8)
+    windows = background.Tiling.of(g, region, settings.scanbox_windows, settings.res_outer).cycles[-1]
+    planes = np.zeros((len(windows), 4))
+    blank = background.Classification(flags=flags, pixels=frame.pixels, window_centres=np.zeros((0, 2), np.int64),
+                                      window_background=np.zeros(0), window_sample=np.zeros(0, np.int64),
+                                      written=[(windows, planes)])
+    _decode_one_pixel()
+    pixel_resolution(g, 0.0, 0.0)
+    ice.pixel_rings(flags, g, region)
+    maxima = spots.local_maxima(frame.pixels, flags, region, settings, UNDERLOAD, g.saturation)
+    spots.assemble(frame.pixels, blank, maxima, region, settings, None)

@@ -19,7 +19,8 @@ import math
 from dataclasses import dataclass, replace
 
 import numpy as np
-from numba import njit
+
+from .jit import njit
 
 
 @dataclass(frozen=True)

@@ -5,10 +5,10 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-from numba import njit
 
 from .background import BELOW_MEDIAN, BELOW_UPPER, Region
 from .geometry import Geometry, integer_beam, pixel_d, pixel_resolution, radius_px
+from .jit import njit
 from .resolution import Shells
 
 RING_WIDTH = 4  # pixels
@@ -148,17 +148,17 @@ def _pack_row(row, low, high, words_low, before_low, words_high, before_high):
     for i in range(words_low.size):
         chunk = row[64 * i:min(64 * i + 64, row.size)]
         if chunk.size == 64:  # a literal trip count: LLVM unrolls and vectorises it
-            w_low, w_high = _pack_chunk(chunk, 64, low), _pack_chunk(chunk, 64, high)
+            w_low, w_high = pack_chunk(chunk, 64, low), pack_chunk(chunk, 64, high)
         else:
-            w_low, w_high = _pack_chunk(chunk, chunk.size, low), _pack_chunk(chunk, chunk.size, high)
+            w_low, w_high = pack_chunk(chunk, chunk.size, low), pack_chunk(chunk, chunk.size, high)
         words_low[i], words_high[i] = w_low, w_high
         before_low[i], before_high[i] = total_low, total_high
-        total_low += _popcount(w_low)
-        total_high += _popcount(w_high)
+        total_low += popcount(w_low)
+        total_high += popcount(w_high)
 
 
 @njit(cache=True)
-def _pack_chunk(values, size, bit):
+def pack_chunk(values, size, bit):
     """Bit j set where values[j] has ``bit``, for j < size <= 64."""
     w = np.uint64(0)
     for j in range(size):
@@ -170,11 +170,11 @@ def _pack_chunk(values, size, bit):
 def _bits_below(words, before, pos):
     """How many bits are set before bit ``pos`` (0 <= pos <= row size) of the packed row."""
     i = pos >> 6
-    return before[i] + _popcount(words[i] & ((np.uint64(1) << np.uint64(pos & 63)) - np.uint64(1)))
+    return before[i] + popcount(words[i] & ((np.uint64(1) << np.uint64(pos & 63)) - np.uint64(1)))
 
 
 @njit(cache=True)
-def _popcount(w):
+def popcount(w):
     """Set bits of a uint64 (LLVM turns this into one popcnt instruction)."""
     w = w - ((w >> np.uint64(1)) & np.uint64(0x5555555555555555))
     w = (w & np.uint64(0x3333333333333333)) + ((w >> np.uint64(2)) & np.uint64(0x3333333333333333))

@@ -18,9 +18,9 @@ import stat
 from dataclasses import dataclass
 
 import numpy as np
-from numba import njit
 
 from .geometry import Geometry
+from .jit import njit
 
 HEADER_BYTES = 12288
 MIME_HEADER_BYTES = 65536  # the CIF and MIME headers of a miniCBF end well before this
@@ -59,8 +59,9 @@ class Frame:
     path: str
     pixels: np.ndarray  # int32, shape (slow, fast)
     geometry: Geometry
-    template: str  # e.g. "thau_3_2_####.cbf"
-    image_number: int | None
+    template: str  # e.g. "thau_3_2_####.cbf"; an HDF5 file's name as it is (see nexus)
+    image_number: int | None  # for an HDF5 frame: the series' image_nr_low + index
+    index: int | None = None  # 0-based frame index in an HDF5 series; None for a CBF
 
     @property
     def label(self) -> str:
@@ -276,6 +277,9 @@ def decode_pixels(data: bytes, section: BinarySection, shape: tuple[int, int], v
     return flat.reshape(shape)
 
 
+BLOCK = 16  # single-byte deltas decoded at once
+
+
 @njit(cache=True)
 def _byte_offset(stream, out):
     """CBF byte-offset decompression: each pixel is the previous one plus a signed delta stored in 1 byte,
@@ -283,12 +287,22 @@ def _byte_offset(stream, out):
     ``stream`` is the section as int8.  Returns how many pixels were decoded; fewer than ``out.size`` means
     the stream ended early.
 
-    Our own kernel rather than fabio's: as fast, and workers need not import fabio.
+    Most deltas of a frame are single bytes: 16 at a time are added without a test each once a vectorised
+    look has found no escape among them (0.71x the time of the pixel-by-pixel loop alone).  Our own kernel
+    rather than fabio's: as fast, and workers need not import fabio.
     """
     size = stream.size
     position = 0
     value = 0
-    for i in range(out.size):
+    i = 0
+    while i < out.size:
+        if i + BLOCK <= out.size and position + BLOCK <= size and not _has_escape(stream, position):
+            for k in range(BLOCK):
+                value += np.int64(stream[position + k])
+                out[i + k] = value
+            i += BLOCK
+            position += BLOCK
+            continue
         if position >= size:
             return i
         delta = np.int64(stream[position])
@@ -307,7 +321,17 @@ def _byte_offset(stream, out):
                 width *= 2
         value += delta
         out[i] = value
+        i += 1
     return out.size
+
+
+@njit(cache=True)
+def _has_escape(stream, position):
+    """Whether one of the BLOCK bytes from ``position`` is the 1-byte escape (-128)."""
+    hit = False
+    for k in range(BLOCK):
+        hit |= stream[position + k] == -128
+    return hit
 
 
 def _mm(value: float, units: str | None, what: str) -> float:
@@ -409,12 +433,19 @@ def vendortype(slow: int, fast: int) -> str:
 
 
 
-def read_frame(path: str, overrides: dict | None = None, verify_md5: bool = True) -> Frame:
-    """Read a frame; FrameError with a one-line cause for anything that is not a complete miniCBF.
+def read_frame(path: str, overrides: dict | None = None, verify_md5: bool = True, index: int | None = None) -> Frame:
+    """Read a frame; FrameError with a one-line cause for anything that is not a complete miniCBF or a readable
+    frame of an EIGER HDF5 file (``index``: the frame's 0-based index in it; see ``nexus.read_frame``).
 
     ``verify_md5`` checks the pixels' Content-MD5, which catches a corrupt section whose size is right (DISTL
     does not check it).  It is the largest single cost of reading a 6M frame (~15% of its analysis), so a
     host short of CPU can turn it off; truncation and a wrong pixel count are caught either way."""
+    from . import nexus
+
+    if nexus.read_as_hdf5(path):
+        return nexus.read_frame(path, index, overrides)
+    if index is not None:
+        raise FrameError("a frame index names a frame of an HDF5 file; a CBF holds one frame")
     data = read_bytes(path)
     if not data:
         raise FrameError("empty file")

@@ -107,7 +107,9 @@ PARAMETERS: tuple[Parameter, ...] = (
     _p("distl.tile_flags", "ints", None, 2, value_min=0, value_max=1),
     _p("distl.quad_translations", "ints", None, 2),
     _p("distl.detector_format_version", "str", None, 2),
-    _p("distl.scanbox_windows", "ints", (101, 51, 51), size=(3, 3), value_min=10,
+    # at most 1448: windows (< 2 boxes wide) then stay below 2896 pixels, where the background fit's sums in
+    # doubles are exact (background._add_row_moments)
+    _p("distl.scanbox_windows", "ints", (101, 51, 51), size=(3, 3), value_min=10, value_max=1448,
        help="Background box sizes of the three classification cycles"),
     _p("distl.peripheral_margin", "int", 20, value_min=0, help="Margin in pixels without spots"),
     _p("distl.pdf_output", "str", None),

@@ -9,7 +9,7 @@ import numpy as np
 
 # Field order of as_dict(); consumers (JSON lines, PUB messages, HTTP) rely on these names.
 FIELDS = (
-    "file", "image_number", "status", "error", "spot_total", "remove_ice", "in_resolution_total",
+    "file", "image_number", "frame_index", "status", "error", "spot_total", "remove_ice", "in_resolution_total",
     "good_bragg_candidates", "ice_rings", "method1_resolution", "method2_resolution", "max_unit_cell",
     "eccentricity", "saturation_top_peaks", "saturation_percent", "overloaded_spots",
     "total_integrated_signal", "focus_spots", "proc_ms",
@@ -34,6 +34,7 @@ class Result:
     path: str
     file: str
     image_number: int | None = None
+    frame_index: int | None = None  # 0-based frame index in an HDF5 series; None for a CBF
     status: str = "ok"
     error: str | None = None
     spot_total: int | None = None
@@ -61,5 +62,5 @@ class Result:
         return out
 
     @classmethod
-    def failure(cls, path: str, error: str) -> Result:
-        return cls(path=path, file=os.path.basename(path), status="error", error=error)
+    def failure(cls, path: str, error: str, frame_index: int | None = None) -> Result:
+        return cls(path=path, file=os.path.basename(path), frame_index=frame_index, status="error", error=error)

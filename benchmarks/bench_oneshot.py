@@ -1,0 +1,121 @@
+"""Whole-process time of the one-shot command, ours beside the real DISTL's, alternating in the same run.
+
+    python benchmarks/bench_oneshot.py [FRAME] [--rounds N] [distl.param=value ...]
+
+Runs ``distl.signal_strength FRAME`` (ours, from this venv) and the real DISTL's (``../shared/peer/distl``)
+one after the other ``--rounds`` times, with warm caches (one untimed run of each first: the page cache
+holds the frame and the programs, numba's cache holds our compiled kernels), and prints the median wall
+time of each whole process, their ratio and their peak RSS.  Then the commands that analyse nothing
+(``spotfinder --help``, ``spotfinder stop --help``, ``spotfinder listen --help``), and where our process's
+time goes (imports, the first analysis, which loads the compiled kernels, and a second one).  Timings on a
+shared 2-core machine drift: compare the ratio, and run it more than once.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from peer import DISTL_VENV, SHARED, THAUMATIN, plain_frames
+
+BIN = Path(sys.executable).parent
+DISTL = SHARED / "peer" / "distl"
+
+BREAKDOWN = r"""
+import sys, time
+t0 = time.perf_counter()
+import numpy
+t1 = time.perf_counter()
+import numba
+t2 = time.perf_counter()
+import scipy.spatial
+t3 = time.perf_counter()
+from spotfinder_core.analysis import analyse
+t4 = time.perf_counter()
+analyse(sys.argv[1])
+t5 = time.perf_counter()
+analyse(sys.argv[1])
+t6 = time.perf_counter()
+for name, s in (("import numpy", t1 - t0), ("import numba", t2 - t1), ("import scipy.spatial", t3 - t2),
+                ("import the rest of spotfinder_core.analysis", t4 - t3),
+                ("first analyse (loads the compiled kernels)", t5 - t4), ("second analyse", t6 - t5)):
+    print("  %-44s %6.3f s" % (name, s))
+"""
+
+
+def cpu_name() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown CPU"
+
+
+def timed(command: list[str]) -> tuple[float, float, int]:
+    """Wall seconds, peak RSS (MB) and exit code of one whole process."""
+    start = time.perf_counter()
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    _, status, usage = os.wait4(process.pid, 0)
+    process.returncode = os.waitstatus_to_exitcode(status)
+    return time.perf_counter() - start, usage.ru_maxrss / 1024.0, process.returncode
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("items", nargs="*", metavar="FRAME|distl.param=value")
+    ap.add_argument("--rounds", type=int, default=7)
+    args = ap.parse_args(argv)
+    words = [w for w in args.items if "=" in w]
+    items = [w for w in args.items if "=" not in w]
+    with tempfile.TemporaryDirectory() as tmp:
+        frames = list(plain_frames(items or sorted(THAUMATIN.glob("thau_3_2_0001.cbf*")), Path(tmp)).values())
+        if not frames:
+            print("no frame: give FRAME or provide %s" % THAUMATIN)
+            return 2
+        frame = str(frames[0])
+        commands = {"ours": [str(BIN / "distl.signal_strength"), frame, *words]}
+        if DISTL_VENV.is_dir():
+            commands["DISTL"] = [str(DISTL), frame, *words]
+        else:
+            print("real DISTL skipped: %s is missing (run %s)" % (DISTL_VENV, SHARED / "peer" / "setup.sh"))
+        print("CPU: %s, %d cores; frame %s; %d rounds, alternating" % (cpu_name(), os.cpu_count(), Path(frame).name,
+                                                                     args.rounds))
+        for command in commands.values():  # warm the caches, untimed
+            subprocess.run(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        seconds: dict[str, list[float]] = {name: [] for name in commands}
+        rss: dict[str, float] = dict.fromkeys(commands, 0.0)
+        for _ in range(args.rounds):
+            for name, command in commands.items():
+                wall, peak, code = timed(command)
+                if code != 0:
+                    print("%s failed (exit %d): %s" % (name, code, " ".join(command)))
+                    return 1
+                seconds[name].append(wall)
+                rss[name] = max(rss[name], peak)
+        print()
+        print("%-8s %10s %10s %10s  %s" % ("", "median s", "min s", "peak MB", "every round"))
+        for name, values in seconds.items():
+            print("%-8s %10.3f %10.3f %10.0f  %s" % (name, statistics.median(values), min(values), rss[name],
+                                                    " ".join("%.2f" % v for v in values)))
+        if "DISTL" in seconds:
+            ratios = [a / b for a, b in zip(seconds["ours"], seconds["DISTL"])]
+            print("ours / DISTL, whole process: median of the rounds' ratios %.2f (min %.2f, max %.2f)"
+                  % (statistics.median(ratios), min(ratios), max(ratios)))
+        print()
+        print("commands that analyse nothing (median of %d):" % args.rounds)
+        for command in (["spotfinder", "--help"], ["spotfinder", "stop", "--help"], ["spotfinder", "listen", "--help"]):
+            walls = [timed([str(BIN / command[0]), *command[1:]])[0] for _ in range(args.rounds)]
+            print("  %-30s %6.3f s" % (" ".join(command), statistics.median(walls)))
+        print()
+        print("where our process's time goes (one run):")
+        subprocess.run([sys.executable, "-c", BREAKDOWN, frame], check=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
