@@ -15,8 +15,18 @@ detector's own server pays, not the analysis host; deleted frames leave pages th
 Then the real DISTL (/work/shared/peer/distl_batch, one process) runs on the same frames in the same run,
 and its per-frame time is printed beside our per-frame analysis time (proc_ms).
 
+With ``--hdf5`` it measures an EIGER2 16M HDF5 series instead: ``--hdf5-frames`` frames (the real thermolysin
+frame and transforms of it) written as the FileWriter writes them (bitshuffle-LZ4 data files of
+``--per-file`` frames) and delivered by `spotfinder replay` at ``--rate`` (master first, each data file
+written in chunks while its frames are due); frames/s, and latency p50/p99 from the moment a data file is
+complete to each of its frames' results on the PUB socket.  The real DISTL runs on the thermolysin CBF.
+With ``--swmr`` each data file is written by an SWMR writer instead (`spotfinder replay --swmr`: in place,
+frame by frame as each is due, held open meanwhile), and latency runs from each frame's flush to its result.
+
     /work/venv/bin/python benchmarks/bench_pipeline.py [--frames N] [--workers 2] [--burst 100] [--rate 25]
                                                        [--seconds 12] [--no-verify-md5]
+    /work/venv/bin/python benchmarks/bench_pipeline.py --hdf5 [--hdf5-frames 40] [--per-file 10] [--rate 10]
+                                                       [--swmr]
 """
 from __future__ import annotations
 
@@ -34,7 +44,7 @@ from pathlib import Path
 
 import zmq
 
-from peer import REPO, run_distl, thaumatin_present, thaumatin_workspace
+from peer import REAL, REPO, plain_frames, run_distl, thaumatin_present, thaumatin_workspace
 
 sys.path.insert(0, str(REPO / "tests"))
 from service_helpers import free_ports  # noqa: E402  (the tests' one way of picking distinct ports)
@@ -168,6 +178,43 @@ class Pipeline:
                 "cpu_ms_per_frame": {k: 1000.0 * v / count for k, v in shares.items()},
                 "cpu_share": {k: v / (wall * os.cpu_count()) for k, v in shares.items()}}
 
+    def run_series(self, master: str, rate: float | None, swmr: bool = False) -> dict:
+        """Deliver an HDF5 series with `spotfinder replay`; frames/s and latency from each data file complete
+        (``swmr``: each frame flushed) to each of its frames' results."""
+        command = [sys.executable, "-m", "spotfinder_daemon.cli", "replay", master, "--to", str(self.watch)]
+        if rate:
+            command += ["--rate", "%g" % rate]
+        if swmr:
+            command.append("--swmr")
+        log = tempfile.TemporaryFile("w+")
+        replay = subprocess.Popen(command, stdout=log, text=True)
+        expected = sum(1 for _ in series_frames(master))
+        arrived: dict[int, tuple[float, dict]] = {}
+        deadline = time.monotonic() + 120 + expected * 10
+        while len(arrived) < expected and time.monotonic() < deadline:
+            if self.sub.poll(200):
+                _topic, body = self.sub.recv_multipart()
+                message = json.loads(body)
+                arrived[message["frame_index"]] = (time.time(), message)
+        replay.wait()
+        log.seek(0)
+        complete = {}  # frame index -> when its data file was complete (SWMR: when the frame was flushed)
+        for record in map(json.loads, log):
+            if record.get("kind") == "frame":
+                complete[record["frame"]] = record["t_complete"]
+            elif record.get("kind") == "data" and not swmr:
+                complete.update(dict.fromkeys(range(*record["frames"]), record["t_complete"]))
+        log.close()
+        missing = sorted(set(complete) - set(arrived))
+        if missing:
+            raise SystemExit("%d results never arrived, e.g. frame %d" % (len(missing), missing[0]))
+        latencies = [arrived[i][0] - complete[i] for i in sorted(complete)]
+        span = max(t for t, _ in arrived.values()) - min(complete.values())
+        return {"frames": expected, "frames_per_s": expected / span, "latency_p50_s": percentile(latencies, 0.5),
+                "latency_p99_s": percentile(latencies, 0.99),
+                "proc_ms_mean": statistics.mean(m["proc_ms"] for _, m in arrived.values()),
+                "errors": sum(m["status"] != "ok" for _, m in arrived.values())}
+
     def close(self) -> None:
         self.process.terminate()
         try:
@@ -178,16 +225,93 @@ class Pipeline:
         self.context.term()
 
 
+THERMOLYSIN = REAL / "eiger2_16m_cbf_dls_thermolysin" / "dlsnxs2cbf_therm_0001.cbf.gz"
+
+
+def series_frames(master: str):
+    from spotfinder_core import nexus
+
+    series = nexus.open_series(master)
+    return range(series.count)
+
+
+def eiger_series(work: Path, count: int, per_file: int) -> tuple[str, str]:
+    """(master, the thermolysin CBF as a plain file): ``count`` EIGER2 16M frames, the real one and transforms of
+    it (counts scaled, the image turned), written as the FileWriter writes them."""
+    import numpy as np
+
+    from spotfinder_core import nexus, read_frame
+
+    cbf = str(plain_frames([THERMOLYSIN], work)[THERMOLYSIN.name[:-3]])
+    pixels = read_frame(cbf, verify_md5=False).pixels
+    frames = []
+    for k in range(count):
+        frame = np.where(pixels > 0, pixels * (1 + k % 4), pixels)
+        frames.append(frame[::-1, ::-1] if k % 8 >= 4 else frame)
+    (work / "source").mkdir()
+    master = nexus.write_series(str(work / "source"), "therm", frames, nimages_per_file=per_file,
+                                geometry=nexus.cbf_geometry(cbf), dtype=np.uint32)
+    return master, cbf
+
+
+def main_hdf5(args) -> int:
+    if not THERMOLYSIN.is_file():
+        print("benchmark skipped: %s not found" % THERMOLYSIN, file=sys.stderr)
+        return 0
+    with tempfile.TemporaryDirectory(prefix="bench-pipeline-hdf5-") as tmp:
+        work = Path(tmp)
+        master, cbf = eiger_series(work, args.hdf5_frames, args.per_file)
+        pipeline = Pipeline(work, args.workers, not args.no_verify_md5)
+        try:
+            figures = pipeline.run_series(master, args.rate, args.swmr)
+        finally:
+            pipeline.close()
+        distl = per_frame(run_distl([cbf]))
+    ours_s = figures["proc_ms_mean"] / 1000.0
+    print("EIGER2 16M HDF5 series (thermolysin and transforms), %d frames, %d per data file, delivered at %g "
+          "frames/s%s; %d workers, %d cores (%s; CPU shared with other work: figures are indicative)"
+          % (figures["frames"], args.per_file, args.rate, " by an SWMR writer" if args.swmr else "", args.workers,
+             os.cpu_count(), cpu_name()))
+    print("  results published at %.2f frames/s" % figures["frames_per_s"])
+    print("  latency p50 %.3f s, p99 %.3f s (%s -> result on PUB)" % (
+        figures["latency_p50_s"], figures["latency_p99_s"], "frame flushed" if args.swmr else "data file complete"))
+    print("  analysis per frame (ours, HDF5): %6.3f s mean proc_ms" % ours_s)
+    if distl:
+        print("  real DISTL per frame (the CBF): %6.3f s mean (%d frame, one process)"
+              % (distl["seconds_mean"], distl["frames"]))
+        print("  ours / DISTL per frame:         %6.2f x" % (ours_s / distl["seconds_mean"]))
+    if figures["errors"]:
+        print("  WARNING: %d error results" % figures["errors"])
+    if args.json:
+        print(json.dumps({"hdf5": figures, "rate": args.rate, "swmr": args.swmr, "distl": distl}))
+    return 0
+
+
+def cpu_name() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return "unknown CPU"
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--frames", type=int, default=19, help="distinct 6M frames to use (default 19)")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--burst", type=int, default=100, help="burst phase: frames written at once (default 100)")
-    parser.add_argument("--rate", type=float, default=25.0, help="sustained phase: frames/s written (default 25)")
+    parser.add_argument("--rate", type=float, help="sustained phase: frames/s written (default 25; with --hdf5: 3)")
     parser.add_argument("--seconds", type=float, default=12.0, help="sustained phase: how long (default 12 s)")
     parser.add_argument("--no-verify-md5", action="store_true", help="run the service with verify_md5: false")
     parser.add_argument("--json", action="store_true", help="print the figures as one JSON object too")
+    parser.add_argument("--hdf5", action="store_true", help="an EIGER2 16M HDF5 series instead (see above)")
+    parser.add_argument("--hdf5-frames", type=int, default=40, help="with --hdf5: frames in the series (default 40)")
+    parser.add_argument("--per-file", type=int, default=10, help="with --hdf5: frames per data file (default 10)")
+    parser.add_argument("--swmr", action="store_true", help="with --hdf5: data files written by an SWMR writer")
     args = parser.parse_args()
+    if args.hdf5:
+        args.rate = args.rate or 3.0
+        return main_hdf5(args)
+    args.rate = args.rate or 25.0
     if not thaumatin_present():
         return 0
     with thaumatin_workspace("bench-pipeline-", args.frames) as (work, frames):

@@ -82,7 +82,9 @@ def _listen_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _replay_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("frames", nargs="+", metavar="FRAME", help="source frames (.cbf, .cbf.gz, .cbf.bz2)")
+    parser.add_argument("frames", nargs="+", metavar="FRAME", help="source frames (.cbf, .cbf.gz, .cbf.bz2), or "
+                                                                   "EIGER HDF5 masters (*_master.h5) with their data "
+                                                                   "files")
     parser.add_argument("--to", required=True, metavar="DIR", help="folder to write into")
     parser.add_argument("--rate", type=float, metavar="HZ", help="frames per second (default: as fast as possible)")
     parser.add_argument("--count", type=int, metavar="N", help="frames to write, cycling through FRAMEs "
@@ -93,6 +95,15 @@ def _replay_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--chunks", type=int, default=4, metavar="K",
                         help="write each frame in K chunks spread over half the frame period (default 4)")
     parser.add_argument("--atomic", action="store_true", help="write to a hidden temporary name, then rename")
+    parser.add_argument("--hdf5", metavar="NAME", help="write the CBF FRAMEs as the EIGER HDF5 series NAME_master.h5 "
+                                                       "+ NAME_data_NNNNNN.h5, delivered as the FileWriter does")
+    parser.add_argument("--per-file", type=int, default=100, metavar="N",
+                        help="with --hdf5: frames per data file (nimages_per_file, default 100)")
+    parser.add_argument("--layout", choices=("legacy", "nxmx", "vds"), default="legacy",
+                        help="with --hdf5: the master's layout (default legacy)")
+    parser.add_argument("--swmr", action="store_true",
+                        help="HDF5: write each data file as an SWMR writer does, in place, frame by frame as each "
+                             "is due, held open until its last frame (one JSON line per frame)")
 
 
 def _stop_arguments(parser: argparse.ArgumentParser) -> None:
@@ -136,7 +147,9 @@ SUBCOMMANDS = (
     Subcommand(name="replay", help="play a detector: write copies of frames into a folder at a rate",
                description="Write copies of FRAMEs under new numbered names into --to, in chunks as a detector "
                            "does (or to a temporary name renamed into place with --atomic). Prints one JSON line "
-                           "per frame written, with the time it became complete.",
+                           "per frame written, with the time it became complete. An HDF5 master (or CBF FRAMEs "
+                           "with --hdf5) is delivered as the EIGER FileWriter does: the master first, then each "
+                           "data file when its frames are due at --rate (one JSON line per file).",
                arguments=_replay_arguments, run=commands.run_replay),
     Subcommand(name="stop", help="stop a running service (SIGTERM) and wait for it to exit",
                description="Send SIGTERM to the service that owns the state folder, and wait. (A service started "

@@ -42,20 +42,56 @@ TABLE_FIELDS = (("file", "%-32s", "%-32s"), ("spot_total", "%6s", "%6d"), ("in_r
 TABLE_HEADINGS = ("frame", "spots", "in-res", "good", "ice", "M1", "M2", "maxcell", "ms")
 
 
+def _frame_name(record: dict) -> str:
+    """The table's frame cell: the file's name, and the frame index for a frame of an HDF5 file."""
+    index = "" if record.get("frame_index") is None else ":%d" % record["frame_index"]
+    return os.path.basename(record["file"])[:32 - len(index)] + index
+
+
 def _table_row(record: dict) -> str:
     if record["status"] != "ok":
-        return "%-32s error: %s" % (os.path.basename(record["file"])[:32], record["error"])
+        return "%-32s error: %s" % (_frame_name(record), record["error"])
     cells = []
     for name, head_fmt, fmt in TABLE_FIELDS:
         value = record[name]
         if name == "file":
-            value = os.path.basename(value)[:32]
+            value = _frame_name(record)
         cells.append(head_fmt % "None" if value is None else fmt % value)
     return " ".join(cells)
 
 
+def _frame_jobs(paths: list[str], frame_range) -> list[tuple[str, range | list, str | None]]:
+    """(path, frame indices, error) per file: every frame of an HDF5 master or data file (those of
+    ``distl.range`` when given), a CBF as itself (indices [None]); a file whose frames cannot be counted is one
+    error.  A data file whose master is also named (``find x_*.h5``) is left to the master, so no frame comes
+    twice.  The indices are ranges, so a series of any length costs no memory before it is analysed."""
+    from spotfinder_core import nexus
+
+    jobs = []
+    masters = {os.path.abspath(path) for path in paths if path.endswith("_master.h5")}
+    for path in paths:
+        if not nexus.read_as_hdf5(path):
+            jobs.append((path, [None], "distl.range names frames of an HDF5 file; a CBF holds one frame"
+                         if frame_range is not None else None))
+            continue
+        try:
+            series = nexus.open_series(path)
+        except nexus.FrameError as exc:
+            jobs.append((path, [None], str(exc)))
+            continue
+        if series.layout == "data" and series.master in masters:
+            continue
+        if frame_range is None:
+            indices = range(series.count)
+        else:
+            indices = range(frame_range[0], frame_range[0] + 1 if len(frame_range) == 1 else frame_range[1])
+        jobs.append((path, indices, None))
+    return jobs
+
+
 def run_find(args: argparse.Namespace) -> int:
-    """One line per frame (a table row, or a JSON object); bad frames do not stop it."""
+    """One line per frame (a table row, or a JSON object); bad frames do not stop it.  An HDF5 master or data
+    file stands for all its frames; a progress bar counts them on a terminal."""
     frames, words = split_words(args.items)
     try:
         params = parse_words(words)
@@ -66,21 +102,28 @@ def run_find(args: argparse.Namespace) -> int:
         print("spotfinder find: no frames given", file=sys.stderr)
         return EXIT_USAGE
     from spotfinder_core.analysis import analyse, retain_freed_memory
+    from spotfinder_core.result import Result
 
+    jobs = _frame_jobs(frames, params["distl.range"])
+    total = sum(len(indices) for _, indices, _ in jobs)
     progress = None
-    if sys.stderr.isatty() and len(frames) > 1:
+    if sys.stderr.isatty() and total > 1:
         from tqdm import tqdm
-        progress = tqdm(total=len(frames), unit="frame", file=sys.stderr)
+        progress = tqdm(total=total, unit="frame", file=sys.stderr)
     if not args.json:
         print(" ".join(head % title for (_, head, _), title in zip(TABLE_FIELDS, TABLE_HEADINGS)))
     failed = 0
     retain_freed_memory()
-    for path in frames:
-        record = analyse(path, params).as_dict()
+    for path, index, error in ((p, i, e) for p, indices, e in jobs for i in indices):
+        result = Result.failure(path, error, index) if error else analyse(path, params, index=index)
+        record = result.as_dict()
         failed += record["status"] != "ok"
-        print(json.dumps(record) if args.json else _table_row(record), flush=True)
+        line = json.dumps(record) if args.json else _table_row(record)
         if progress:
+            progress.write(line, file=sys.stdout)
             progress.update()
+        else:
+            print(line, flush=True)
     if progress:
         progress.close()
     return EXIT_USAGE if failed else EXIT_OK
@@ -143,11 +186,12 @@ def run_listen(args: argparse.Namespace) -> int:
 
 
 def run_replay(args: argparse.Namespace) -> int:
-    from .replay import ReplayError, replay
+    from .replay import ReplayError, play
 
     try:
-        replay(args.frames, args.to, rate=args.rate, count=args.count, template=args.template, atomic=args.atomic,
-               chunks=args.chunks, start=args.start)
+        play(args.frames, args.to, hdf5=args.hdf5, per_file=args.per_file, layout=args.layout, rate=args.rate,
+             count=args.count, template=args.template, atomic=args.atomic, chunks=args.chunks, start=args.start,
+             swmr=args.swmr)
     except ReplayError as exc:
         return fail(str(exc), 2)
     except OSError as exc:

@@ -89,8 +89,9 @@ class Dispatcher:
         return sent
 
     def _frame_job(self, frame: Frame) -> protocol.Job:
-        return protocol.Job(lane=protocol.WATCH, id=frame.id, frame=protocol.FrameRef(path=frame.path),
-                            params=self.params, verify_md5=self.verify_md5, roots=self.watch_roots, **self.budget)
+        return protocol.Job(lane=protocol.WATCH, id=frame.id,
+                            frame=protocol.FrameRef(path=frame.path, index=frame.frame_index), params=self.params,
+                            verify_md5=self.verify_md5, roots=self.watch_roots, **self.budget)
 
     def expire(self, now: float) -> Expiry:
         """Re-queue overdue frames and jobs; the frames that used up their tries and must be failed (the lane

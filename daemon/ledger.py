@@ -8,8 +8,11 @@ every stored message carries beside its ``seq`` (a new ledger numbers from 1 aga
 refused at start (:class:`LedgerDamaged`), never read in part.  Only the service's main thread writes; the HTTP
 threads read through :func:`read_messages` on their own connections.
 
-A frame's ``identity`` is the file it was analysed from (``dev:ino``): a file re-created under a known name
-re-opens the frame, and :meth:`Ledger.known` tells the catch-up scan which files are new.  Deadlines are
+A frame is a file and, for a frame of a multi-frame file (an EIGER HDF5 series, named by its master), its
+``frame_index``; such a frame's pixels are in its ``source`` (a data file).  A ledger from before frame
+indices is migrated when opened (:func:`_key_by_frame`).  A frame's ``identity`` is the file it was analysed
+from (``dev:ino``): a file re-created under a known name re-opens the frame, and :meth:`Ledger.known` tells
+the catch-up scan which files are new.  Deadlines are
 ``time.monotonic()`` values: they only mean something within one run, and a start re-queues what was in flight.
 Final frames and stored messages older than the retention are pruned (:meth:`Ledger.prune`).
 """
@@ -21,16 +24,19 @@ import os
 import sqlite3
 import struct
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 FILE_NAME = "ledger.sqlite3"
 FINAL = ("done", "failed")
 STATES = ("seen", "queued", "dispatched") + FINAL
 
-SCHEMA = """
+# A frame is (path, frame_index): frame_index is NULL for a single-frame file (CBF), else the 0-based frame of
+# the multi-frame file (an HDF5 series' master) at path; ``source`` is the file its pixels are in (an HDF5 data
+# file), whose identity is the frame's, and ``image_number`` its number in the series (a CBF's is in its name).
+FRAMES_TABLE = """
 CREATE TABLE IF NOT EXISTS frames (
     id INTEGER PRIMARY KEY,
-    path TEXT NOT NULL UNIQUE,
+    path TEXT NOT NULL,
     collection TEXT NOT NULL,
     state TEXT NOT NULL,
     t_seen REAL NOT NULL,
@@ -40,8 +46,14 @@ CREATE TABLE IF NOT EXISTS frames (
     deadline REAL,
     tries INTEGER NOT NULL DEFAULT 0,
     seq INTEGER UNIQUE,
-    identity TEXT
-);
+    identity TEXT,
+    frame_index INTEGER,
+    source TEXT,
+    image_number INTEGER
+)"""
+SCHEMA = FRAMES_TABLE + """;
+CREATE UNIQUE INDEX IF NOT EXISTS frames_key ON frames (path, ifnull(frame_index, -1));
+CREATE INDEX IF NOT EXISTS frames_source ON frames (source) WHERE source IS NOT NULL;
 CREATE INDEX IF NOT EXISTS frames_state ON frames (state, id);
 CREATE TABLE IF NOT EXISTS messages (
     seq INTEGER PRIMARY KEY,
@@ -72,11 +84,17 @@ class Frame:
     tries: int
     seq: int | None
     identity: str | None
+    frame_index: int | None = None  # the frame inside a multi-frame file (None: a single-frame file)
+    source: str | None = None  # the file holding its pixels when that is not ``path`` (an HDF5 data file)
+    image_number: int | None = None  # its number in its series, when its name does not say it (HDF5)
 
 
-_COLUMNS = "id, path, collection, state, t_seen, t_complete, t_done, worker, deadline, tries, seq, identity"
+_COLUMNS = ("id, path, collection, state, t_seen, t_complete, t_done, worker, deadline, tries, seq, identity, "
+            "frame_index, source, image_number")
+_KEY = "path = ? AND frame_index IS ?"  # one frame: the frames_key index
 
-_INSERT_SEEN = "INSERT OR IGNORE INTO frames (path, collection, state, t_seen) VALUES (?, ?, 'seen', ?)"
+_INSERT_SEEN = ("INSERT OR IGNORE INTO frames (path, collection, state, t_seen, frame_index, source, image_number) "
+                "VALUES (?, ?, 'seen', ?, ?, ?, ?)")
 
 # compose(seq, frame) -> (topic, body): the publisher's message for a frame's final state.
 Compose = Callable[[int, Frame], tuple[str, dict]]
@@ -97,6 +115,31 @@ def _stored_path(path: str) -> str | bytes:
 def _read_path(stored: str | bytes) -> str:
     """The path :func:`_stored_path` stored, exactly as the file system named it."""
     return os.fsdecode(stored) if isinstance(stored, bytes) else stored
+
+
+def _stored_source(source: str | None) -> str | bytes | None:
+    return None if source is None else _stored_path(source)
+
+
+def _frame(row: tuple) -> Frame:
+    frame = Frame(row[0], _read_path(row[1]), *row[2:])
+    return frame if frame.source is None else replace(frame, source=_read_path(frame.source))
+
+
+def _key_by_frame(db: sqlite3.Connection, columns: list[str]) -> None:
+    """Migrate a ledger from before multi-frame files, whose frames were keyed by path alone: its frames table
+    is made again with its rows (SQLite cannot drop a UNIQUE constraint in place), in one transaction."""
+    kept = ", ".join(columns)
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        db.execute("ALTER TABLE frames RENAME TO frames_before_frame_index")
+        db.execute(FRAMES_TABLE)
+        db.execute("INSERT INTO frames (%s) SELECT %s FROM frames_before_frame_index" % (kept, kept))
+        db.execute("DROP TABLE frames_before_frame_index")
+        db.execute("COMMIT")
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
 
 
 def connect(db_path: str) -> sqlite3.Connection:
@@ -230,6 +273,9 @@ class Ledger:
         columns = {row[1] for row in self.db.execute("PRAGMA table_info(frames)")}
         if columns and "identity" not in columns:  # a ledger from before identities
             self.db.execute("ALTER TABLE frames ADD COLUMN identity TEXT")
+            columns.add("identity")
+        if columns and "frame_index" not in columns:  # a ledger from before multi-frame files
+            _key_by_frame(self.db, sorted(columns))
         self.db.executescript(SCHEMA)
         self.id = self.db.execute("SELECT value FROM meta WHERE name = 'id'").fetchone()[0]
 
@@ -241,20 +287,24 @@ class Ledger:
 
     def _frames(self, where: str, args: tuple = (), limit: int = -1) -> list[Frame]:
         rows = self.db.execute("SELECT %s FROM frames WHERE %s ORDER BY id LIMIT %d" % (_COLUMNS, where, limit), args)
-        return [Frame(row[0], _read_path(row[1]), *row[2:]) for row in rows]
+        return [_frame(row) for row in rows]
 
     def get(self, frame_id: int) -> Frame | None:
         found = self._frames("id = ?", (frame_id,))
         return found[0] if found else None
 
-    def see(self, path: str, collection: str, t_seen: float) -> bool:
-        """Record a frame file noticed; False when it was already known."""
+    def see(self, path: str, collection: str, t_seen: float, frame_index: int | None = None,
+            source: str | None = None, image_number: int | None = None) -> bool:
+        """Record a frame noticed (frame ``frame_index`` of ``path``, its pixels in ``source``); False when it
+        was already known."""
         with self._transaction():
-            cursor = self.db.execute(_INSERT_SEEN, (_stored_path(path), collection, t_seen))
+            cursor = self.db.execute(_INSERT_SEEN, (_stored_path(path), collection, t_seen, frame_index,
+                                                    _stored_source(source), image_number))
         return cursor.rowcount == 1
 
     def enqueue(self, path: str, collection: str, t_seen: float, t_complete: float, identity: str,
-                created: bool = False) -> bool:
+                created: bool = False, frame_index: int | None = None, source: str | None = None,
+                image_number: int | None = None) -> bool:
         """A complete frame becomes ready for dispatch; False when it was already queued or beyond.
 
         A finished frame is re-opened when its file is a new one (``created`` by a create or rename event, or
@@ -262,23 +312,25 @@ class Ledger:
         given up.
         """
         with self._transaction():
-            self.db.execute(_INSERT_SEEN, (_stored_path(path), collection, t_seen))
+            self.db.execute(_INSERT_SEEN, (_stored_path(path), collection, t_seen, frame_index,
+                                           _stored_source(source), image_number))
             cursor = self.db.execute(
                 "UPDATE frames SET state = 'queued', t_seen = ?, t_complete = ?, identity = ?, tries = 0, "
-                "worker = NULL, deadline = NULL WHERE path = ? AND (state = 'seen' OR (state IN ('done', 'failed') AND "
-                "(? OR identity IS NOT ?) AND identity IS NOT NULL))",
-                (t_seen, t_complete, identity, _stored_path(path), created, identity))
+                "worker = NULL, deadline = NULL, source = ifnull(?, source) WHERE " + _KEY + " AND (state = 'seen' "
+                "OR (state IN ('done', 'failed') AND (? OR identity IS NOT ?) AND identity IS NOT NULL))",
+                (t_seen, t_complete, identity, _stored_source(source), _stored_path(path), frame_index, created,
+                 identity))
         return cursor.rowcount == 1
 
-    def give_up(self, path: str, identity: str, created: bool = False) -> Frame | None:
+    def give_up(self, path: str, identity: str, created: bool = False, frame_index: int | None = None) -> Frame | None:
         """The frame to fail because its file never completed: one still ``seen``, or a finished one whose file
         is a new one (as in :meth:`enqueue`); None when there is nothing to fail."""
         with self._transaction():
             cursor = self.db.execute(
-                "UPDATE frames SET state = 'seen', identity = ?, tries = 0 WHERE path = ? AND (state = 'seen' OR "
+                "UPDATE frames SET state = 'seen', identity = ?, tries = 0 WHERE " + _KEY + " AND (state = 'seen' OR "
                 "(state IN ('done', 'failed') AND (? OR identity IS NOT ?) AND identity IS NOT NULL))",
-                (identity, _stored_path(path), created, identity))
-        return self.find(path) if cursor.rowcount == 1 else None
+                (identity, _stored_path(path), frame_index, created, identity))
+        return self.find(path, frame_index) if cursor.rowcount == 1 else None
 
     def queued(self, limit: int) -> list[Frame]:
         return self._frames("state = 'queued'", limit=max(0, int(limit)))
@@ -330,21 +382,35 @@ class Ledger:
         return cursor.rowcount
 
     def oldest_seen(self) -> float | None:
-        """When the longest-waiting frame still not complete was seen (wall time), None if there is none."""
-        return self.db.execute("SELECT MIN(t_seen) FROM frames WHERE state = 'seen'").fetchone()[0]
+        """When the longest-waiting frame still not complete was seen (wall time), None if there is none.
+
+        Frames of an HDF5 series are left out: they are seen when the master is, and wait for their data files
+        as long as the collection runs; the watcher gives up a series that stops making progress."""
+        return self.db.execute("SELECT MIN(t_seen) FROM frames WHERE state = 'seen' AND frame_index IS NULL"
+                               ).fetchone()[0]
 
     def seen_only(self) -> list[Frame]:
         return self._frames("state = 'seen'")
 
-    def find(self, path: str) -> Frame | None:
-        found = self._frames("path = ?", (_stored_path(path),))
+    def unfinished(self) -> list[Frame]:
+        """Every frame not yet done or failed (the collections count them as in flight after a restart)."""
+        return self._frames("state NOT IN ('done', 'failed')")
+
+    def find(self, path: str, frame_index: int | None = None) -> Frame | None:
+        found = self._frames(_KEY, (_stored_path(path), frame_index))
         return found[0] if found else None
 
     def known(self, path: str, identity: str) -> bool:
         """Whether the file ``identity`` at ``path`` needs no catch-up: its frame is being followed or in
-        flight, or finished from this file (or from a file of a ledger that kept no identities)."""
-        row = self.db.execute("SELECT state, identity FROM frames WHERE path = ?", (_stored_path(path),)).fetchone()
-        return row is not None and (row[0] not in FINAL or row[1] is None or row[1] == identity)
+        flight, or finished from this file (or from a file of a ledger that kept no identities).  A multi-frame
+        file (an HDF5 master) is known once its series is recorded; a file holding the pixels of such frames (an
+        HDF5 data file) while none of them was finished from another file."""
+        row = self.db.execute("SELECT state, identity, frame_index FROM frames WHERE path = ? LIMIT 1",
+                              (_stored_path(path),)).fetchone()
+        if row is not None:
+            return row[2] is not None or row[0] not in FINAL or row[1] is None or row[1] == identity
+        rows = self.db.execute("SELECT state, identity FROM frames WHERE source = ?", (_stored_path(path),)).fetchall()
+        return bool(rows) and all(state not in FINAL or known is None or known == identity for state, known in rows)
 
     def _next_seq(self) -> int:
         self.db.execute("UPDATE counters SET value = value + 1 WHERE name = 'seq'")

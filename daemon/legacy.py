@@ -16,6 +16,8 @@ closed (one EXIT stops every worker, where the old server needed one per process
 """
 from __future__ import annotations
 
+import atexit
+import gc
 import http.client
 import os
 import socket
@@ -66,13 +68,36 @@ def signal_strength(argv: list[str]) -> int:
     if image is None:
         print("Sorry: Missing file name: add distl.image=FRAME to the command line.", file=sys.stderr)
         return 2
-    from spotfinder_core.analysis import analyse  # numpy, scipy, numba: loaded once there is a frame to analyse
-    from spotfinder_core.report import BANNER, format_body
+    # the process ends after this frame: with what it made frozen, its exit does not collect and free numba's
+    # compiler state object by object (~0.25 s, a quarter of the whole process: benchmarks/bench_oneshot.py)
+    atexit.unregister(gc.freeze)
+    atexit.register(gc.freeze)
+    from spotfinder_core import nexus  # numpy, scipy, numba, h5py: loaded once there is a frame to analyse
+    from spotfinder_core.analysis import analyse
+    from spotfinder_core.report import BANNER
 
     params = params.replace(distl__image=image)
-    result = analyse(image, params)
-    if result.status != "ok":
-        print("Sorry: %s: %s" % (image, result.error), file=sys.stderr)
+    indices = _range_indices(params["distl.range"])
+    if indices is not None and not nexus.read_as_hdf5(image):
+        # DISTL's dxtbx fails here with a TypeError (a CBF's reader takes no frame index)
+        print("Sorry: distl.range names frames of an HDF5 (EIGER) file; %s is a single frame" % image, file=sys.stderr)
+        return 2
+    if indices is not None and not indices:
+        print("Sorry: distl.range=%d,%d names no frame (the end is excluded)" % params["distl.range"], file=sys.stderr)
+        return 2
+    clipped = False
+    if indices is not None:
+        kept = _within_series(image, indices)
+        clipped, indices = len(kept) < len(indices), kept
+        if not indices:
+            return 2
+    results = [analyse(image, params, index=index) for index in (indices or [None])]
+    for result in results:
+        if result.status != "ok":
+            where = "" if result.frame_index is None else " frame %d" % result.frame_index
+            print("Sorry: %s%s: %s" % (image, where, result.error), file=sys.stderr)
+    done = [nexus.distl_numbered(result, ranged=indices is not None) for result in results if result.status == "ok"]
+    if not done:
         return 2
     print(BANNER)
     print("#Parameters used:")
@@ -82,8 +107,59 @@ def signal_strength(argv: list[str]) -> int:
     print()
     print("#phil __OFF__")
     print()
-    sys.stdout.write(format_body(result))
-    return 0
+    sys.stdout.write(frames_body(done))
+    return 0 if len(done) == len(results) and not clipped else 2
+
+
+def _range_indices(value) -> range | None:
+    """The frame indices of ``distl.range``: i for one value, range(a, b) for two (DISTL's Python range)."""
+    if value is None:
+        return None
+    return range(value[0], value[0] + 1 if len(value) == 1 else value[1])
+
+
+def _within_series(image: str, indices: range) -> range:
+    """The part of ``indices`` the series holds; the rest is one "Sorry" line, and so is a series that cannot
+    be opened (a range far beyond the series costs no time)."""
+    from spotfinder_core import nexus
+
+    try:
+        count = nexus.open_series(image).count
+    except nexus.FrameError as exc:
+        print("Sorry: %s: %s" % (image, exc), file=sys.stderr)
+        return range(0)
+    if indices.stop > count:
+        beyond = range(max(indices.start, count), indices.stop)
+        held = "frames 0 to %d" % (count - 1) if count else "no frames"
+        what = "frame %d is" % beyond.start if len(beyond) == 1 else "frames %d to %d are" % (beyond.start,
+                                                                                            beyond.stop - 1)
+        print("Sorry: %s %s out of range: it holds %s" % (image, what, held), file=sys.stderr)
+    return range(indices.start, min(indices.stop, count))
+
+
+def frames_body(results) -> str:
+    """DISTL's text for the frames of one ``distl.range`` run (distl-spec §4.1 step 9, as the stock command
+    prints it): the file name's echo once, every frame's bin tables (the legend before the first only), then
+    every frame's stats block with its "Bin population cutoff" line, then every frame's "Number of focus spots"
+    lines.  One frame: format_body."""
+    from spotfinder_core.report import LEGEND, format_body
+
+    legend = LEGEND.rstrip("\n").split("\n")
+    heads, stats, focus = [], [], []
+    for k, result in enumerate(results):
+        lines = format_body(result).rstrip("\n").split("\n")
+        start = lines.index("%25s : %s" % ("File", result.file))
+        cutoff = next(i for i in range(start, len(lines)) if lines[i].startswith("Bin population cutoff"))
+        head = lines[:start - 1]
+        if k and result.details.echo_template:
+            head = head[1:]
+        if legend[0] in head and legend[0] in heads:  # the legend once, and the empty line after it
+            at = head.index(legend[0])
+            del head[at:at + len(legend) + 1]
+        heads += head
+        stats += [""] + lines[start:cutoff + 1]
+        focus += [""] + lines[cutoff + 2:]
+    return "\n".join(heads + stats + focus) + "\n"
 
 
 def encode_form(fields: list[tuple[str, str]]) -> tuple[str, bytes]:

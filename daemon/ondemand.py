@@ -79,6 +79,7 @@ class Job:
     params: Params
     reply: str | None  # "body" (DISTL's GET text), "post" (its short POST text) or None (JSON only)
     roots: tuple[str, ...] | None = None  # the folders the worker checks the opened frame against
+    index: int | None = None  # the frame inside a multi-frame file (an HDF5 series), None for a CBF
     tries: int = 0
     worker: str | None = None
     deadline: float | None = None
@@ -89,7 +90,7 @@ class Job:
 
     def message(self, verify_md5: bool) -> protocol.Job:
         """The job a worker receives."""
-        return protocol.Job(lane=protocol.QUERY, id=self.id, frame=protocol.FrameRef(path=self.path),
+        return protocol.Job(lane=protocol.QUERY, id=self.id, frame=protocol.FrameRef(path=self.path, index=self.index),
                             params=self.params, verify_md5=verify_md5, reply=self.reply, roots=self.roots)
 
     def wait(self, timeout: float) -> Outcome | None:
@@ -118,10 +119,11 @@ class Lane:
 
     # ----- HTTP threads ------------------------------------------------------------------------------------
     def submit(self, path: str, params: Params, reply: str | None, deadline_s: float | None = None, *,
-               roots: tuple[str, ...] | None = None) -> Job:
-        """Queue a job that must be answered within ``deadline_s`` (None: bounded by ``capacity`` only), its
-        frame checked by the worker against ``roots``; LaneFull when it cannot be (no worker, the expected wait
-        too long, too many waiting), LaneClosed when the service is stopping."""
+               roots: tuple[str, ...] | None = None, index: int | None = None) -> Job:
+        """Queue a job for frame ``index`` of ``path`` (None: a single-frame file) that must be answered within
+        ``deadline_s`` (None: bounded by ``capacity`` only), its frame checked by the worker against ``roots``;
+        LaneFull when it cannot be (no worker, the expected wait too long, too many waiting), LaneClosed when the
+        service is stopping."""
         with self._lock:
             if self._closed:
                 raise LaneClosed()
@@ -132,7 +134,7 @@ class Lane:
             limit = self.capacity if deadline_s is None else self._admit_limit(deadline_s)
             if waiting >= limit:
                 raise LaneFull("%d queries ahead of it" % waiting, self._retry_after_s(waiting - limit + 1))
-            job = Job(next(self._ids), path, params, reply, roots)
+            job = Job(next(self._ids), path, params, reply, roots, index)
             self._queue.append(job)
         self._wakeup.notify()
         return job

@@ -74,7 +74,8 @@ class JobKey:
 @dataclass(frozen=True, kw_only=True)
 class FrameRef:
     """A frame by file and place in it: ``index`` is None for a single-frame file (CBF), else the 0-based
-    number of the frame inside a multi-frame file (EIGER HDF5)."""
+    number of the frame inside a multi-frame file (EIGER HDF5: the series' master, whose data files the
+    worker's reader finds beside it)."""
 
     path: str
     index: int | None = None

@@ -71,8 +71,10 @@ def frame_message(seq: int, frame, result: dict, worker: str | None, t_start: fl
 
 def failure_message(seq: int, frame, reason: str) -> tuple[str, dict]:
     """A frame the service gave up on (never complete, vanished, killed its workers): an error result."""
-    failed = Result.failure(frame.path, reason)
-    failed.image_number = name_template(frame.path)[1]
+    failed = Result.failure(frame.path, reason, frame.frame_index)
+    # a frame of an HDF5 series is its master's path: its number is not in the name (nor a data file's, which
+    # holds frames from image_nr_low on)
+    failed.image_number = frame.image_number if frame.image_number is not None else name_template(frame.path)[1]
     return frame_message(seq, frame, failed.as_dict(), None, None)
 
 

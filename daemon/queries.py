@@ -7,13 +7,16 @@ Routes (registered on the service's :class:`~spotfinder_daemon.http.HttpServer`)
 * ``GET /spotfinder/distl.signal_strength_bcsb?distl.image=...``: the BCSB XML of DISTL's Apache server,
   every error in its ``<status>`` element at status 200;
 * ``GET /api/v1/analyse?image=...&res.outer=...``: the result fields as JSON, with real status codes;
+  ``frame=N`` (or ``distl.range=N``) names frame N (from 0) of an EIGER HDF5 series (``image=x_master.h5``);
 * ``POST /spotfinder`` (any path), thin_client's multipart form: ``filename=<frame>`` gives DISTL's short
   POST text; ``filename=EXIT`` stops the service (loopback clients only; a POST a browser sent for
   another site never gets here, see :mod:`~spotfinder_daemon.http`).  pilatus_client's and adsc_client's
   forms get the same (the pixels they push are dropped as they stream in); ``Expect: 200`` (DISTL's liveness
   probe) gets 200 at once.  Errors on these routes are text, ``Sorry: ...`` where DISTL had no wording.
 
-Parameters are parsed the way DISTL's server did: full paths or unique suffixes, the first value of a
+A frame of an HDF5 series is named as DISTL names it, ``distl.image=x_master.h5&distl.range=N`` (one frame per
+query: ``distl.range=A,B`` is answered only when it names one frame), and answered with the text the CLI
+gives for it.  Parameters are parsed the way DISTL's server did: full paths or unique suffixes, the first value of a
 repeated key, over the service's start-up parameters.  A frame is analysed only if its real path (after
 symlinks) lies inside a data root; a refused frame is answered exactly like a missing one in the legacy
 text, so the reply reveals nothing about files outside the roots.  The check is made here and again by the
@@ -42,6 +45,27 @@ IGNORED_BY_POST = ("distl.res.outer", "distl.res.inner")
 # What DISTL's BCSB module (Python 3.11) puts in <status> without distl.image: os.path.isfile(None) raises.
 BCSB_NO_IMAGE = "TypeError('stat: path should be string, bytes, os.PathLike or integer, not NoneType')"
 REFUSED_BY_WORKER = {error: verdict for verdict, error in protocol.REFUSALS.items()}
+FRAME = "frame"  # the JSON API's frame index (the legacy routes use distl.range)
+
+
+class BadFrame(ValueError):
+    """A frame index that names no single frame; the message is for the client."""
+
+
+def frame_index(params: Params, frame: str | None = None) -> int | None:
+    """The frame a query names inside a multi-frame file: ``frame`` (the JSON API's), else ``distl.range``'s
+    single frame; None for neither (a CBF).  BadFrame for anything else."""
+    if frame is not None:
+        if not (frame.isascii() and frame.isdigit()):
+            raise BadFrame("bad frame %.40r: expected a frame number from 0" % frame)
+        return int(frame)
+    span = params["distl.range"]
+    if span is None:
+        return None
+    if len(span) == 2 and span[1] - span[0] != 1:
+        raise BadFrame("distl.range=%d,%d names %d frames; a query answers one: ask distl.range=N for each"
+                       % (span[0], span[1], max(0, span[1] - span[0])))
+    return span[0]
 
 
 class DataRoots:
@@ -103,10 +127,12 @@ class Queries:
         http.fallback("POST", "legacy_post", self.legacy_post, form=True)
 
     # ----- parameters --------------------------------------------------------------------------------------
-    def _params(self, query_string: str, home_scope: str | None = None) -> Params:
+    def _params(self, query_string: str, home_scope: str | None = None, api: bool = False) -> Params:
         """Start-up parameters overridden by the query's; ParameterError like DISTL's (an unknown key first).
-        DISTL's Apache server resolves short keys inside ``home_scope="distl"``, its HTTP server in none."""
-        words = ["%s=%s" % (key, values[0]) for key, values in parse_qs(query_string).items() if key != "format"]
+        DISTL's Apache server resolves short keys inside ``home_scope="distl"``, its HTTP server in none; the
+        JSON API (``api``) takes ``frame`` besides them."""
+        ours = ("format", FRAME) if api else ("format",)
+        words = ["%s=%s" % (key, values[0]) for key, values in parse_qs(query_string).items() if key not in ours]
         values, first_bad = dict(self.startup.explicit()), None
         for word in words:
             try:
@@ -132,7 +158,11 @@ class Queries:
         image = params["distl.image"]
         if image is None:
             return legacy_error(400, "Missing distl.image: add distl.image=FRAME to the query.")
-        verdict, outcome = self._analyse(image, params, "body", legacy=True)
+        try:
+            index = frame_index(params)
+        except BadFrame as exc:
+            return _legacy_text("Sorry, can't process %s.  %s\n" % (image, exc))
+        verdict, outcome = self._analyse(image, params, "body", legacy=True, index=index)
         if verdict != "ok":
             return _legacy_text("%s is not a readable file" % image)
         return _legacy_reply(outcome)
@@ -166,7 +196,11 @@ class Queries:
         image = params["distl.image"]
         if image is None:
             return _legacy_text(bcsb_xml([("file_name", None), ("status", BCSB_NO_IMAGE)]))
-        verdict, outcome = self._analyse(image, params, "bcsb", legacy=True)
+        try:
+            index = frame_index(params)
+        except BadFrame as exc:
+            return _legacy_text(bcsb_xml([("file_name", image), ("status", "Sorry(%r)" % str(exc))]))
+        verdict, outcome = self._analyse(image, params, "bcsb", legacy=True, index=index)
         if verdict != "ok":
             refused = "Sorry(%r)" % ("%s not a readable file" % image)
             return _legacy_text(bcsb_xml([("file_name", image), ("status", refused)]))
@@ -174,13 +208,17 @@ class Queries:
 
     def api_get(self, request: Request) -> Response:
         try:
-            params = self._params(request.query_string)
+            params = self._params(request.query_string, api=True)
         except ParameterError as exc:
             return error_response(400, str(exc))
         image = params["distl.image"]
         if image is None:
             return error_response(400, "missing image: add image=FRAME (or distl.image=FRAME) to the query")
-        verdict, outcome = self._analyse(image, params, None)
+        try:
+            index = frame_index(params, request.arg(FRAME))
+        except BadFrame as exc:
+            return error_response(400, str(exc))
+        verdict, outcome = self._analyse(image, params, None, index=index)
         if verdict == "outside":
             return error_response(403, "%s is outside the data roots" % image)
         if verdict == "missing":
@@ -191,21 +229,22 @@ class Queries:
         return json_response(result, 200 if result["status"] == "ok" else 422)
 
     # ----- the lane ----------------------------------------------------------------------------------------
-    def _analyse(self, image: str, params: Params, reply: str | None,
-                 legacy: bool = False) -> tuple[str, Outcome | Response | None]:
+    def _analyse(self, image: str, params: Params, reply: str | None, legacy: bool = False,
+                 index: int | None = None) -> tuple[str, Outcome | Response | None]:
         """(verdict, the worker's outcome or the error reply): ``ok``, else the frame was refused (``outside``
         the roots or ``missing``) here or by the worker on the file it opened, and there is no outcome."""
         path, verdict = self.roots.locate(image)
         if verdict != "ok":
             return verdict, None
-        outcome = self._run(path, params, reply, legacy)
+        outcome = self._run(path, params, reply, legacy, index)
         if isinstance(outcome, Outcome) and outcome.result["status"] == "error":
             refused = REFUSED_BY_WORKER.get(outcome.result.get("error"))
             if refused is not None:
                 return refused, None
         return "ok", outcome
 
-    def _run(self, path: str, params: Params, reply: str | None, legacy: bool = False) -> Outcome | Response:
+    def _run(self, path: str, params: Params, reply: str | None, legacy: bool = False,
+             index: int | None = None) -> Outcome | Response:
         """The worker's outcome, or the error reply (refused at once when it could not be answered in time,
         stopping, timed out, failed)."""
         def failure(status: int, text: str, **headers: str) -> Response:
@@ -215,7 +254,7 @@ class Queries:
 
         try:
             job = self.lane.submit(path, params.replace(distl__image=path), reply, self.timeout_s,
-                                   roots=self.roots.folders)
+                                   roots=self.roots.folders, index=index)
         except LaneFull as refused:
             retry = {} if refused.retry_after_s is None else {"Retry-After": str(refused.retry_after_s)}
             return failure(503, "the spotfinder service cannot answer in time (%s); retry later" % refused.reason,

@@ -10,6 +10,21 @@ whatever comes next (not a CBF, corrupt, unreadable) and has settled; otherwise 
 ``incomplete_timeout_s``, or when it vanishes.  A watched folder deleted and re-created is watched again
 within a second (:meth:`Watcher._rewatch_recreated`).
 
+An EIGER HDF5 series (``<name>_master.h5`` and its ``<name>_data_NNNNNN.h5``) is followed as one
+(:class:`_Series`): once its master opens, every frame of the series is reported ``seen``, and the frames of
+each data file ``complete`` as soon as they can be read (:func:`~spotfinder_core.nexus.complete_frames`: the
+file no longer grows, or was closed or renamed into place, and opens with every chunk of those frames
+present), data file by data file, frame by frame, never a half-written one.  A data file its writer holds
+open in SWMR mode (:func:`~spotfinder_core.nexus.swmr_writing`) is read while it grows, each frame reported as
+soon as its chunk is indexed (SWMR writes a chunk before the index entry that points to it); any other data
+file only once it stops growing or is closed (read mid-write it could show anything).  Frames whose data file never
+comes, or stays short, are given up with their cause after ``incomplete_timeout_s`` without progress (a
+data file closed or renamed into place short of its frames at once), naming the missing frames.  A data
+file seen before its master waits for it; with no master after ``incomplete_timeout_s`` it is given up
+(a data file alone has no geometry), and analysed should its master come later.  A finished series is
+remembered with its files' versions, so that a late event of a file unchanged since (a writer's close after its
+last frame was reported, a polling snapshot) does not follow the whole series again.
+
 Whether a frame was already analysed is the ledger's business, not the watcher's: it reports every file it
 is told about, with the file's ``identity`` (device and inode) and whether it was newly ``created`` (a
 create or rename event), so the ledger can tell a file re-created under a known name from the same file.
@@ -23,16 +38,18 @@ import fnmatch
 import logging
 import os
 import queue
+import re
 import threading
 import time
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from watchdog.events import FileClosedEvent, FileMovedEvent, FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 from watchdog.observers.api import ObservedWatch
 from watchdog.observers.polling import PollingObserver
 
+from spotfinder_core import nexus
 from spotfinder_core.image import (BINARY_SLACK, LINK_LOOP, MAX_FRAME_BYTES, MIME_HEADER_BYTES, FrameError,
                                    binary_section, decompressed_bound, decompressing, open_frame_file)
 
@@ -40,13 +57,19 @@ from .wakeup import Wakeup
 
 log = logging.getLogger("spotfinder.watcher")
 
-PATTERNS = ("*.cbf", "*.cbf.gz", "*.cbf.bz2")
+PATTERNS = ("*.cbf", "*.cbf.gz", "*.cbf.bz2", "*_master.h5", "*_data_[0-9][0-9][0-9][0-9][0-9][0-9].h5")
+MASTER_SUFFIX = "_master.h5"
+DATA_NAME = re.compile(r"(?P<series>.+)_data_[0-9]{6}\.h5")
+# A data file being written under a temporary name (``.x_data_000002.h5.part``, rsync's ``.x_data_000002.h5.AbCd``)
+TEMPORARY_DATA = re.compile(r"\.*(?P<series>.+)_data_[0-9]{6}\.h5.+")
 RECHECK_S = 0.1
+SWMR_RECHECK_S = 0.5  # a data file written in SWMR mode is read again at least this often while it is written
 SETTLE_S = 2.0  # no growth for this long (and no close event): a file that cannot be a frame is reported
 REWATCH_EVERY_S = 1.0  # how often the watched folders are checked for having been deleted and re-created
 CBF_MAGIC = b"###CBF"  # the first bytes of every CBF file
 READ_CHUNK = 2**20
 GIVEN_UP_KEPT = 10_000  # files given up on, remembered so that completing one later counts as a new file
+FINISHED_KEPT = 1_000  # finished series, remembered so that a late event of one of their files is not news
 
 COMPLETE, PARTIAL, NOT_A_FRAME = "complete", "partial", "not a frame"
 
@@ -56,9 +79,36 @@ def is_frame_name(path: str) -> bool:
     return not name.startswith(".") and any(fnmatch.fnmatch(name, p) for p in PATTERNS)
 
 
+def master_of(path: str) -> str | None:
+    """The master of the HDF5 series a file belongs to (itself for a master), None for a CBF."""
+    name = os.path.basename(path)
+    if name.endswith(MASTER_SUFFIX):
+        return path
+    data = DATA_NAME.fullmatch(name)
+    return os.path.join(os.path.dirname(path), data.group("series") + MASTER_SUFFIX) if data else None
+
+
+def frame_ranges(indices: list[int]) -> str:
+    """0-based frame indices as short ranges for a message: ``frames 0-9, 12``, ``frame 3``."""
+    spans: list[list[int]] = []
+    for index in sorted(indices):
+        if spans and index == spans[-1][1] + 1:
+            spans[-1][1] = index
+        else:
+            spans.append([index, index])
+    listed = ", ".join(str(a) if a == b else "%d-%d" % (a, b) for a, b in spans)
+    return ("frame " if len(indices) == 1 else "frames ") + listed
+
+
 def identity_of(stat: os.stat_result) -> str:
     """Which file a path names: a re-created file gets a new inode, a file written on gets none."""
     return "%d:%d" % (stat.st_dev, stat.st_ino)
+
+
+def version_of(path: str) -> tuple[str, int, int] | None:
+    """(identity, size, mtime_ns) of a file: it changed when this did; None when it is not there."""
+    stat = status_of(path)
+    return None if stat is None else (identity_of(stat), stat.st_size, stat.st_mtime_ns)
 
 
 def status_of(path: str) -> os.stat_result | None:
@@ -164,7 +214,9 @@ class Event:
     """``seen``: a frame file appeared; ``complete``: ready to analyse; ``incomplete``: given up (``reason``).
 
     ``identity`` is ``dev:ino`` of the file checked ("" when it vanished); ``created``: a create or rename
-    event was seen for it, so it is a new file even if a frame of that name was analysed before.
+    event was seen for it, so it is a new file even if a frame of that name was analysed before.  A frame of
+    an HDF5 series is ``path`` (its master) and ``frame_index`` (``image_number`` in the series), its pixels in
+    the data file ``source``, whose identity and creation are the frame's.
     """
 
     kind: str
@@ -174,6 +226,9 @@ class Event:
     reason: str | None = None
     identity: str | None = None
     created: bool = False
+    frame_index: int | None = None
+    source: str | None = None
+    image_number: int | None = None  # a series frame's: image_nr_low + frame_index
 
 
 @dataclass
@@ -189,6 +244,59 @@ class _Pending:
     cause: str = "no complete CBF binary section"
 
 
+@dataclass
+class _Hints:
+    """What the file events said about a file of a series since its last check."""
+
+    hinted: bool = False
+    written: bool = False
+    created: bool = False
+
+    def add(self, hinted: bool, written: bool, created: bool) -> None:
+        self.hinted, self.written = self.hinted or hinted, self.written or written
+        self.created = self.created or created
+
+
+@dataclass
+class _DataFile:
+    """A data file of an opened series: its frames ``first_index`` .. ``first_index + count - 1``, of which the
+    first ``reported`` were reported complete (or given up)."""
+
+    path: str
+    first_index: int
+    count: int
+    reported: int = 0
+    counted: bool = False  # its own frame count was read (the master's guess replaced)
+    size: int = -1
+    checked: tuple[int, int] = (-1, -1)  # (size, mtime_ns) when it was last read
+    checked_at: float = 0.0  # time.monotonic() of that reading
+    identity: str = ""
+    hints: _Hints = field(default_factory=lambda: _Hints(hinted=True))
+
+    def missing(self) -> list[int]:
+        return list(range(self.first_index + self.reported, self.first_index + self.count))
+
+
+@dataclass
+class _Series:
+    """An HDF5 series followed from its master; ``hints`` per file (the master's and the data files') are filled
+    by :meth:`Watcher.notice` under the watcher's lock and taken by the checker."""
+
+    master: str
+    t_seen: float
+    last_change: float  # time.monotonic() of the last progress: the master or a data file grew, frames completed
+    hints: dict[str, _Hints] = field(default_factory=dict)
+    opened: bool = False
+    created: bool = False  # the master was created (or renamed into place) while followed
+    written: bool = False  # the master was closed after writing or renamed into place
+    size: int = -1
+    checked_size: int = -1
+    cause: str = "the master cannot be opened yet"
+    files: list[_DataFile] = field(default_factory=list)
+    image_nr_low: int = 1  # the image number of frame 0
+    waiting_data: dict[str, float] = field(default_factory=dict)  # data files seen before the master: t_seen
+
+
 class _Handler(FileSystemEventHandler):
     def __init__(self, watcher: Watcher):
         self.watcher = watcher
@@ -199,7 +307,10 @@ class _Handler(FileSystemEventHandler):
         path = event.dest_path if isinstance(event, FileMovedEvent) else event.src_path
         if isinstance(path, bytes):
             path = os.fsdecode(path)
-        if event.event_type in ("opened", "closed_no_write", "deleted") or not is_frame_name(path):
+        if event.event_type in ("opened", "closed_no_write", "deleted"):
+            return
+        if not is_frame_name(path):
+            self.watcher.progress(path)
             return
         self.watcher.notice(path, written=isinstance(event, (FileClosedEvent, FileMovedEvent)),
                             created=event.event_type in ("created", "moved"))
@@ -212,6 +323,7 @@ class Watcher:
         self.incomplete_timeout_s = incomplete_timeout_s
         self.observer = PollingObserver(timeout=poll_interval_s) if polling else Observer()
         self._pending: dict[str, _Pending] = {}
+        self._series: dict[str, _Series] = {}  # HDF5 series by master path (the checker thread follows them)
         self._lock = threading.Condition()
         self._events: queue.SimpleQueue[Event] = queue.SimpleQueue()
         self._wakeup = Wakeup()
@@ -220,6 +332,8 @@ class Watcher:
         self._handler = _Handler(self)
         self._watches: dict[str, tuple[ObservedWatch | None, str]] = {}  # folder -> its watch, the folder's identity
         self._given_up: dict[str, bool] = {}  # the newest GIVEN_UP_KEPT paths given up, in order (checker thread)
+        # the newest FINISHED_KEPT series finished: master -> {file: version_of(file) when it finished} (under the lock)
+        self._finished: dict[str, dict[str, tuple | None]] = {}
 
     def start(self) -> None:
         for folder in self.folders:
@@ -264,7 +378,11 @@ class Watcher:
         was closed after writing or renamed into place, so it is checked at once and judged as it is."""
         t_seen = t_seen or time.time()
         hinted = hinted or written
+        master = master_of(path)
         with self._lock:
+            if master is not None:
+                self._notice_series(master, path, t_seen, hinted, written, created)
+                return
             pending = self._pending.get(path)
             if pending is None:
                 self._pending[path] = _Pending(t_seen, time.monotonic(), created, written=written)
@@ -275,6 +393,35 @@ class Watcher:
                 pending.written = pending.written or written
             if hinted:
                 self._lock.notify()
+
+    def _notice_series(self, master: str, path: str, t_seen: float, hinted: bool, written: bool,
+                       created: bool) -> None:
+        """A file of an HDF5 series (under the lock): follow the series, and hint the file's next check."""
+        series = self._series.get(master)
+        if series is None:
+            finished = self._finished.get(master)
+            if finished is not None and not created and path in finished and finished[path] == version_of(path):
+                return  # a late event of a finished series' file, unchanged since it was read: nothing new
+            series = self._series[master] = _Series(master, t_seen, time.monotonic())
+            hinted = True
+        if path != master and not series.opened:  # a data file before its master: it waits, while it grows
+            series.waiting_data.setdefault(path, t_seen)
+            series.last_change = time.monotonic()
+        series.hints.setdefault(path, _Hints()).add(hinted, written, created)
+        if hinted:
+            self._lock.notify()
+
+    def progress(self, path: str) -> None:
+        """A file that is no frame changed: if it is a data file of a followed series being written under a
+        temporary name, the series is making progress (its incomplete timeout starts again)."""
+        temporary = TEMPORARY_DATA.fullmatch(os.path.basename(path))
+        if temporary is None:
+            return
+        master = os.path.join(os.path.dirname(path), temporary.group("series") + MASTER_SUFFIX)
+        with self._lock:
+            series = self._series.get(master)
+            if series is not None:
+                series.last_change = time.monotonic()
 
     def catch_up(self, is_known) -> int:
         """Follow the frame files in the folders that ``is_known(path, identity, mtime)`` does not know; how many.
@@ -322,6 +469,23 @@ class Watcher:
             with self._lock:
                 self._lock.wait(RECHECK_S)
                 candidates = list(self._pending.items())
+                followed = list(self._series.values())
+            for series in followed:
+                try:
+                    events, finished = self._check_series(series)
+                except Exception as exc:  # a bug must cost this series' check, never the checker thread
+                    log.error("checking the series %s raised %s: %s", series.master, type(exc).__name__, exc)
+                    events, finished = [], False
+                for event in events:
+                    self._emit(event)
+                if finished:
+                    versions = {path: version_of(path) for path in [series.master] + [d.path for d in series.files]}
+                    with self._lock:
+                        self._series.pop(series.master, None)
+                        self._finished.pop(series.master, None)
+                        self._finished[series.master] = versions
+                        if len(self._finished) > FINISHED_KEPT:
+                            del self._finished[next(iter(self._finished))]
             for path, pending in candidates:
                 try:
                     event = self._check(path, pending)
@@ -373,3 +537,179 @@ class Watcher:
             return give_up("incomplete after %.0f s without growth: %s" % (self.incomplete_timeout_s, pending.cause),
                            identity_of(stat))
         return None
+
+    # ----- HDF5 series ---------------------------------------------------------------------------------------
+    def _check_series(self, series: _Series) -> tuple[list[Event], bool]:
+        """(events, finished) of one check of a series: its master opened, frames complete or given up."""
+        now = time.monotonic()
+        with self._lock:
+            hints, series.hints = series.hints, {}
+        master_hints = hints.pop(series.master, _Hints())
+        series.created = series.created or master_hints.created
+        series.written = series.written or master_hints.written
+        events = []
+        if not series.opened:
+            events, given_up = self._open_series(series, master_hints.hinted, now)
+            if not series.opened:
+                with self._lock:  # what was said of its data files waits for the master
+                    for path, said in hints.items():
+                        series.hints.setdefault(path, _Hints()).add(**vars(said))
+                return events, given_up
+        for data in series.files:
+            if data.path in hints:
+                data.hints.add(**vars(hints[data.path]))
+            if data.reported < data.count:
+                events.extend(self._check_data_file(series, data, now))
+        unfinished = [data for data in series.files if data.reported < data.count]
+        if unfinished and now - series.last_change > self.incomplete_timeout_s:
+            for data in unfinished:
+                events.extend(self._give_up_frames(series, data, self._timed_out(data)))
+            unfinished = []
+        if not unfinished and now - series.last_change <= self.incomplete_timeout_s:
+            # every frame reported, but an SWMR writer still holds a data file open: followed until it closes
+            # it, so that its closing is not taken for news of a finished series
+            unfinished = [data for data in series.files if nexus.swmr_writing(data.path)]
+        return events, not unfinished
+
+    def _open_series(self, series: _Series, hinted: bool, now: float) -> tuple[list[Event], bool]:
+        """(events, given up): open the master once it can be (it settled, or its writer is done with it), and
+        the series' frames are ``seen``; a master that never opens is given up (one error result), and data
+        files whose master never comes are given up one by one."""
+        master = series.master
+        try:
+            stat = os.stat(master)
+        except FileNotFoundError:
+            if now - series.last_change > self.incomplete_timeout_s:
+                return self._give_up_orphans(series), True
+            return [], False
+        except OSError as exc:
+            return self._give_up_master(series, unreadable(exc), ""), True
+        if stat.st_size != series.size:
+            series.size, series.last_change = stat.st_size, now
+        elif hinted or stat.st_size != series.checked_size:
+            series.checked_size = stat.st_size
+            try:
+                opened = nexus.open_series(master)
+            except FrameError as exc:
+                series.cause = str(exc)
+            else:
+                return self._announce(series, opened, now), False
+        if series.written and series.checked_size == stat.st_size:
+            return self._give_up_master(series, series.cause, identity_of(stat)), True
+        if now - series.last_change > self.incomplete_timeout_s:
+            return self._give_up_master(series, "master incomplete after %.0f s without growth: %s"
+                                        % (self.incomplete_timeout_s, series.cause), identity_of(stat)), True
+        return [], False
+
+    def _announce(self, series: _Series, opened, now: float) -> list[Event]:
+        """The opened series' frames are ``seen``, each with the data file that holds it."""
+        series.opened, series.last_change, series.image_nr_low = True, now, opened.image_nr_low
+        folder = os.path.dirname(series.master)
+        series.files = [_DataFile(os.path.join(folder, data.path), data.first_index, data.count)
+                        for data in opened.data_files]
+        series.waiting_data.clear()
+        log.info("series %s: %d frames in %d data files", series.master, opened.count, len(series.files))
+        events = [Event("seen", series.master, series.t_seen, frame_index=index, source=data.path,
+                        image_number=series.image_nr_low + index)
+                  for data in series.files for index in range(data.first_index, data.first_index + data.count)]
+        unlinked = sorted(set(range(opened.count)) - {event.frame_index for event in events})
+        reason = "%s links no data file for %s" % (os.path.basename(series.master), frame_ranges(unlinked))
+        for index in unlinked:  # the master counts frames no data file of it holds: never coming
+            events += [Event("seen", series.master, series.t_seen, frame_index=index,
+                             image_number=series.image_nr_low + index),
+                       Event("incomplete", series.master, series.t_seen, reason=reason, identity="",
+                             frame_index=index, image_number=series.image_nr_low + index)]
+        return events
+
+    def _check_data_file(self, series: _Series, data: _DataFile, now: float) -> list[Event]:
+        """Report the frames of a data file that became complete; give up the rest if its writer is done with
+        it short of them."""
+        try:
+            stat = os.stat(data.path)
+        except OSError:
+            return []  # not there (yet): the series' timeout says when it never came
+        identity = identity_of(stat)
+        if data.identity and identity != data.identity:  # written again under its name: a new file
+            data.reported, data.checked = 0, (-1, -1)
+            data.hints.add(hinted=True, written=False, created=True)
+        data.identity = identity
+        version = (stat.st_size, stat.st_mtime_ns)
+        growing = stat.st_size != data.size
+        if growing:
+            data.size, series.last_change = stat.st_size, now
+        if not data.hints.hinted:
+            if nexus.swmr_writing(data.path):  # readable while written: read when it changed, and now and then
+                if version == data.checked and now - data.checked_at < SWMR_RECHECK_S:  # (coarse mtimes)
+                    return []
+            elif growing or version == data.checked:
+                return []  # still growing (checked once it settles), or read as it is
+        hints, data.hints = data.hints, _Hints(created=data.hints.created)
+        data.checked, data.checked_at = version, now
+        complete = nexus.complete_frames(data.path)
+        if complete and not data.counted:
+            data.counted = self._respread(series, data)
+        complete = min(data.count, complete)
+        t_complete = time.time()
+        events = [Event("complete", series.master, series.t_seen, t_complete=t_complete, identity=identity,
+                        created=hints.created or series.created, frame_index=data.first_index + k, source=data.path,
+                        image_number=series.image_nr_low + data.first_index + k)
+                  for k in range(data.reported, complete)]
+        if complete > data.reported:
+            data.reported, series.last_change = complete, now
+        if hints.written and data.reported < data.count:
+            events.extend(self._give_up_frames(series, data, "data file %s was closed with %d of its %d frames "
+                                               "complete (truncated or corrupt)" % (data.path, complete, data.count)))
+        return events
+
+    @staticmethod
+    def _respread(series: _Series, readable: _DataFile) -> bool:
+        """Read again where each data file's frames lie, now that ``readable`` can say how many it holds (a
+        legacy master does not say it; the reader guesses from the data files there); whether it worked."""
+        try:
+            opened = nexus.open_series(series.master)
+        except FrameError:
+            return False
+        folder = os.path.dirname(series.master)
+        spread = {os.path.join(folder, d.path): d for d in opened.data_files}
+        for data in series.files:
+            if data.path in spread:
+                data.first_index, data.count = spread[data.path].first_index, spread[data.path].count
+        return readable.path in spread
+
+    def _timed_out(self, data: _DataFile) -> str:
+        if data.size < 0:
+            return "data file %s never came" % data.path
+        return "data file %s incomplete after %.0f s without progress" % (data.path, self.incomplete_timeout_s)
+
+    def _give_up_frames(self, series: _Series, data: _DataFile, cause: str) -> list[Event]:
+        """The frames of a data file not yet reported, given up with ``cause`` and the missing frames named."""
+        missing = data.missing()
+        reason = "%s: %s of %s missing" % (cause, frame_ranges(missing), os.path.basename(series.master))
+        data.reported = data.count
+        return [Event("incomplete", series.master, series.t_seen, reason=reason, identity=data.identity,
+                      created=data.hints.created or series.created, frame_index=index, source=data.path,
+                      image_number=series.image_nr_low + index)
+                for index in missing]
+
+    def _give_up_master(self, series: _Series, cause: str, identity: str) -> list[Event]:
+        """A master that does not open: one error result for it (``seen`` first, so the ledger has it)."""
+        return [Event("seen", series.master, series.t_seen),
+                Event("incomplete", series.master, series.t_seen, reason=cause, identity=identity,
+                      created=series.created)]
+
+    def _give_up_orphans(self, series: _Series) -> list[Event]:
+        """Data files whose master never came: one error result each, numbered by the first image it holds (its
+        collection is its master's series, which its frames join should the master come)."""
+        events = []
+        for path, t_seen in series.waiting_data.items():
+            stat = status_of(path)
+            reason = ("no master %s within %.0f s: a data file alone has no geometry"
+                      % (os.path.basename(series.master), self.incomplete_timeout_s))
+            try:
+                number = nexus.open_series(path).image_nr_low
+            except FrameError:
+                number = None
+            events += [Event("seen", path, t_seen, image_number=number),
+                       Event("incomplete", path, t_seen, reason=reason, identity=identity_of(stat) if stat else "",
+                             image_number=number)]
+        return events

@@ -4,7 +4,8 @@ It receives jobs (:class:`~spotfinder_daemon.protocol.Job`) and sends the collec
 ``Started`` when it takes a job (so the service knows who holds which frame), ``Result``, a ``Heartbeat``
 every second from a thread with its own socket (so a long frame does not make the worker look dead), and
 ``Bye`` as it leaves.  A job that cannot be read is answered with an error result when its lane and id can
-be, else dropped with a log line; a job for one frame of a multi-frame file gets an error result.
+be, else dropped with a log line.  A job names its frame by file and ``index`` (the frame of an HDF5
+series, None for a CBF).
 
 A job may ask for DISTL's text as well (``reply``: ``body`` for the GET text, ``post`` for the short POST
 text, used by on-demand HTTP queries): it is formatted here, where the live Result with its details is.
@@ -50,7 +51,8 @@ import time
 
 import zmq
 
-from spotfinder_core import Result, analyse
+from spotfinder_core import Result, analyse, nexus
+from spotfinder_core.image import FrameError
 from spotfinder_core.analysis import retain_freed_memory, warm_up
 from spotfinder_core.report import format_bcsb, format_body, format_post
 
@@ -145,9 +147,28 @@ def gave_back(allocated_before: int | None) -> bool:
 
 
 def answer(job: protocol.Job, result: Result) -> tuple[dict, str | None]:
-    """A job's result as it is sent: the result's fields, and its text if the job asks for one."""
+    """A job's result as it is sent: the result's fields, and its text if the job asks for one (DISTL's, which
+    numbers a frame of an HDF5 series by its index)."""
     formatter = FORMATTERS.get(job.reply)
-    return result.as_dict(), formatter(result) if formatter else None
+    return result.as_dict(), formatter(nexus.distl_numbered(result)) if formatter else None
+
+
+def series_inside(opened: str, index: int | None, roots: tuple[str, ...]) -> str:
+    """The real path of an opened HDF5 file, to read frame ``index`` of it by; Refused unless the data file
+    holding that frame lies inside ``roots`` too.
+
+    An HDF5 master names its data files relative to its own folder, so it is read by its real path (which
+    :func:`opened_inside` checked), not through the private link; its data files are checked by path before
+    the reader opens them (a narrower guarantee than the single open of a CBF frame).
+    """
+    real = os.path.realpath(opened)
+    try:
+        data = nexus.open_series(real).data_file_of(0 if index is None else index)
+    except FrameError:
+        return real  # the reader says what is wrong, as the frame's error
+    if not protocol.inside(os.path.realpath(data.path), roots):
+        raise Refused(protocol.REFUSALS["outside"])
+    return real
 
 
 def analyse_job(job: protocol.Job, scratch: str) -> tuple[dict, str | None]:
@@ -156,26 +177,26 @@ def analyse_job(job: protocol.Job, scratch: str) -> tuple[dict, str | None]:
     path, index = job.frame.path, job.frame.index
     limit_memory(job.budget_mb)
     try:
-        if index is not None:
-            result = Result.failure(path, "multi-frame files are not supported yet (frame index %d)" % index)
-        elif job.roots is None:
-            result = analyse(path, job.params, verify_md5=job.verify_md5)
+        if job.roots is None:
+            result = analyse(path, job.params, verify_md5=job.verify_md5, index=index)
         else:
             with opened_inside(path, job.roots, scratch) as opened:
-                result = analyse(opened, job.params, shown_as=path, verify_md5=job.verify_md5)
+                if nexus.is_hdf5(opened):
+                    opened = series_inside(opened, index, job.roots)
+                result = analyse(opened, job.params, shown_as=path, verify_md5=job.verify_md5, index=index)
         if result.error == OUT_OF_MEMORY:
             result.error = out_of_memory(job.budget_mb)
             log.warning("%s: %s", path, result.error)
         return answer(job, result)
     except Refused as refused:
         log.warning("refused %s: %s", path, refused)
-        return Result.failure(path, str(refused)).as_dict(), None
+        return Result.failure(path, str(refused), index).as_dict(), None
     except MemoryError:  # past the budget outside analyse() (opening, formatting): the same verdict
         log.warning("%s: %s", path, out_of_memory(job.budget_mb))
-        return answer(job, Result.failure(path, out_of_memory(job.budget_mb)))
+        return answer(job, Result.failure(path, out_of_memory(job.budget_mb), index))
     except Exception as exc:  # a bug or a bad parameter must cost one frame, not the worker
         log.error("analysis of %s raised %s: %s", path, type(exc).__name__, exc)
-        return answer(job, Result.failure(path, "analysis raised %s: %s" % (type(exc).__name__, exc)))
+        return answer(job, Result.failure(path, "analysis raised %s: %s" % (type(exc).__name__, exc), index))
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -253,8 +274,9 @@ class Worker:
                 job = running.job
                 log.error("%s took longer than the budget of %g s: answered as an error; this worker leaves and "
                           "a fresh one takes its place", job.frame.path, job.budget_s)
-                failure = Result.failure(job.frame.path, "took longer than the budget of %g s" % job.budget_s)
-                result, text = answer(job, failure)
+                overran = Result.failure(job.frame.path, "took longer than the budget of %g s" % job.budget_s,
+                                         job.frame.index)
+                result, text = answer(job, overran)
                 context = zmq.Context()  # its own, so term() waits until this one result is sent
                 sock = context.socket(zmq.PUSH)
                 sock.setsockopt(zmq.LINGER, 5000)

@@ -48,7 +48,7 @@ def test_worker_reports_errors_per_frame_and_keeps_going(tmp_path, make_frame):
         assert got[1]["status"] == "error" and got[1]["error"] == "no such file"
         assert got[2]["status"] == "error" and got[2]["error"].startswith("the job cannot be read: bad params")
         assert got[3]["status"] == "ok"
-        assert got[4]["status"] == "error" and "multi-frame files are not supported yet" in got[4]["error"]
+        assert got[4]["status"] == "error" and got[4]["error"] == "no such file" and got[4]["frame_index"] == 0
         assert got[6]["status"] == "ok"
         assert worker.poll() is None
     finally:
