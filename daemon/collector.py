@@ -40,7 +40,8 @@ RATE_WINDOW_S = 10.0
 
 class Collector:
     def __init__(self, *, context: zmq.Context, endpoint: str, ledger: Ledger, publisher: Publisher,
-                 frame_timeout_s: float, lane: Lane, metrics: Metrics, roll: Roll):
+                 frame_timeout_s: float, lane: Lane, metrics: Metrics, roll: Roll,
+                 on_result: Callable[[dict], None] = lambda body: None):
         self.socket = context.socket(zmq.PULL)
         self.socket.setsockopt(zmq.LINGER, 0)
         self.socket.bind(endpoint)
@@ -50,6 +51,7 @@ class Collector:
         self.lane = lane
         self.metrics = metrics
         self.roll = roll
+        self.on_result = on_result  # told every stored result message (or failure), after it was sent
         self.recent_done: collections.deque[float] = collections.deque()
         self.last_done = 0.0
         self.unwritten = WriteBacklog()  # the ledger's part of reports, while the ledger refuses writes
@@ -130,6 +132,7 @@ class Collector:
             return
         self.publisher.send(published)  # first: nothing between the commit and the send may raise
         body = published["body"]
+        self.on_result(body)
         log.debug("result seq %d %s: %s", body["seq"], body["file"], body["status"])
         self._count_done("watch", result)
 
@@ -148,6 +151,7 @@ class Collector:
                                        lambda seq, current: messages.failure_message(seq, current, reason))
         if published is not None:
             self.publisher.send(published)
+            self.on_result(published["body"])
             log.error("frame %s failed: %s", frame.path, reason)
             self._count_done("watch", None)
 
@@ -157,6 +161,10 @@ class Collector:
             self.ledger.record(lambda seq: messages.error_message(seq, text, collection, **fields))))
         log.warning("%s", text)
         self.metrics.error("service")
+
+    def record(self, compose: Callable[[int], tuple[str, dict]]) -> None:
+        """Store and publish a message that is no frame's result (a collection's start, summary or end)."""
+        self._write(lambda: self.publisher.send(self.ledger.record(compose)))
 
     def heartbeat(self, **fields) -> None:
         """A heartbeat, with the newest seq (``last_seq``) and the ledger's id: a subscriber that has not seen

@@ -323,6 +323,11 @@ workers that stop answering altogether.  null = no limit.""")
     drain_timeout_s: float = setting(
         30.0, kind=NUMBER, minimum=0.01, section=DELIVERY,
         beside="on SIGTERM, how long to wait for frames in flight before handing them back")
+    collection_quiet_s: float = setting(
+        60.0, kind=NUMBER, minimum=0.1, section=DELIVERY, above="""\
+A collection (a folder + file template, or an HDF5 series) ends when all its expected frames are done, or,
+when no count is known or frames are missing, after this long without a new frame: its `end` message
+then gives the completeness and the missing numbers.""")
     retention_days: float = setting(
         30.0, kind=NUMBER, minimum=0.0, section=DELIVERY, above="""\
 Frames finished longer ago than this, and their stored messages (GET /results), are forgotten; frame files

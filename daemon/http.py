@@ -1,7 +1,9 @@
 """The HTTP side: a route table over a stdlib ThreadingHTTPServer that cannot be exhausted.
 
-Routes map (method, path) to ``handler(Request) -> Response``; a per-method fallback takes the paths no
-route names (DISTL's server ignored the path, so the legacy queries are such a fallback).
+Routes map (method, path) to ``handler(Request) -> Response``, a prefix route every path under a folder
+(``/api/v1/collections/ID``); a per-method fallback takes the paths no route names (DISTL's server ignored
+the path, so the legacy queries are such a fallback).  A reply may be streamed (``Response.stream``: Server-Sent
+Events); it holds its connection until it ends, so whoever streams caps its streams below the connection cap.
 
 Why it never hangs:
 * every connection has a socket timeout, and a deadline for reading a whole request (request line,
@@ -40,6 +42,7 @@ import email.policy
 import fcntl
 import json
 import logging
+import select
 import socket
 import termios
 import threading
@@ -98,6 +101,10 @@ class Response:
     content_type: str = "text/plain; charset=utf-8"
     headers: dict[str, str] = field(default_factory=dict)
     then: Callable[[], None] | None = None  # run once the reply has been written (e.g. stop the service)
+    # A reply of unknown length (Server-Sent Events): stream(write, wait) writes it after the headers until it
+    # returns.  wait(seconds) pauses; it returns True when the server stops listening (end the reply), and,
+    # like write, raises OSError when the client has gone.
+    stream: Callable[[Callable[[bytes], None], Callable[[float], bool]], None] | None = None
 
 
 def json_response(data: object, status: int = 200) -> Response:
@@ -311,10 +318,11 @@ class _RequestHandler(BaseHTTPRequestHandler):
     def _reply(self, response: Response, close: bool = False) -> None:
         self.send_response(response.status)
         self.send_header("Content-Type", response.content_type)
-        self.send_header("Content-Length", str(len(response.body)))
+        if response.stream is None:
+            self.send_header("Content-Length", str(len(response.body)))
         for name, value in response.headers.items():
             self.send_header(name, value)
-        if close:
+        if close or response.stream is not None:
             self.send_header("Connection", "close")
             self.close_connection = True
         self.end_headers()
@@ -322,8 +330,31 @@ class _RequestHandler(BaseHTTPRequestHandler):
             self.wfile.write(response.body)
         self.wfile.flush()
         self.server.observe(getattr(self, "route_name", "unmatched"), response.status)
+        if response.stream is not None and self.command != "HEAD":
+            self._stream(response.stream)
         if response.then is not None:
             response.then()
+
+    def _stream(self, stream) -> None:
+        def write(data: bytes) -> None:
+            self.wfile.write(data)
+            self.wfile.flush()
+
+        def wait(seconds: float) -> bool:
+            """Pause; True when the server is closing; OSError when the client hung up (its socket is readable)."""
+            end = time.monotonic() + seconds
+            while not self.server.closing.is_set():
+                left = end - time.monotonic()
+                if left <= 0:
+                    return False
+                if select.select([self.connection], [], [], min(left, 0.25))[0]:
+                    # EOF: the client closed; anything else has no place on a stream: end it either way
+                    raise ConnectionAbortedError("the client closed the stream or sent on it")
+            return True
+        try:
+            stream(write, wait)
+        except OSError:  # the client went away, or stopped reading for the socket timeout
+            pass
 
     def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
         """Protocol errors found by the stdlib (bad request line, too long, bad headers): short text, counted."""
@@ -448,6 +479,8 @@ class _Server(ThreadingHTTPServer):
         self.timeout_s = timeout_s
         self.max_upload_bytes = max_upload_bytes
         self.routes: dict[tuple[str, str], _Route] = {}
+        self.prefixes: dict[tuple[str, str], _Route] = {}  # (method, "/path/"): every path under it
+        self.closing = threading.Event()  # set when the server stops listening: streamed replies end
         self.fallbacks: dict[str, _Route] = {}
         self.observe: Callable[[str, int], None] = lambda route, status: None
         self.deadlines = _Deadlines(timeout_s)
@@ -485,11 +518,17 @@ class _Server(ThreadingHTTPServer):
 
     def find(self, method: str, path: str) -> _Route:
         """The route answering ``method path``: a registered one, else the method's fallback, else none."""
-        route = self.routes.get((method, path)) or self.fallbacks.get(method)
+        route = self.routes.get((method, path)) or self._under_prefix(method, path) or self.fallbacks.get(method)
         return route or _Route(None, "unmatched", legacy=path.startswith(LEGACY_PREFIX))
 
+    def _under_prefix(self, method: str, path: str) -> _Route | None:
+        matches = [prefix for known_method, prefix in self.prefixes if known_method == method and
+                   path.startswith(prefix) and len(path) > len(prefix)]
+        return self.prefixes[(method, max(matches, key=len))] if matches else None
+
     def knows(self, path: str) -> bool:
-        return any(known == path for _, known in self.routes)
+        return any(known == path for _, known in self.routes) or any(
+            path.startswith(prefix) and len(path) > len(prefix) for _, prefix in self.prefixes)
 
     @contextlib.contextmanager
     def serving(self):
@@ -568,9 +607,16 @@ class HttpServer:
     def address(self) -> tuple[str, int]:
         return self.server.server_address[:2]
 
-    def route(self, method: str, path: str, handler: Handler, *, form: bool = False) -> None:
-        """``form``: the body is a form, given to the handler as ``Request.form`` (see the module's docstring)."""
-        self.server.routes[(method.upper(), path)] = _Route(handler, path, form, path.startswith(LEGACY_PREFIX))
+    def route(self, method: str, path: str, handler: Handler, *, form: bool = False, prefix: bool = False) -> None:
+        """``form``: the body is a form, given to the handler as ``Request.form`` (see the module's docstring);
+        ``prefix``: ``path`` ends in ``/`` and the route answers every path under it (``/api/v1/collections/ID``)."""
+        route = _Route(handler, path, form, path.startswith(LEGACY_PREFIX))
+        (self.server.prefixes if prefix else self.server.routes)[(method.upper(), path)] = route
+
+    def answer_as_fallback(self, request: Request) -> Response:
+        """The answer of the method's fallback: for a route that shares its path with DISTL's queries (``/``)."""
+        route = self.server.fallbacks.get("GET" if request.method == "HEAD" else request.method)
+        return route.handler(request) if route else error_response(404, "no such resource: %s" % request.path)
 
     def reserve(self, *paths: str) -> None:
         """``paths`` are still answered over the connection cap (on RESERVED_CONNECTIONS more connections)."""
@@ -590,7 +636,8 @@ class HttpServer:
         self.thread.start()
 
     def stop_listening(self) -> None:
-        """Accept no more connections; the ones already open are still served."""
+        """Accept no more connections; the ones already open are still served (streamed replies end)."""
+        self.server.closing.set()
         if self.thread.is_alive():
             self.server.shutdown()
         self.server.server_close()

@@ -1,8 +1,9 @@
 """The main loop's timers as one table: each task has a name, an interval and a condition.
 
 The service registers its periodic work (supervising workers, heartbeats, the systemd watchdog, folder
-reconciliation, ledger pruning) here instead of keeping a ``next_*`` variable per timer, so what runs when
-is readable in one place and listed in ``/status``.  Intervals count on ``time.monotonic()``.
+reconciliation, ledger pruning, collections' summaries and ends) here instead of keeping a ``next_*`` variable
+per timer, so what runs when is readable in one place and listed in ``/status``.  Intervals count on
+``time.monotonic()``.
 """
 from __future__ import annotations
 

@@ -7,6 +7,8 @@ their own (``/results``), and never touch a part directly.
 """
 from __future__ import annotations
 
+import functools
+import json
 import math
 import threading
 import time
@@ -22,11 +24,20 @@ from .metrics import Metrics
 from .ondemand import Lane
 from .periodic import PeriodicTasks
 from .pool import WorkerPool
+from .publisher import heartbeat_message
 from .roll import Roll
 from .watcher import Watcher
 
 RESULTS_LIMIT = 1000
+# /events streams hold an HTTP connection each: at most this many at once (the rest get 503), so browsers
+# left open never take the connections queries and monitoring need.
+EVENT_STREAMS = 16
+EVENTS_POLL_S = 0.2  # how often a stream looks for new stored messages
+EVENTS_KEEPALIVE_S = 10.0  # a comment line after this long without a message (keeps proxies and clients awake)
 AWAITING_REMOTE = "no live workers (workers: 0 and no remote worker)"
+# local workers started, none joined yet: each loads its compiled kernels (a second or two) or, on a first start
+# after an install or an upgrade of numba, compiles them (bench_startup.py: ~6 s on the 2-core EPYC)
+PREPARING = "workers preparing: loading or compiling the analysis kernels"
 
 
 class Status:
@@ -48,6 +59,7 @@ class Status:
         self.oldest_seen: float | None = None
         self._snapshot: dict = {}
         self._lock = threading.Lock()
+        self._streams = threading.BoundedSemaphore(EVENT_STREAMS)
 
     # ----- main thread -------------------------------------------------------------------------------------
     def observe_ledger(self) -> None:
@@ -66,6 +78,8 @@ class Status:
         if not self.watcher.alive():
             return False, "the folder watcher stopped"
         if not self.roll.workers:
+            if self.pool.running() and not self.pool.paused:
+                return False, PREPARING
             return False, "no live workers" if self.pool.count else AWAITING_REMOTE
         stall_s = s.dispatch_timeout_s + s.frame_timeout_s
         if time.monotonic() - self.progress_mark > stall_s:
@@ -157,6 +171,7 @@ class Status:
         http.route("GET", "/status", self._status)
         http.route("GET", "/results", self._results)
         http.route("GET", "/metrics", self._metrics)
+        http.route("GET", "/events", self._events)
         http.reserve("/status", "/metrics")
 
     def _status(self, request: Request) -> Response:
@@ -173,6 +188,50 @@ class Status:
         limit = max(1, min(limit, RESULTS_LIMIT))
         messages, last_seq, ledger_id = ledger_module.read_messages(self.settings.state_dir, since, limit)
         return json_response({"since": since, "last_seq": last_seq, "ledger": ledger_id, "results": messages})
+
+    def _events(self, request: Request) -> Response:
+        """Server-Sent Events: the stored messages PUB sends (same JSON, ``id:`` = seq, so a reconnecting
+        EventSource resumes after the Last-Event-ID it saw; ``?since=`` for the first connection) and the
+        heartbeats (without an id)."""
+        try:
+            since = int(request.headers.get("last-event-id") or request.arg("since", "0"))
+        except ValueError:
+            return error_response(400, "Last-Event-ID and since must be integers")
+        if not 0 <= since < 1 << 63:
+            return error_response(400, "since must be from 0 to 2**63-1")
+        headers = {"Cache-Control": "no-store", "X-Accel-Buffering": "no"}
+        if request.method == "HEAD":
+            return Response(200, b"", "text/event-stream", headers)
+        if not self._streams.acquire(blocking=False):
+            return error_response(503, "too many event streams (%d); retry later" % EVENT_STREAMS)
+        return Response(200, b"retry: 2000\n\n", "text/event-stream", headers,
+                        stream=functools.partial(self._stream_events, since))
+
+    def _stream_events(self, since: int, write, wait) -> None:
+        try:
+            quiet_since = next_heartbeat = time.monotonic()
+            while True:
+                messages, last_seq, ledger_id = ledger_module.read_messages(self.settings.state_dir, since,
+                                                                            RESULTS_LIMIT)
+                if since > last_seq:  # a seq of another (older) ledger: this one's messages from the start
+                    since = 0
+                    continue
+                now = time.monotonic()
+                for body in messages:
+                    write(b"id: %d\ndata: %s\n\n" % (body["seq"], json.dumps(body).encode()))
+                    since, quiet_since = body["seq"], now
+                if now >= next_heartbeat:
+                    next_heartbeat = now + self.settings.heartbeat_interval_s
+                    _, body = heartbeat_message(ledger=ledger_id, last_seq=last_seq, **self.heartbeat_fields())
+                    write(b"data: %s\n\n" % json.dumps(body).encode())
+                    quiet_since = now
+                elif now - quiet_since >= EVENTS_KEEPALIVE_S:
+                    write(b": keepalive\n\n")
+                    quiet_since = now
+                if len(messages) < RESULTS_LIMIT and wait(EVENTS_POLL_S):
+                    return
+        finally:
+            self._streams.release()
 
     def _metrics(self, request: Request) -> Response:
         body, content_type = self.metrics.render()
