@@ -425,7 +425,7 @@ def _widen_axis(lo, hi, grow, size):
 def classify(pixels: np.ndarray, geometry: Geometry, settings: Settings, region: Region,
              underload: int) -> Classification:
     """Run the three classification cycles; later cycles refine the sample with earlier z-scores."""
-    tiling = Tiling.of(geometry, region, settings.scanbox_windows, settings.res_outer)
+    tiling = Tiling.of(geometry, region, settings.scanbox_windows, settings.res_outer, looks_circular(pixels))
     # When every cycle covers the same pixels, the last one rewrites all z-scores, so the earlier ones
     # only need to mark the next cycle's background sample, on the rows it samples: a byte on half the
     # pixels instead of two floats on all.  That holds unless a later window must be widened (its wider
@@ -440,7 +440,8 @@ def classify(pixels: np.ndarray, geometry: Geometry, settings: Settings, region:
 @dataclass(frozen=True)
 class Tiling:
     """The windows of each cycle, and what the short path needs to know of them.  The same for every frame
-    of a run (one detector, one geometry), so it is made once: building it is ~2 ms of Python a frame."""
+    of a run (one detector, one geometry; two when some frames look circular), so it is made once: building it is
+    ~2 ms of Python a frame."""
 
     cycles: tuple[np.ndarray, ...]  # (n, 4) windows (x0, x1, y0, y1) of each cycle, read-only
     same_coverage: bool
@@ -448,10 +449,13 @@ class Tiling:
 
     @staticmethod
     @functools.lru_cache(maxsize=16)
-    def of(geometry: Geometry, region: Region, boxes: tuple[int, ...], res_outer: float | None) -> Tiling:
+    def of(geometry: Geometry, region: Region, boxes: tuple[int, ...], res_outer: float | None,
+           circular: bool = False) -> Tiling:
         cycles = [scanbox_windows(geometry, region, box) for box in boxes]
         if res_outer is not None:
             cycles = [[w for w in windows if _window_reaches(geometry, w, res_outer)] for windows in cycles]
+        if circular:
+            cycles = [[w for w in windows if _window_in_circle(geometry, w)] for windows in cycles]
         arrays = tuple(_read_only(np.array(windows, dtype=np.int64).reshape(-1, 4)) for windows in cycles)
         rows = tuple(_read_only(_sampled_rows(windows, geometry.size_slow)) for windows in arrays[1:])
         return Tiling(arrays, _same_coverage(arrays), rows)
@@ -617,6 +621,24 @@ def _same_coverage(cycles: list[np.ndarray]) -> bool:
             np.add.at(grid, (i, j), sign)
         masks.append(grid.cumsum(axis=0).cumsum(axis=1) > 0)
     return all(np.array_equal(masks[0], m) for m in masks[1:])
+
+
+def looks_circular(pixels: np.ndarray) -> bool:
+    """libdistl's guess that the active area is the circle inscribed in the frame (an image plate's): the
+    pixels 50..99 along both axes all hold the same value.  It guesses so for every detector, so a dark
+    frame whose corner reads all 0 is classified only in the windows inside that circle."""
+    if pixels.shape[0] < 100 or pixels.shape[1] < 100:
+        return False
+    corner = pixels[50:100, 50:100]
+    return bool((corner == corner[0, 0]).all())
+
+
+def _window_in_circle(geometry: Geometry, window: tuple[int, int, int, int]) -> bool:
+    """On a circular frame only windows with all 4 corners in the circle are classified.  libdistl takes
+    its radius and both centre coordinates from the slow size alone."""
+    r = geometry.size_slow // 2
+    x0, x1, y0, y1 = window
+    return all((x - r) ** 2 + (y - r) ** 2 <= r * r for x in (x0, x1) for y in (y0, y1))
 
 
 def _window_reaches(geometry: Geometry, window: tuple[int, int, int, int], res_outer: float) -> bool:

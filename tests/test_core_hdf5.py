@@ -515,3 +515,72 @@ def test_data_of_another_size_than_the_master_says(tmp_path):
     nexus.write_master(str(tmp_path / "s_master.h5"), shape=(1065, 1030), nimages=1, **GEOMETRY)
     assert error_of(tmp_path / "s_master.h5") == (
         "s_data_000001.h5 holds frames of 1028x512 pixels, but the master says 1030x1065")
+
+
+STREAM_FRAME = "eiger2_16m_stream_tickit/frame_sample"
+
+
+def test_a_real_eiger2_16m_stream_frame_stored_as_the_filewriter_stores_it(thermolysin, tmp_path):
+    """The bitshuffle-LZ4 blob a real EIGER2 16M streamed (a dark frame), stored byte for byte as the chunk of a
+    data file, with the detector's gaps in the master's mask: it decodes to the facts its SOURCE.md gives, and
+    its text is that of its miniCBF, which is the real DISTL's where DISTL is set up."""
+    (blob_path,) = real_files((STREAM_FRAME,), "the EIGER2 16M stream frame")
+    shape = (4362, 4148)
+    data = nexus.write_data_file(str(tmp_path / "dark_data_000001.h5"), [np.zeros(shape, dtype=np.uint16)])
+    with h5py.File(data, "r+") as h5:
+        h5["entry/data/data"].id.write_direct_chunk((0, 0, 0), open(blob_path, "rb").read())
+    gaps = (thermolysin["frames"][0] == -1).astype(np.uint32)  # the same detector model: the same module gaps
+    master = nexus.write_master(str(tmp_path / "dark_master.h5"), shape=shape, nimages=1, pixel_mask=gaps,
+                                **nexus.cbf_geometry(thermolysin["source"]))
+    series = nexus.open_series(master)
+    raw = series.raw_pixels(0)
+    counted = raw[raw != 65535]
+    assert (raw == 65535).sum() == 1_253_074 and counted.sum() == 9_876 and np.count_nonzero(counted) == 247
+    assert (raw[2916, 704], raw[3921, 3346], raw[3911, 1867]) == (6416, 2956, 260)
+    frame = series.read(0)
+    assert (frame.pixels == -1).sum() == gaps.sum() and (frame.pixels == -2).sum() == 1_253_074 - gaps.sum()
+
+    cbf = write_cbf_like(gzip.decompress(open(thermolysin["source"], "rb").read()), frame.pixels,
+                         tmp_path / "dark_0001.cbf")
+    params = parse_words(["distl.bins.verbose=True"])
+    ours = analyse(master, params, shown_as=cbf, index=0)
+    assert ours.status == "ok" and format_body(ours) == format_body(analyse(cbf, params))
+    distl = SHARED / "peer" / "distl"
+    if PEER_VENV.is_dir() and distl.exists():
+        done = subprocess.run([str(distl), cbf, "distl.bins.verbose=True"], capture_output=True, text=True,
+                              timeout=300)
+        assert done.returncode == 0, done.stderr[-500:]
+        assert format_body(ours) == done.stdout.split("#phil __OFF__\n\n", 1)[1]
+
+
+def test_a_dark_frame_whose_corner_is_constant_is_classified_inside_the_inscribed_circle_only(thermolysin, tmp_path):
+    """libdistl takes a frame whose pixels 50..99 (both axes) are all equal for an image plate and classifies
+    only the windows inside the inscribed circle, whatever the detector: a dark frame is such a frame.  1-count
+    blobs over the whole detector are then found inside the circle only, and everywhere once one corner pixel
+    counts; both texts are the real DISTL's where DISTL is set up."""
+    gaps = thermolysin["frames"][0] < 0
+    dark = np.where(gaps, thermolysin["frames"][0], 0)
+    for x in range(30, 4340, 97):
+        for y in range(30, 4126, 89):
+            blob = dark[x - 1:x + 2, y - 1:y + 2]
+            if (blob >= 0).all() and not (x < 110 and y < 110):
+                blob[...] = 1
+                blob[1, 1] = 2
+    lit = dark.copy()
+    lit[60, 60] = 1
+    source = gzip.decompress(open(thermolysin["source"], "rb").read())
+    params = parse_words(["distl.bins.verbose=True"])
+    texts, spot_totals = {}, {}
+    for name, pixels in (("dark", dark), ("lit", lit)):
+        cbf = write_cbf_like(source, pixels, tmp_path / ("%s_0001.cbf" % name))
+        result = analyse(cbf, params)
+        assert result.status == "ok"
+        texts[name], spot_totals[name] = (cbf, format_body(result)), result.spot_total
+    assert 0 < spot_totals["dark"] < spot_totals["lit"]
+    distl = SHARED / "peer" / "distl"
+    if PEER_VENV.is_dir() and distl.exists():
+        for cbf, text in texts.values():
+            done = subprocess.run([str(distl), cbf, "distl.bins.verbose=True"], capture_output=True, text=True,
+                                  timeout=300)
+            assert done.returncode == 0, done.stderr[-500:]
+            assert text == done.stdout.split("#phil __OFF__\n\n", 1)[1]
