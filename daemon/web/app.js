@@ -239,7 +239,7 @@
     const opts = Object.assign(plotSize(), {
       scales: {x: {time: false}, count: {auto: true}, res: {auto: true, dir: -1}},
       axes: [
-        {label: "image number"},
+        {label: "image number", incrs: [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000]},  // whole images
         {scale: "count", label: "spots / good Bragg"},
         {scale: "res", side: 1, label: "resolution (Å, inverted)", grid: {show: false}},
       ],
