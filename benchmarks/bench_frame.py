@@ -28,9 +28,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from peer import REAL, THAUMATIN, plain_frames, run_distl
+from peer import THAUMATIN, THERMOLYSIN, cpu_name, plain_frames, run_distl
 
-THERMOLYSIN = REAL / "eiger2_16m_cbf_dls_thermolysin" / "dlsnxs2cbf_therm_0001.cbf.gz"
 
 
 def ours(frames: list[Path], words: list[str], repeat: int, verify_md5: bool) -> dict:
@@ -123,14 +122,6 @@ def stage_profile(path: Path, words: list[str]) -> dict[str, float]:
         pg = python_geometry(g)
         clock("heuristics", heuristics.run, final, shape, pg, s, rings, frame.pixels, resolution.DetectorCoverage(pg))
     return {name: statistics.median(values) for name, values in timings.items()}
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as info:
-            return next(line.split(":", 1)[1].strip() for line in info if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return "unknown CPU"
 
 
 def eiger_series(work: Path, count: int) -> tuple[list[Path], Path]:

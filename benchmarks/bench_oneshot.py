@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -22,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from peer import DISTL_VENV, SHARED, THAUMATIN, plain_frames
+from peer import DISTL_VENV, SHARED, THAUMATIN, cpu_name, plain_frames
 
 BIN = Path(sys.executable).parent
 DISTL = SHARED / "peer" / "distl"
@@ -47,13 +46,6 @@ for name, s in (("import numpy", t1 - t0), ("import numba", t2 - t1), ("import s
                 ("first analyse (loads the compiled kernels)", t5 - t4), ("second analyse", t6 - t5)):
     print("  %-44s %6.3f s" % (name, s))
 """
-
-
-def cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown CPU"
 
 
 def timed(command: list[str]) -> tuple[float, float, int]:

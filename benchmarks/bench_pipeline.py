@@ -44,7 +44,7 @@ from pathlib import Path
 
 import zmq
 
-from peer import REAL, REPO, plain_frames, run_distl, thaumatin_present, thaumatin_workspace
+from peer import REPO, THERMOLYSIN, cpu_name, plain_frames, run_distl, thaumatin_present, thaumatin_workspace
 
 sys.path.insert(0, str(REPO / "tests"))
 from service_helpers import free_ports  # noqa: E402  (the tests' one way of picking distinct ports)
@@ -225,7 +225,6 @@ class Pipeline:
         self.context.term()
 
 
-THERMOLYSIN = REAL / "eiger2_16m_cbf_dls_thermolysin" / "dlsnxs2cbf_therm_0001.cbf.gz"
 
 
 def series_frames(master: str):
@@ -285,13 +284,6 @@ def main_hdf5(args) -> int:
     if args.json:
         print(json.dumps({"hdf5": figures, "rate": args.rate, "swmr": args.swmr, "distl": distl}))
     return 0
-
-
-def cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return "unknown CPU"
 
 
 def main() -> int:

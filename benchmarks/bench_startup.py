@@ -25,8 +25,8 @@ import urllib.request
 from pathlib import Path
 
 import zmq
-from bench_oneshot import DISTL, cpu_name, timed
-from peer import DISTL_VENV, REPO, thaumatin_present, thaumatin_workspace
+from bench_oneshot import DISTL, timed
+from peer import DISTL_VENV, REPO, cpu_name, thaumatin_present, thaumatin_workspace
 
 sys.path.insert(0, str(REPO / "tests"))
 from service_helpers import free_ports  # noqa: E402  (the tests' one way of picking distinct ports)

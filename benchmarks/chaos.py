@@ -43,7 +43,7 @@ from pathlib import Path
 import zmq
 
 from bench_pipeline import children, per_frame, percentile
-from peer import REAL, run_distl, thaumatin_frames, thaumatin_present
+from peer import REAL, cpu_name, run_distl, thaumatin_frames, thaumatin_present
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from service_helpers import free_ports  # noqa: E402  (the tests' one way of picking distinct ports)
@@ -293,13 +293,6 @@ def figures(written: set[str], stored: list[dict], seen: list[dict], t0: float) 
             "proc_ms_mean": statistics.mean(proc_ms) if proc_ms else None}
 
 
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return "unknown"
-
-
 def run(args: argparse.Namespace, work: Path) -> dict:
     (work / "frames").mkdir()
     described, sources = source_frames(args.frames, work / "frames")
@@ -336,7 +329,7 @@ def run(args: argparse.Namespace, work: Path) -> dict:
         log.close()
     distl = per_frame(run_distl(sources)) if args.distl else None
     return {"frames": described, "count": args.count, "rate": args.rate, "seed": args.seed,
-            "workers": WORKERS, "cpu": cpu_model(), "cores": os.cpu_count(), "replay_s": replay_s,
+            "workers": WORKERS, "cpu": cpu_name(), "cores": os.cpu_count(), "replay_s": replay_s,
             "drain_s": drained_s, "orphaned_workers_left": orphans,
             **done, **figures(written, stored, subscriber.seen, t0), "distl": distl}
 

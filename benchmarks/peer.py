@@ -21,9 +21,19 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 REAL = SHARED / "data" / "real"
 THAUMATIN = REAL / "thaumatin_grid_dls_i24_pilatus3_6m"
+THERMOLYSIN = REAL / "eiger2_16m_cbf_dls_thermolysin" / "dlsnxs2cbf_therm_0001.cbf.gz"  # an EIGER2 16M frame
 DISTL_BATCH = SHARED / "peer" / "distl_batch"
 DISTL_VENV = Path(os.environ.get("DISTL_PEER_VENV", Path.home() / ".distl-peer"))
 
+
+
+def cpu_name() -> str:
+    """The CPU every benchmark names beside its figures (hosts differ)."""
+    try:
+        with open("/proc/cpuinfo") as info:
+            return next(line.split(":", 1)[1].strip() for line in info if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return "unknown CPU"
 
 def plain_frames(sources, into: Path) -> dict[str, Path]:
     """Frame name -> a plain .cbf: plain sources as they are, .cbf.bz2/.cbf.gz decompressed into ``into``

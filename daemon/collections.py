@@ -239,7 +239,9 @@ class Collection:
         return [n for n in self.expected_numbers() if n not in self.rows and n not in self.pending]
 
     def complete(self) -> bool:
-        return bool(self.count) and not self.pending and all(n in self.rows for n in self.expected_numbers())
+        # asked every tick of every open collection: the count decides most of them without the scan
+        return (bool(self.count) and not self.pending and len(self.rows) >= self.count
+                and all(n in self.rows for n in self.expected_numbers()))
 
     def place(self, number: int) -> dict | None:
         grid, first = self.grid, self.first_number()
@@ -323,6 +325,9 @@ class Collection:
             self.open, self.started, self.end_reason = True, False, None
         self.last_activity = now
 
+    def end(self, reason: str | None) -> None:
+        self.open, self.end_reason, self.changed = False, reason, False
+
     def take(self, body: dict, now: float) -> None:
         number = _number(body.get("image_number"))
         self.reopen(now)
@@ -397,7 +402,7 @@ class Collections:
                 collection.announced = Announcement(collection.key, first, body.get("n_expected"),
                                                     Grid(**grid) if grid else None, body.get("dcid"))
         elif body["event"] == "end":
-            collection.open, collection.end_reason, collection.changed = False, body.get("end_reason"), False
+            collection.end(body.get("end_reason"))
 
     def announce(self, announcement: Announcement) -> dict:
         """An announced collection (a known one takes the announcement and starts again)."""
@@ -405,8 +410,8 @@ class Collections:
         with self._lock:
             collection = self._get(announcement.key, now)
             collection.announced = announcement
-            collection.open, collection.started, collection.end_reason = True, False, None
-            collection.last_activity = now
+            collection.reopen(now)
+            collection.started = False  # announced again: a new start
             return collection.summary()
 
     def rebuild(self, state_dir: str) -> int:
@@ -445,7 +450,7 @@ class Collections:
                         collection.changed, collection.last_summary = False, now
                         out.append(self._compose(collection, "summary"))
                     continue
-                collection.open, collection.end_reason, collection.changed = False, reason, False
+                collection.end(reason)
                 out.append(self._compose(collection, "end"))
         return out
 

@@ -68,7 +68,7 @@ def _frame_jobs(paths: list[str], frame_range) -> list[tuple[str, range | list, 
     from spotfinder_core import nexus
 
     jobs = []
-    masters = {os.path.abspath(path) for path in paths if path.endswith("_master.h5")}
+    masters = {os.path.abspath(path) for path in paths if nexus.master_of(path) == path}
     for path in paths:
         if not nexus.read_as_hdf5(path):
             jobs.append((path, [None], "distl.range names frames of an HDF5 file; a CBF holds one frame"

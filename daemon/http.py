@@ -471,6 +471,11 @@ class _Deadlines:
                 conn.close()
 
 
+def _under(prefix: str, path: str) -> bool:
+    """Whether a prefix route (``/api/v1/collections/``) answers ``path``: a path below it, not the folder itself."""
+    return path.startswith(prefix) and len(path) > len(prefix)
+
+
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
     request_queue_size = LISTEN_BACKLOG
@@ -522,13 +527,12 @@ class _Server(ThreadingHTTPServer):
         return route or _Route(None, "unmatched", legacy=path.startswith(LEGACY_PREFIX))
 
     def _under_prefix(self, method: str, path: str) -> _Route | None:
-        matches = [prefix for known_method, prefix in self.prefixes if known_method == method and
-                   path.startswith(prefix) and len(path) > len(prefix)]
+        matches = [prefix for known_method, prefix in self.prefixes if known_method == method and _under(prefix, path)]
         return self.prefixes[(method, max(matches, key=len))] if matches else None
 
     def knows(self, path: str) -> bool:
-        return any(known == path for _, known in self.routes) or any(
-            path.startswith(prefix) and len(path) > len(prefix) for _, prefix in self.prefixes)
+        return (any(known == path for _, known in self.routes)
+                or any(_under(prefix, path) for _, prefix in self.prefixes))
 
     @contextlib.contextmanager
     def serving(self):

@@ -100,11 +100,14 @@ _INSERT_SEEN = ("INSERT OR IGNORE INTO frames (path, collection, state, t_seen, 
 Compose = Callable[[int, Frame], tuple[str, dict]]
 
 
-def _stored_path(path: str) -> str | bytes:
-    """A path as the ledger keeps it: text when it is UTF-8 (every ordinary name), else its exact bytes (a BLOB).
+def _stored_path(path: str | None) -> str | bytes | None:
+    """A path as the ledger keeps it: text when it is UTF-8 (every ordinary name), else its exact bytes (a BLOB);
+    None (no data file) stays None.
 
     Linux names are bytes; Python decodes undecodable ones with surrogate escapes, which SQLite text refuses.
     """
+    if path is None:
+        return None
     try:
         path.encode("utf-8")
     except UnicodeEncodeError:
@@ -115,10 +118,6 @@ def _stored_path(path: str) -> str | bytes:
 def _read_path(stored: str | bytes) -> str:
     """The path :func:`_stored_path` stored, exactly as the file system named it."""
     return os.fsdecode(stored) if isinstance(stored, bytes) else stored
-
-
-def _stored_source(source: str | None) -> str | bytes | None:
-    return None if source is None else _stored_path(source)
 
 
 def _frame(row: tuple) -> Frame:
@@ -299,7 +298,7 @@ class Ledger:
         was already known."""
         with self._transaction():
             cursor = self.db.execute(_INSERT_SEEN, (_stored_path(path), collection, t_seen, frame_index,
-                                                    _stored_source(source), image_number))
+                                                    _stored_path(source), image_number))
         return cursor.rowcount == 1
 
     def enqueue(self, path: str, collection: str, t_seen: float, t_complete: float, identity: str,
@@ -313,12 +312,12 @@ class Ledger:
         """
         with self._transaction():
             self.db.execute(_INSERT_SEEN, (_stored_path(path), collection, t_seen, frame_index,
-                                           _stored_source(source), image_number))
+                                           _stored_path(source), image_number))
             cursor = self.db.execute(
                 "UPDATE frames SET state = 'queued', t_seen = ?, t_complete = ?, identity = ?, tries = 0, "
                 "worker = NULL, deadline = NULL, source = ifnull(?, source) WHERE " + _KEY + " AND (state = 'seen' "
                 "OR (state IN ('done', 'failed') AND (? OR identity IS NOT ?) AND identity IS NOT NULL))",
-                (t_seen, t_complete, identity, _stored_source(source), _stored_path(path), frame_index, created,
+                (t_seen, t_complete, identity, _stored_path(source), _stored_path(path), frame_index, created,
                  identity))
         return cursor.rowcount == 1
 

@@ -72,10 +72,19 @@ def frame_message(seq: int, frame, result: dict, worker: str | None, t_start: fl
 def failure_message(seq: int, frame, reason: str) -> tuple[str, dict]:
     """A frame the service gave up on (never complete, vanished, killed its workers): an error result."""
     failed = Result.failure(frame.path, reason, frame.frame_index)
-    # a frame of an HDF5 series is its master's path: its number is not in the name (nor a data file's, which
-    # holds frames from image_nr_low on)
-    failed.image_number = frame.image_number if frame.image_number is not None else name_template(frame.path)[1]
+    failed.image_number = image_number_of(frame)
     return frame_message(seq, frame, failed.as_dict(), None, None)
+
+
+def image_number_of(frame) -> int | None:
+    """A frame's (ledger record or watcher event) image number before any result says it: the one recorded for a
+    frame of an HDF5 series (image_nr_low + index; a data file alone, its image_nr_low), else its index from 1,
+    else the number in a CBF's name.  A series frame is named by its master, whose name holds no number."""
+    number = getattr(frame, "image_number", None)
+    if number is not None:
+        return number
+    index = getattr(frame, "frame_index", None)
+    return name_template(frame.path)[1] if index is None else index + 1
 
 
 def error_message(seq: int, text: str, collection: str | None = None, **fields) -> tuple[str, dict]:

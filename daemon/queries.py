@@ -92,8 +92,8 @@ class DataRoots:
         return absolute, "ok"
 
 
-def _legacy_text(text: str, status: int = 200, **headers: str) -> Response:
-    return Response(status, text.encode(), LEGACY_TEXT_TYPE, headers)
+def _legacy_text(text: str) -> Response:
+    return Response(200, text.encode(), LEGACY_TEXT_TYPE)
 
 
 def _legacy_reply(outcome: Outcome | Response) -> Response:

@@ -105,23 +105,17 @@ def replay(frames: list[str], to_dir: str, rate: float | None = None, count: int
         data = cache[source]
         name = numbered(template, start + index)
         final = os.path.join(to_dir, name)
-        path = os.path.join(to_dir, ".%s.part" % name) if atomic else final
-        step = -(-len(data) // chunks)
-        with open(path, "wb") as fh:
-            for offset in range(0, len(data), step):
-                if offset:
-                    time.sleep(period * 0.5 / chunks)
-                fh.write(data[offset:offset + step])
-                fh.flush()
-        if atomic:
-            os.rename(path, final)
+        write_as_delivered(data, final, chunks, period * 0.5, atomic)
         out.write(json.dumps({"file": final, "source": source, "t_complete": time.time(), "bytes": len(data)}) + "\n")
         out.flush()
     return count
 
 
-def _write_paced(path: str, data: bytes, chunks: int, span_s: float) -> None:
-    """Write ``data`` to ``path`` in ``chunks`` flushed pieces spread over ``span_s`` seconds."""
+def write_as_delivered(data: bytes, final: str, chunks: int, span_s: float, atomic: bool) -> None:
+    """Write ``data`` to ``final`` the way a detector or downloader writes a file: in ``chunks`` flushed pieces
+    spread over ``span_s`` seconds, in place or (``atomic``) under a hidden temporary name renamed into place at
+    the end."""
+    path = os.path.join(os.path.dirname(final), ".%s.part" % os.path.basename(final)) if atomic else final
     step = max(1, -(-len(data) // chunks))
     with open(path, "wb") as fh:
         for offset in range(0, len(data), step):
@@ -129,17 +123,14 @@ def _write_paced(path: str, data: bytes, chunks: int, span_s: float) -> None:
                 time.sleep(span_s / chunks)
             fh.write(data[offset:offset + step])
             fh.flush()
+    if atomic:
+        os.rename(path, final)
 
 
 def deliver(source: str, final: str, chunks: int, span_s: float, atomic: bool) -> None:
-    """Copy ``source`` to ``final`` the way a detector or downloader writes it: in ``chunks`` over ``span_s``
-    seconds, in place or (``atomic``) under a hidden temporary name renamed into place at the end."""
+    """Copy the file ``source`` to ``final`` as :func:`write_as_delivered` writes."""
     with open(source, "rb") as fh:
-        data = fh.read()
-    path = os.path.join(os.path.dirname(final), ".%s.part" % os.path.basename(final)) if atomic else final
-    _write_paced(path, data, chunks, span_s)
-    if atomic:
-        os.rename(path, final)
+        write_as_delivered(fh.read(), final, chunks, span_s, atomic)
 
 
 def write_swmr(source: str, final: str, *, due=lambda position: None, done=lambda position: None) -> None:

@@ -26,7 +26,7 @@ import time
 
 import zmq
 
-from spotfinder_core.image import name_template
+from spotfinder_core.nexus import master_of
 
 from . import web
 from .collections import TICK_S as COLLECTIONS_EVERY_S, Collections
@@ -41,11 +41,11 @@ from .ondemand import Lane
 from .periodic import PeriodicTasks
 from .pidfile import PidFile, StateFolderInUse
 from .pool import WorkerPool
-from .publisher import Publisher, collection_of, readable
+from .publisher import Publisher, collection_of, image_number_of, readable
 from .queries import DataRoots, Queries
 from .roll import Loss, Roll
 from .status import Status
-from .watcher import Event, Watcher, master_of
+from .watcher import Event, Watcher
 
 log = logging.getLogger("spotfinder.service")
 
@@ -171,7 +171,7 @@ class Service:
             log.info("re-queued %d frames that were in flight when the service stopped", requeued)
         self.collections.rebuild(s.state_dir)
         for frame in self.ledger.unfinished():
-            self.collections.notice(frame.collection, _image_number(frame))
+            self.collections.notice(frame.collection, image_number_of(frame))
         self._prune()
         try:
             self.watcher.start()
@@ -232,7 +232,7 @@ class Service:
 
     def _record_event(self, event: Event) -> None:
         collection = collection_of(master_of(event.path) or event.path)  # a data file alone: its master's series
-        self.collections.notice(collection, _image_number(event))
+        self.collections.notice(collection, image_number_of(event))
         of_series = {"frame_index": event.frame_index, "source": event.source, "image_number": event.image_number}
         if event.kind == "seen":
             if self.ledger.see(event.path, collection, event.t_seen, **of_series):
@@ -379,16 +379,6 @@ class Service:
         self.pid_file.release()
         self.state = Lifecycle.STOPPED
         return 0
-
-
-def _image_number(frame) -> int | None:
-    """A frame's (ledger record or watcher event) image number: from its name, or its index in an HDF5 series
-    (numbered from 1), or a data file's image_nr_low when it came without its master."""
-    index = getattr(frame, "frame_index", None)
-    number = getattr(frame, "image_number", None)  # image_nr_low + index, when the master was read
-    if index is None:
-        return name_template(frame.path)[1] if number is None else number
-    return index + 1 if number is None else number
 
 
 def _series_facts(master: str) -> tuple[int, int] | None:

@@ -32,6 +32,8 @@ RESULTS_LIMIT = 1000
 # /events streams hold an HTTP connection each: at most this many at once (the rest get 503), so browsers
 # left open never take the connections queries and monitoring need.
 EVENT_STREAMS = 16
+MAX_SEQ = 1 << 63  # a seq beyond SQLite's 64-bit integers names no stored message
+SINCE_RANGE = "since must be from 0 to 2**63-1"
 EVENTS_POLL_S = 0.2  # how often a stream looks for new stored messages
 EVENTS_KEEPALIVE_S = 10.0  # a comment line after this long without a message (keeps proxies and clients awake)
 AWAITING_REMOTE = "no live workers (workers: 0 and no remote worker)"
@@ -183,8 +185,8 @@ class Status:
             limit = int(request.arg("limit", str(RESULTS_LIMIT)))
         except ValueError:
             return error_response(400, "since and limit must be integers")
-        if not 0 <= since < 1 << 63:  # beyond SQLite's 64-bit integers
-            return error_response(400, "since must be from 0 to 2**63-1")
+        if not 0 <= since < MAX_SEQ:
+            return error_response(400, SINCE_RANGE)
         limit = max(1, min(limit, RESULTS_LIMIT))
         messages, last_seq, ledger_id = ledger_module.read_messages(self.settings.state_dir, since, limit)
         return json_response({"since": since, "last_seq": last_seq, "ledger": ledger_id, "results": messages})
@@ -197,8 +199,8 @@ class Status:
             since = int(request.headers.get("last-event-id") or request.arg("since", "0"))
         except ValueError:
             return error_response(400, "Last-Event-ID and since must be integers")
-        if not 0 <= since < 1 << 63:
-            return error_response(400, "since must be from 0 to 2**63-1")
+        if not 0 <= since < MAX_SEQ:
+            return error_response(400, SINCE_RANGE)
         headers = {"Cache-Control": "no-store", "X-Accel-Buffering": "no"}
         if request.method == "HEAD":
             return Response(200, b"", "text/event-stream", headers)

@@ -58,8 +58,6 @@ from .wakeup import Wakeup
 log = logging.getLogger("spotfinder.watcher")
 
 PATTERNS = ("*.cbf", "*.cbf.gz", "*.cbf.bz2", "*_master.h5", "*_data_[0-9][0-9][0-9][0-9][0-9][0-9].h5")
-MASTER_SUFFIX = "_master.h5"
-DATA_NAME = re.compile(r"(?P<series>.+)_data_[0-9]{6}\.h5")
 # A data file being written under a temporary name (``.x_data_000002.h5.part``, rsync's ``.x_data_000002.h5.AbCd``)
 TEMPORARY_DATA = re.compile(r"\.*(?P<series>.+)_data_[0-9]{6}\.h5.+")
 RECHECK_S = 0.1
@@ -77,15 +75,6 @@ COMPLETE, PARTIAL, NOT_A_FRAME = "complete", "partial", "not a frame"
 def is_frame_name(path: str) -> bool:
     name = os.path.basename(path)
     return not name.startswith(".") and any(fnmatch.fnmatch(name, p) for p in PATTERNS)
-
-
-def master_of(path: str) -> str | None:
-    """The master of the HDF5 series a file belongs to (itself for a master), None for a CBF."""
-    name = os.path.basename(path)
-    if name.endswith(MASTER_SUFFIX):
-        return path
-    data = DATA_NAME.fullmatch(name)
-    return os.path.join(os.path.dirname(path), data.group("series") + MASTER_SUFFIX) if data else None
 
 
 def frame_ranges(indices: list[int]) -> str:
@@ -378,7 +367,7 @@ class Watcher:
         was closed after writing or renamed into place, so it is checked at once and judged as it is."""
         t_seen = t_seen or time.time()
         hinted = hinted or written
-        master = master_of(path)
+        master = nexus.master_of(path)
         with self._lock:
             if master is not None:
                 self._notice_series(master, path, t_seen, hinted, written, created)
@@ -417,7 +406,7 @@ class Watcher:
         temporary = TEMPORARY_DATA.fullmatch(os.path.basename(path))
         if temporary is None:
             return
-        master = os.path.join(os.path.dirname(path), temporary.group("series") + MASTER_SUFFIX)
+        master = os.path.join(os.path.dirname(path), temporary.group("series") + nexus.MASTER_SUFFIX)
         with self._lock:
             series = self._series.get(master)
             if series is not None:

@@ -39,6 +39,7 @@ import contextlib
 import ctypes
 import dataclasses
 import fnmatch
+import functools
 import logging
 import os
 import resource
@@ -126,14 +127,23 @@ class _MallInfo2(ctypes.Structure):
                                                       "fsmblks", "uordblks", "fordblks", "keepcost")]
 
 
-def allocated_bytes() -> int | None:
-    """Bytes the C allocator has handed out and not had back (numpy's and numba's arrays live there), without
-    the freed memory glibc keeps for the next frame, which the process's size includes; None off glibc 2.33+."""
+@functools.cache
+def _mallinfo2():
+    """glibc's mallinfo2, looked up once (it is asked twice a frame); None off glibc 2.33+."""
     try:
         mallinfo2 = ctypes.CDLL("libc.so.6").mallinfo2
     except (OSError, AttributeError):
         return None
     mallinfo2.restype = _MallInfo2
+    return mallinfo2
+
+
+def allocated_bytes() -> int | None:
+    """Bytes the C allocator has handed out and not had back (numpy's and numba's arrays live there), without
+    the freed memory glibc keeps for the next frame, which the process's size includes; None off glibc 2.33+."""
+    mallinfo2 = _mallinfo2()
+    if mallinfo2 is None:
+        return None
     info = mallinfo2()
     return info.uordblks + info.hblkhd
 

@@ -40,7 +40,7 @@ SPECIFIC = DETECTOR + "/detectorSpecific"
 WAVELENGTH = "/entry/instrument/beam/incident_wavelength"
 TWO_THETA = DETECTOR + "/goniometer/two_theta"
 LINK_NAME = re.compile(r"^data_(\d{6})$")
-DATA_NAME = re.compile(r"^(?P<name>.*)_data_(?P<number>\d{6})\.h5$")
+DATA_NAME = re.compile(r"^(?P<name>.+)_data_(?P<number>\d{6})\.h5$")
 MASTER_SUFFIX = "_master.h5"
 LAYOUTS = ("legacy", "nxmx", "vds")
 GAP, FLAGGED = 1, 2  # pixel codes derived from the mask: -1 and -2 in the frame
@@ -71,37 +71,35 @@ def open_hdf5(path: str):
         return h5py.File(path, "r", locking=False, swmr=True)
 
 
-def is_hdf5(path: str) -> bool:
-    """Whether ``path`` begins with the HDF5 signature; for a path that is not there yet, whether its name ends
-    like an HDF5 file's.  Never blocks (a FIFO is not HDF5) and reads 8 bytes."""
+def _head(path: str, size: int) -> bytes | None:
+    """The first ``size`` bytes of a regular file (fewer if it is shorter), read without blocking (a FIFO
+    gives b""); None when nothing is at ``path``."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
-        return path.endswith(HDF5_SUFFIXES)
+        return None
     except OSError:
-        return False
+        return b""
     try:
-        return stat.S_ISREG(os.fstat(fd).st_mode) and os.pread(fd, 8, 0) == HDF5_SIGNATURE
+        return os.pread(fd, size, 0) if stat.S_ISREG(os.fstat(fd).st_mode) else b""
     except OSError:
-        return False
+        return b""
     finally:
         os.close(fd)
+
+
+def is_hdf5(path: str) -> bool:
+    """Whether ``path`` begins with the HDF5 signature; for a path that is not there yet, whether its name ends
+    like an HDF5 file's.  Never blocks (a FIFO is not HDF5) and reads 8 bytes."""
+    head = _head(path, 8)
+    return path.endswith(HDF5_SUFFIXES) if head is None else head == HDF5_SIGNATURE
 
 
 def swmr_writing(path: str) -> bool:
     """Whether a writer holds ``path`` open in SWMR mode: its v3 superblock's consistency flags say "SWMR write
     access" (HDF5 clears them when the writer closes the file).  Such a file may be read while it grows, each
     frame once its chunk is indexed; any other file only once its writer is done with it."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError:
-        return False
-    try:
-        head = os.pread(fd, 12, 0) if stat.S_ISREG(os.fstat(fd).st_mode) else b""
-    except OSError:
-        return False
-    finally:
-        os.close(fd)
+    head = _head(path, 12) or b""
     return len(head) == 12 and head[:8] == HDF5_SIGNATURE and head[8] >= 3 and bool(head[11] & SWMR_WRITE_ACCESS)
 
 
@@ -278,6 +276,13 @@ def _codes_of(mask, codes):
         codes[i] = GAP if bits & 1 else (FLAGGED if bits else 0)
 
 
+def _unchanged(path: str) -> tuple:
+    """What a cache of a file's contents is keyed by: the file (its real path and inode) as it is now (its time
+    stamp and size); OSError when it cannot be looked at."""
+    info = os.stat(path)
+    return os.path.realpath(path), info.st_ino, info.st_mtime_ns, info.st_size
+
+
 _MASKS: dict = {}  # the last master's pixel codes: one per process, since a worker reads one series at a time
 
 
@@ -286,10 +291,9 @@ def _mask_codes(master: str | None, mask_path: str | None, shape: tuple[int, int
     if master is None or mask_path is None:
         return None
     try:
-        info = os.stat(master)
+        key = (_unchanged(master), mask_path)
     except OSError as exc:
         raise FrameError("cannot read the master %s: %s" % (os.path.basename(master), exc.strerror)) from None
-    key = (os.path.realpath(master), info.st_ino, info.st_mtime_ns, info.st_size, mask_path)
     codes = _MASKS.get(key)
     if codes is None:
         try:
@@ -354,8 +358,7 @@ def _vds_opens(path: str) -> None:
     import subprocess
     import sys
 
-    info = os.stat(path)
-    key = (os.path.realpath(path), info.st_ino, info.st_mtime_ns, info.st_size)
+    key = _unchanged(path)
     if key not in _VDS_CHECKED:
         probe = "import sys, h5py; h5py.File(sys.argv[1], 'r', locking=False)['/entry/data/data'].virtual_sources()"
         try:
@@ -369,6 +372,16 @@ def _vds_opens(path: str) -> None:
         _VDS_CHECKED[key] = error
     if _VDS_CHECKED[key]:
         raise FrameError("corrupt master: %s" % _VDS_CHECKED[key])
+
+
+def master_of(path: str) -> str | None:
+    """The master of the HDF5 series a file belongs to, by name beside it (itself for a master); None for a file
+    named as no series' (a CBF)."""
+    name = os.path.basename(path)
+    if name.endswith(MASTER_SUFFIX):
+        return path
+    data = DATA_NAME.match(name)
+    return os.path.join(os.path.dirname(path), data.group("name") + MASTER_SUFFIX) if data else None
 
 
 def _series_name(path: str) -> str:
@@ -518,15 +531,21 @@ def _numbering(path: str, dataset: str) -> tuple[int, int | None] | None:
     try:
         with open_hdf5(path) as h5:
             frames = h5[dataset]
-            low, high = frames.attrs.get("image_nr_low"), frames.attrs.get("image_nr_high")
-            low = None if low is None else int(np.asarray(low).reshape(-1)[0])
+            low, high = _number_attribute(frames, "image_nr_low"), _number_attribute(frames, "image_nr_high")
             if low is not None and high is not None:
-                return int(np.asarray(high).reshape(-1)[0]) - low + 1, low
+                return high - low + 1, low
             if swmr_writing(path):  # it grows frame by frame: only a bounded maximum says how many it will hold
                 return None if frames.maxshape[0] is None else (int(frames.maxshape[0]), low)
             return int(frames.shape[0]), low
     except (OSError, KeyError, ValueError, RuntimeError):
         return None
+
+
+def _number_attribute(dataset, name: str) -> int | None:
+    """A data file's ``image_nr_low``/``image_nr_high`` (int32 in EIGER1 files, uint64 in EIGER2 ones, a scalar or
+    a one-element array) as an int; None when absent."""
+    value = dataset.attrs.get(name)
+    return None if value is None else int(np.asarray(value).reshape(-1)[0])
 
 
 def _geometry_fields(h5, shape: tuple[int, int]) -> dict:
@@ -563,10 +582,10 @@ def _data_file_series(path: str, h5) -> Series:
     """A data file opened on its own: its own frames, the geometry of its master beside it if there is one."""
     dataset = h5["/entry/data/data"]
     count = int(dataset.shape[0]) if dataset.ndim == 3 else 0
-    low = dataset.attrs.get("image_nr_low")
-    low = 1 if low is None else int(np.asarray(low).reshape(-1)[0])
+    low = _number_attribute(dataset, "image_nr_low")
+    low = 1 if low is None else low
     name = _series_name(path)
-    master = os.path.join(os.path.dirname(os.path.abspath(path)), name + MASTER_SUFFIX)
+    master = master_of(os.path.abspath(path)) or os.path.abspath(name + MASTER_SUFFIX)
     own = (DataFile(os.path.abspath(path), 0, count),)
     if not os.path.exists(master):
         return Series(path=path, master=None, name=name, count=count, image_nr_low=low, data_files=own,

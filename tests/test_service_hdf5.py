@@ -21,7 +21,8 @@ import pytest
 from spotfinder_core import analyse, nexus, read_frame
 from spotfinder_daemon.ledger import FILE_NAME, Ledger
 from spotfinder_daemon.replay import ReplayError, deliver, play, series_sources, write_swmr
-from spotfinder_daemon.watcher import Watcher, frame_ranges, master_of
+from spotfinder_core.nexus import master_of
+from spotfinder_daemon.watcher import Watcher, frame_ranges
 from service_helpers import assert_seq_increasing, child_env, make_service, python_command, subscribe, wait_for
 from shared_data import real_files
 

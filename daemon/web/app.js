@@ -69,14 +69,16 @@
     return {x: [], spots: [], bragg: [], res: [], status: []};
   }
 
+  // The first position in the sorted image numbers x whose number is not below n.
+  function lowerBound(x, n) {
+    let lo = 0, hi = x.length;
+    while (lo < hi) { const mid = (lo + hi) >> 1; if (x[mid] < n) lo = mid + 1; else hi = mid; }
+    return lo;
+  }
+
   function putFrame(frames, n, spots, bragg, res, status) {
     const x = frames.x;
-    let i = x.length;
-    if (i && x[i - 1] >= n) { // out of order or again: binary search
-      let lo = 0, hi = x.length;
-      while (lo < hi) { const mid = (lo + hi) >> 1; if (x[mid] < n) lo = mid + 1; else hi = mid; }
-      i = lo;
-    }
+    const i = x.length && x[x.length - 1] >= n ? lowerBound(x, n) : x.length; // out of order or again: search
     if (x[i] === n) {
       frames.spots[i] = spots; frames.bragg[i] = bragg; frames.res[i] = res; frames.status[i] = status;
     } else {
@@ -302,10 +304,8 @@
   }
 
   function indexOf(n) {
-    const x = state.frames.x;
-    let lo = 0, hi = x.length;
-    while (lo < hi) { const mid = (lo + hi) >> 1; if (x[mid] < n) lo = mid + 1; else hi = mid; }
-    return x[lo] === n ? lo : -1;
+    const i = lowerBound(state.frames.x, n);
+    return state.frames.x[i] === n ? i : -1;
   }
 
   // Colours the cells whose frames changed, or every cell when the scale (its low or high end) or the best
