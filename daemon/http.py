@@ -40,6 +40,7 @@ import array
 import contextlib
 import email.policy
 import fcntl
+import functools
 import json
 import logging
 import select
@@ -497,10 +498,11 @@ class _Server(ThreadingHTTPServer):
         self.busy = 0  # of which answering a request (not reading one, not idle between requests)
         self.counts = threading.Condition()
         super().__init__(address, _RequestHandler)
-        self.names = self._own_names()
 
-    def _own_names(self) -> set[str]:
-        """The host names a request for this service may name in its Origin or Referer (lower case)."""
+    @functools.cached_property
+    def names(self) -> set[str]:
+        """The host names a request for this service may name in its Origin or Referer (lower case); looked up
+        when the first such request comes (getfqdn asks DNS, which must not hold up the start)."""
         host = self.server_address[0]
         names = {"localhost", "127.0.0.1", "::1", socket.gethostname().lower(), socket.getfqdn().lower()}
         return names if host in ("", "0.0.0.0", "::") else names | {host.lower()}

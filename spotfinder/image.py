@@ -400,11 +400,16 @@ def _beam_reach(size: int) -> tuple[float, float]:
     return -BEAM_REACH * size, BEAM_REACH * size
 
 
+def detector_sized(slow: int, fast: int) -> bool:
+    """Whether a frame of slow x fast pixels is within MAX_FRAME_SIDE a side and MAX_FRAME_PIXELS in all."""
+    return 1 <= slow <= MAX_FRAME_SIDE and 1 <= fast <= MAX_FRAME_SIDE and slow * fast <= MAX_FRAME_PIXELS
+
+
 def _frame_shape(fields: dict) -> tuple[int, int]:
     """(slow, fast) pixels from the MIME header, within MAX_FRAME_SIDE and MAX_FRAME_PIXELS, and agreeing
     with X-Binary-Number-of-Elements where the header has it."""
     slow, fast = fields["X-Binary-Size-Second-Dimension"], fields["X-Binary-Size-Fastest-Dimension"]
-    if not (1 <= slow <= MAX_FRAME_SIDE and 1 <= fast <= MAX_FRAME_SIDE and slow * fast <= MAX_FRAME_PIXELS):
+    if not detector_sized(slow, fast):
         raise FrameError("frame of %dx%d pixels is not a detector's (at most %d a side, %d in all)"
                          % (fast, slow, MAX_FRAME_SIDE, MAX_FRAME_PIXELS))
     elements = fields.get("X-Binary-Number-of-Elements", slow * fast)

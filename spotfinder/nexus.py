@@ -28,7 +28,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from .image import MAX_FRAME_PIXELS, MAX_FRAME_SIDE, Frame, FrameError, geometry_from_header
+from .image import Frame, FrameError, detector_sized, geometry_from_header
 from .jit import njit
 
 HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
@@ -192,7 +192,7 @@ def read_chunk(dataset, position: int, label: str) -> np.ndarray:
     frames, slow, fast = dataset.shape
     if not 0 <= position < frames:
         raise FrameError("%s holds %d frames, not frame %d" % (label, frames, position + 1))
-    if not (1 <= slow <= MAX_FRAME_SIDE and 1 <= fast <= MAX_FRAME_SIDE and slow * fast <= MAX_FRAME_PIXELS):
+    if not detector_sized(slow, fast):
         raise FrameError("%s holds frames of %dx%d pixels, not a detector's" % (label, fast, slow))
     dtype = dataset.dtype
     if dtype.kind != "u" or dtype.itemsize not in (1, 2, 4):
