@@ -3,6 +3,7 @@ from its master and dispatches each data file's frames once they are complete, h
 a restart in the middle analyses every frame exactly once; bad series end as one clear error per frame."""
 from __future__ import annotations
 
+import contextlib
 import gzip
 import json
 import os
@@ -21,7 +22,6 @@ import pytest
 from spotfinder_core import analyse, nexus, read_frame
 from spotfinder_daemon.ledger import FILE_NAME, Ledger
 from spotfinder_daemon.replay import ReplayError, deliver, play, series_sources, write_swmr
-from spotfinder_core.nexus import master_of
 from spotfinder_daemon.watcher import Watcher, frame_ranges
 from service_helpers import assert_seq_increasing, child_env, make_service, python_command, subscribe, wait_for
 from shared_data import real_files
@@ -63,9 +63,9 @@ def test_a_ledger_keyed_by_path_is_migrated_with_its_frames(tmp_path):
 
 
 def test_series_names_and_missing_frames_in_messages():
-    assert master_of("/d/x_master.h5") == "/d/x_master.h5"
-    assert master_of("/d/x_1_data_000002.h5") == "/d/x_1_master.h5"
-    assert master_of("/d/x_00001.cbf") is None and master_of("/d/x_data_01.h5") is None
+    assert nexus.master_of("/d/x_master.h5") == "/d/x_master.h5"
+    assert nexus.master_of("/d/x_1_data_000002.h5") == "/d/x_1_master.h5"
+    assert nexus.master_of("/d/x_00001.cbf") is None and nexus.master_of("/d/x_data_01.h5") is None
     assert frame_ranges([4, 0, 1, 2, 7, 8]) == "frames 0-2, 4, 7-8" and frame_ranges([3]) == "frame 3"
 
 
@@ -225,16 +225,25 @@ def test_replay_writes_cbf_frames_as_an_hdf5_series_and_delivers_a_series_master
     assert done.returncode == 2 and "its data file" in done.stderr and "is missing" in done.stderr
 
 
+@contextlib.contextmanager
+def watching(tmp_path, **options):
+    """(the folder ``tmp_path/watch``, a started Watcher of it with ``options``); stopped at the end."""
+    watch = tmp_path / "watch"
+    watch.mkdir()
+    watcher = Watcher(folders=(str(watch),), **options)
+    watcher.start()
+    try:
+        yield watch, watcher
+    finally:
+        watcher.stop()
+
+
 @pytest.mark.parametrize("polling", [False, True], ids=["inotify", "polling"])
 def test_the_watcher_reports_each_frame_complete_once_its_data_file_is(tmp_path, polling):
     """Data files arriving before their master (a downloader's order) and after it, in place and renamed: each
     frame complete exactly once, with the data file that holds it."""
     master = small_series(tmp_path / "source", "w", count=5, per_file=2)
-    watch = tmp_path / "watch"
-    watch.mkdir()
-    watcher = Watcher(folders=(str(watch),), polling=polling, poll_interval_s=0.1, incomplete_timeout_s=5.0)
-    watcher.start()
-    try:
+    with watching(tmp_path, polling=polling, poll_interval_s=0.1, incomplete_timeout_s=5.0) as (watch, watcher):
         deliver_files(master, watch, slice(1, 2), atomic=True)  # before the master
         deliver_files(master, watch, slice(0, 1), atomic=False, master_too=True)
         deliver_files(master, watch, slice(2, 3), atomic=False)
@@ -253,17 +262,11 @@ def test_the_watcher_reports_each_frame_complete_once_its_data_file_is(tmp_path,
                                                                              (4, "w_data_000003.h5")}
         assert all(e.path == str(watch / "w_master.h5") and e.image_number == e.frame_index + 1 for e in done)
         assert not [e for e in seen if e.kind == "incomplete"]
-    finally:
-        watcher.stop()
 
 
 def test_a_data_file_written_slowly_under_a_temporary_name_is_progress_not_a_missing_file(tmp_path):
     master = small_series(tmp_path / "source", "slow", count=2, per_file=2)
-    watch = tmp_path / "watch"
-    watch.mkdir()
-    watcher = Watcher(folders=(str(watch),), incomplete_timeout_s=1.5)
-    watcher.start()
-    try:
+    with watching(tmp_path, incomplete_timeout_s=1.5) as (watch, watcher):
         deliver(master, str(watch / "slow_master.h5"), 1, 0.0, False)
         (data, _first, _count), = series_sources(master)
         deliver(data, str(watch / "slow_data_000001.h5"), 12, 4.0, True)  # 4 s under .slow_data_000001.h5.part
@@ -271,8 +274,6 @@ def test_a_data_file_written_slowly_under_a_temporary_name_is_progress_not_a_mis
         wait_for(lambda: seen.extend(watcher.drain()) or len([e for e in seen if e.kind == "complete"]) == 2, 10,
                  "both frames complete")
         assert not [e for e in seen if e.kind == "incomplete"]
-    finally:
-        watcher.stop()
 
 
 def test_a_real_eiger_master_whose_data_file_never_comes_is_one_error_naming_it(make_service, subscribe):
@@ -359,18 +360,12 @@ def test_the_watcher_reports_an_swmr_written_frame_before_its_file_is_closed(tmp
     """`spotfinder replay --swmr` writes each data file frame by frame at --rate, holding it open: the watcher
     reports every frame complete exactly once, the first frame of each file before the writer closes it."""
     master = small_series(tmp_path / "source", "live", count=4, per_file=2)
-    watch = tmp_path / "watch"
-    watch.mkdir()
-    watcher = Watcher(folders=(str(watch),), polling=polling, poll_interval_s=0.1, incomplete_timeout_s=10.0)
-    watcher.start()
-    try:
+    with watching(tmp_path, polling=polling, poll_interval_s=0.1, incomplete_timeout_s=10.0) as (watch, watcher):
         done = subprocess.run(python_command("replay", master, "--to", str(watch), "--swmr", "--rate", "1"),
                               capture_output=True, text=True, env=child_env(), timeout=60)
         assert done.returncode == 0, done.stderr
         time.sleep(1.0)  # nothing more comes
         events = watcher.drain()
-    finally:
-        watcher.stop()
     lines = [json.loads(line) for line in done.stdout.splitlines()]
     assert [(r["kind"], r.get("frame")) for r in lines] == [("master", None), ("frame", 0), ("frame", 1),
                                                             ("data", None), ("frame", 2), ("frame", 3), ("data", None)]
