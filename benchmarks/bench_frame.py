@@ -120,7 +120,8 @@ def stage_profile(path: Path, words: list[str]) -> dict[str, float]:
         final = screened.take(screened.area > s.spot_area_min)
         shape = clock("shapes", spots.shapes, final)
         pg = python_geometry(g)
-        clock("heuristics", heuristics.run, final, shape, pg, s, rings, frame.pixels, resolution.DetectorCoverage(pg))
+        clock("heuristics", heuristics.run, final, shape, pg, s, rings, frame.pixels, resolution.DetectorCoverage(pg),
+              g.pixel_size)
     return {name: statistics.median(values) for name, values in timings.items()}
 
 

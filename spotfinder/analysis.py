@@ -14,6 +14,7 @@ from .geometry import pixel_resolution, python_geometry
 from .image import BinarySection, Frame, FrameError, decode_pixels, name_template, read_frame
 from .params import Params, effective_settings
 from .result import Result
+from .sums import flex_mean, sequential_sum
 
 UNDERLOAD = -1  # PILATUS and EIGER: gap (-1) and bad (-2) pixels are unusable
 
@@ -75,7 +76,7 @@ def analyse_frame(frame: Frame, params: Params) -> Result:
     shape = spots.shapes(final)
     pg = python_geometry(g)
     coverage = resolution.DetectorCoverage(pg)
-    chain = heuristics.run(final, shape, pg, settings, rings, pixels, coverage)
+    chain = heuristics.run(final, shape, pg, settings, rings, pixels, coverage, g.pixel_size)
     subsets = chain.subsets
     inliers = subsets["spots_inlier"]
     focus = subsets.get("lo_pass_resolution_spots", inliers)
@@ -90,7 +91,7 @@ def analyse_frame(frame: Frame, params: Params) -> Result:
         tables = _bin_tables(frame, final, shape, chain, pg, coverage, cls, params)
     listing = None
     if params["distl.verbose"]:
-        heights = cls.above_background(final.body_x, final.body_y)
+        heights = final.heights
         listing = [_listing(final, i, pixels, heights) for i in focus]
     result = Result(
         path=frame.path, file=frame.label, image_number=frame.image_number, frame_index=frame.index,
@@ -106,26 +107,25 @@ def analyse_frame(frame: Frame, params: Params) -> Result:
         saturation_top_peaks=chain.saturation_top,
         saturation_percent=round(100.0 * chain.saturation_fraction, 2),
         overloaded_spots=chain.overloaded,
-        total_integrated_signal=int(wts_sum[inliers].sum()) if len(focus) else None,
+        total_integrated_signal=int(sequential_sum(wts_sum[inliers])) if len(focus) else None,
         focus_spots=len(focus),
     )
     result.details = report.Details(
         echo_template=echo, tables=tables, focus_signals=list(wts_sum[focus]),
-        focus_saturations=list(wts_max[focus] / g.saturation), inlier_signal=float(wts_sum[inliers].sum()),
+        focus_saturations=list(wts_max[focus] / g.saturation), inlier_signal=sequential_sum(wts_sum[inliers]),
         listing=listing, cutoff_percent=100.0 / settings.method2_ratio,
         classification_error=cls.error, method2_unrounded=chain.method2)
     return result
 
 
 def _listing(found: spots.Spots, i: int, pixels: np.ndarray, all_heights: np.ndarray) -> report.SpotListing:
-    """One spot of the distl.verbose listing.  Its heights above background (``all_heights``, per body pixel
-    of all spots) are value minus the unrounded plane, not the float32 weights the spot's shape and signal
-    use: DISTL's listing differs from those in the first decimal where a value sits on a rounding boundary."""
-    bx, by, _ = found.body(i)
+    """One spot of the distl.verbose listing: its wts (``all_heights``, per body pixel of all spots), their
+    maximum and their sum added pixel by pixel as flex.sum does."""
+    bx, by = found.body(i)
     heights = all_heights[found.starts[i]:found.starts[i + 1]]
     px, py = int(found.peak_x[i]), int(found.peak_y[i])
     return report.SpotListing(
-        area=int(found.area[i]), peak_wts=float(heights.max()), signal=float(heights.sum()),
+        area=int(found.area[i]), peak_wts=float(heights.max()), signal=sequential_sum(heights),
         peak_z=float(found.intensity[i]), x=px, y=py, value=int(pixels[px, py]),
         body=[(int(x), int(y), int(pixels[x, y]), float(h)) for x, y, h in zip(bx, by, heights)])
 
@@ -148,10 +148,43 @@ def _bin_tables(frame, found, shape, chain, g, coverage, cls, params) -> list:
         last_d_star = 1.0 / min(coverage.corner_resolutions())
     else:
         last_d_star = 1.0 / free_d[-1]
-    fraction = last_d_star ** 3 / rows
+    fraction = (1.0 / rows) * last_d_star ** 3  # DISTL's product, not a division: other last bits
     limits = np.array([1.0 / ((k + 1) * fraction) ** (1.0 / 3.0) for k in range(rows)])
     fract = coverage.fractions(limits).tolist()
     missing = resolution.missing_cone(limits, g.wavelength)
+    pxl, wsz = _window_rows(frame, cls, limits)
+    signals, backgrounds = found.signal, found.background
+    spot_columns = {"Integrated": signals, "MeanI": signals, "MeanBkg": backgrounds,
+                    "MeanSz": found.area.astype(np.float64), "MnEccen": shape.eccentricity, "MnSkew": shape.skewness}
+    tables = []
+    for key, message in TABLE_MESSAGES:
+        subset = chain.subsets.get(key)
+        if subset is None or len(subset) == 0:
+            continue
+        # the subsets keep the order of DISTL's resolution sort, the order its tables walk the spots in
+        pops = resolution.populations(chain.d[subset], limits[0], rows)
+        cols = {name: [0] * rows for name in (*spot_columns, "MeanIsigI")}
+        starts = np.concatenate(([0], np.cumsum(pops)))
+        for k in range(rows):
+            members = subset[starts[k]:starts[k + 1]]
+            if len(members) == 0:
+                continue
+            cols["Integrated"][k] = sequential_sum(signals[members])
+            for name in ("MeanI", "MeanBkg", "MeanSz", "MnEccen", "MnSkew"):
+                cols[name][k] = flex_mean(spot_columns[name][members])
+        cols["MeanIsigI"] = _isigi_column(subset, pops, pxl, wsz, signals, backgrounds, found.area)
+        columns = {"Limit": list(limits), "Population": [int(p) for p in pops], "Missing": list(missing),
+                   "Fract": fract, "PxlBkgrd": pxl, "MnWndwSz": wsz, **cols}
+        # DISTL names the frame by its absolute path here, even when it was given a relative one
+        tables.append(report.BinTable(message=message % os.path.abspath(frame.path), columns=columns,
+                                      legend=not tables))
+    return tables
+
+
+def _window_rows(frame, cls, limits: np.ndarray) -> tuple[list, list]:
+    """PxlBkgrd and MnWndwSz per row: the means over the background windows whose centre falls in it, taken
+    in order of descending d as DISTL walks them; None for a row without a window."""
+    rows = len(limits)
     window_d = pixel_resolution(frame.geometry, cls.window_centres[:, 0], cls.window_centres[:, 1])
     order = np.argsort(-window_d, kind="stable")
     bkg_rows = [[] for _ in range(rows)]
@@ -166,50 +199,28 @@ def _bin_tables(frame, found, shape, chain, g, coverage, cls, params) -> list:
             break
         bkg_rows[row].append(cls.window_background[w])
         size_rows[row].append(cls.window_sample[w])
-    pxl = [float(np.mean(b)) if b else None for b in bkg_rows]
-    wsz = [float(np.mean(s)) if s else None for s in size_rows]
-    signals, backgrounds = found.signal, found.background
-    d_all = chain.d
-    tables = []
-    for key, message in TABLE_MESSAGES:
-        subset = chain.subsets.get(key)
-        if subset is None or len(subset) == 0:
+    pxl = [flex_mean(b) if b else None for b in bkg_rows]
+    wsz = [flex_mean(s) if s else None for s in size_rows]
+    return pxl, wsz
+
+
+def _isigi_column(subset, pops, pxl, wsz, signals, backgrounds, area) -> list:
+    """MeanIsigI per row: the mean of I / sqrt(I + B + m^2 / n * PxlBkgrd) over the row's spots.
+
+    Quirk kept: DISTL's I/sig(I) walks the spots only through rows that have a background value, so after a
+    row without one it pairs later rows with the wrong spots."""
+    column = [0] * len(pops)
+    index = 0
+    for k in range(len(pops)):
+        if pxl[k] is None:
             continue
-        pops = resolution.populations(d_all[subset], limits[0], rows)
-        cols = {name: [0] * rows for name in ("Integrated", "MeanI", "MeanBkg", "MeanSz", "MnEccen", "MnSkew",
-                                               "MeanIsigI")}
-        index = 0
-        for k in range(rows):
-            members = subset[index:index + pops[k]]
-            index += pops[k]
-            if len(members) == 0:
-                continue
-            signal, bkg = signals[members], backgrounds[members]
-            cols["Integrated"][k] = float(np.sum(signal))
-            cols["MeanI"][k] = float(np.mean(signal))
-            cols["MeanBkg"][k] = float(np.mean(bkg))
-            cols["MeanSz"][k] = float(np.mean(found.area[members]))
-            cols["MnEccen"][k] = float(np.mean(shape.eccentricity[members]))
-            cols["MnSkew"][k] = float(np.mean(shape.skewness[members]))
-        # Quirk kept: DISTL's I/sig(I) walks the spots only through rows that have a background value,
-        # so after a row without one it pairs later rows with the wrong spots.
-        index = 0
-        for k in range(rows):
-            if pxl[k] is None:
-                continue
-            ratios = []
-            for i in subset[index:index + pops[k]]:
-                m = found.area[i]
-                ratios.append(signals[i] / np.sqrt(signals[i] + backgrounds[i] + m * m / wsz[k] * pxl[k]))
-            index += pops[k]
-            if ratios:
-                cols["MeanIsigI"][k] = float(np.mean(ratios))
-        columns = {"Limit": list(limits), "Population": [int(p) for p in pops], "Missing": list(missing),
-                   "Fract": fract, "PxlBkgrd": pxl, "MnWndwSz": wsz, **cols}
-        # DISTL names the frame by its absolute path here, even when it was given a relative one
-        tables.append(report.BinTable(message=message % os.path.abspath(frame.path), columns=columns,
-                                      legend=not tables))
-    return tables
+        members = subset[index:index + pops[k]]
+        index += pops[k]
+        if len(members):
+            i_s, m = signals[members], area[members].astype(np.float64)
+            ratios = i_s / np.sqrt(i_s + backgrounds[members] + m * m * (1.0 / wsz[k]) * pxl[k])
+            column[k] = flex_mean(ratios)
+    return column
 
 
 def retain_freed_memory() -> bool:
@@ -273,3 +284,4 @@ def _compile_later_stages(frame: Frame) -> None:
     ice.pixel_rings(flags, g, region)
     maxima = spots.local_maxima(frame.pixels, flags, region, settings, UNDERLOAD, g.saturation)
     spots.assemble(frame.pixels, blank, maxima, region, settings, None)
+    heuristics.nearest_others(np.zeros((2, 2)))

@@ -6,12 +6,13 @@ import math
 from dataclasses import dataclass, field
 
 import numpy as np
-from scipy.spatial import cKDTree
 
 from . import ice, resolution
 from .geometry import Geometry, radius_mm, resolution_at_mm, resolutions_at_mm
+from .neighbours import nearest_others
 from .params import Settings
 from .spots import Shapes, Spots
+from .sums import running_mean_sd
 
 MAX_TOLERANCE = 1.5  # max cell = 1.5 x the d of the typical neighbour distance
 
@@ -33,46 +34,60 @@ class Chain:
     saturation_fraction: float = 0.0
 
 
-def spot_radius_mm(spots: Spots, g: Geometry) -> np.ndarray:
-    """Distance (mm) of each spot's max pixel from the beam, at least one pixel."""
-    return np.maximum(g.pixel_size, np.hypot(spots.peak_x * g.pixel_size - g.beam_x,
-                                             spots.peak_y * g.pixel_size - g.beam_y))
+def spot_radius_mm(spots: Spots, g: Geometry, pixel_size: float | None = None) -> np.ndarray:
+    """Distance (mm) of each spot's max pixel from the beam, at least one pixel, as DISTL's spot filter agent
+    (C++) measures it for its radius and ice-ring tests and its d: ``sqrt(dx * dx + dy * dy)`` with the
+    image's own pixel size (``pixel_size``: 0.17200000000000001 mm from a PILATUS header's 172e-6 m, where
+    the Python layer's ``g`` has the "%f" 0.172) and the Python layer's beam.  Checked bit for bit against
+    DISTL's d and radius test (tests/test_core_sum_order.py)."""
+    size = g.pixel_size if pixel_size is None else pixel_size
+    dx = spots.peak_x * size - g.beam_x
+    dy = spots.peak_y * size - g.beam_y
+    return np.maximum(size, np.sqrt(dx * dx + dy * dy))
 
 
-def spot_resolution(spots: Spots, shape: Shapes, g: Geometry) -> np.ndarray:
+def spot_resolution(spots: Spots, shape: Shapes, g: Geometry, pixel_size: float | None = None) -> np.ndarray:
     """Each spot's d as DISTL's filters see it: from the max pixel on a flat detector; with the detector
     swung out by 2-theta, from the centre of mass through the rotated detector (precompute_resolution).
 
     Quirk kept: DISTL places the spot at beam - position (camera convention 1 flips both axes), not
     position - beam, before rotating it; the numbers it prints come from that.
+
+    Both are DISTL's bit for bit: the image's own pixel size, sqrt of the squares and math's trigonometry
+    (numpy's arccos, sin and norm differ in the last bit now and then).
     """
     if len(spots) == 0:
         return np.zeros(0)
     if g.twotheta == 0:
-        return resolutions_at_mm(g, spot_radius_mm(spots, g))
-    tt = np.radians(g.twotheta)
-    rotation = np.array([[np.cos(tt), 0.0, np.sin(tt)], [0.0, 1.0, 0.0], [-np.sin(tt), 0.0, np.cos(tt)]])
-    film = np.stack([g.beam_x - shape.com_x * g.pixel_size, g.beam_y - shape.com_y * g.pixel_size,
-                     np.full(len(spots), g.distance)], axis=1)
-    lab = film @ rotation.T
-    two_theta = np.arccos(lab[:, 2] / np.linalg.norm(lab, axis=1))
-    return g.wavelength / (2.0 * np.sin(two_theta / 2.0))
+        return resolutions_at_mm(g, spot_radius_mm(spots, g, pixel_size))
+    size = g.pixel_size if pixel_size is None else pixel_size
+    tt = g.twotheta * math.pi / 180.0  # DISTL's radians (math.radians rounds otherwise now and then)
+    cos, sin = math.cos(tt), math.sin(tt)
+    film_x, film_y = g.beam_x - shape.com_x * size, g.beam_y - shape.com_y * size
+    lab_x, lab_z = cos * film_x + sin * g.distance, -sin * film_x + cos * g.distance
+    length = np.sqrt(lab_x * lab_x + film_y * film_y + lab_z * lab_z)
+    two_theta = np.array(list(map(math.acos, (lab_z / length).tolist())), dtype=float)
+    sine = np.array(list(map(math.sin, (two_theta / 2.0).tolist())), dtype=float)
+    return g.wavelength / (2.0 * sine)
 
 
 def run(spots: Spots, shape: Shapes, g: Geometry, settings: Settings, rings: list[ice.PixelRing],
-        pixels: np.ndarray, coverage: resolution.DetectorCoverage) -> Chain:
+        pixels: np.ndarray, coverage: resolution.DetectorCoverage, pixel_size: float | None = None) -> Chain:
+    """The filter chain on the Python layer's geometry ``g``; ``pixel_size`` is the image's own pixel size,
+    which DISTL's spot filter agent measures radii and d with (``g``'s when not given)."""
+    agent_size = g.pixel_size if pixel_size is None else pixel_size
     chain = Chain()
     n = len(spots)
     everything = np.arange(n)
     chain.subsets["spots_total"] = everything
-    r = spot_radius_mm(spots, g)
-    d = spot_resolution(spots, shape, g)
+    r = spot_radius_mm(spots, g, agent_size)
+    d = spot_resolution(spots, shape, g, agent_size)
     chain.d = d
 
     on_ring = np.zeros(n, dtype=bool)
     for ring in rings:
-        inner = g.pixel_size * math.sqrt(ring.inner_r2) - 0.4
-        outer = g.pixel_size * math.sqrt(ring.outer_r2) + 0.4
+        inner = agent_size * math.sqrt(ring.inner_r2) - 0.4  # the agent's test: it has no other pixel size
+        outer = agent_size * math.sqrt(ring.outer_r2) + 0.4
         on_ring |= (r > inner) & (r < outer)
     chain.ice_rings = len(rings)
     non_ice = everything[~on_ring]
@@ -84,7 +99,9 @@ def run(spots: Spots, shape: Shapes, g: Geometry, settings: Settings, rings: lis
     chain.subsets["hi_pass_resolution_spots"] = hi_pass
     current = hi_pass
 
-    order = hi_pass[np.argsort(-d[hi_pass], kind="stable")]
+    # DISTL's (unstable) resolution sort: every later subset keeps its order, tied spots included, and
+    # DISTL's tables, sums and listing walk them in it
+    order = resolution.distl_sort_descending(hi_pass, d)
     count = len(order)
     target = max(resolution.MIN_BIN_COUNT, count // 20)
     chain.target_bins = target
@@ -129,16 +146,12 @@ def _saturation(chain: Chain, spots: Spots, subset: np.ndarray, pixels: np.ndarr
     chain.saturation_fraction = 0.0 if len(top) < 2 else float(top.sum()) / len(top) / g.saturation
 
 
-def _mean_sd(values: np.ndarray) -> tuple[float, float]:
-    return float(np.mean(values)), float(np.std(values, ddof=1))
-
-
 def _quality(spots: Spots, shape: Shapes, unimodal: np.ndarray, chain: Chain, g: Geometry, overlap: float):
     """Skewness, intensity and close-spot filters over the unimodal spots; inliers and their NN distances."""
-    i_ave, i_std = _mean_sd(spots.intensity[unimodal].astype(np.float64))
-    a_ave, _ = _mean_sd(spots.area[unimodal].astype(np.float64))
-    e_ave, _ = _mean_sd(shape.eccentricity[unimodal])
-    k_ave, k_std = _mean_sd(shape.skewness[unimodal])
+    i_ave, i_std = running_mean_sd(spots.intensity[unimodal].astype(np.float64))
+    a_ave, _ = running_mean_sd(spots.area[unimodal].astype(np.float64))
+    e_ave, _ = running_mean_sd(shape.eccentricity[unimodal])
+    k_ave, k_std = running_mean_sd(shape.skewness[unimodal])
     chain.eccentricity = e_ave
     low_skew = unimodal[shape.skewness[unimodal] <= min(0.45, 2.0 * k_std + k_ave)]
     chain.subsets["spots_low_skew"] = low_skew
@@ -147,8 +160,7 @@ def _quality(spots: Spots, shape: Shapes, unimodal: np.ndarray, chain: Chain, g:
     chain.subsets["spots_good_intensity"] = good
 
     everything = np.column_stack([spots.peak_x, spots.peak_y]).astype(float)
-    tree = cKDTree(everything)
-    nearest, dist2 = _nearest_other(tree, everything, everything)  # each query is answered on its own
+    nearest, dist2 = nearest_others(everything)
     nn_index, neighbours = nearest[good], g.pixel_size * np.sqrt(dist2[good])
     vectors = _neighbour_vector_maxima(everything, nearest, a_ave, len(good))
     few = len(vectors) <= 3
@@ -160,25 +172,6 @@ def _quality(spots: Spots, shape: Shapes, unimodal: np.ndarray, chain: Chain, g:
         close &= ~np.any([(np.abs(s[:, 0] - vx) <= 1) & (np.abs(s[:, 1] - vy) <= 1) for vx, vy in vectors], axis=0)
     keep &= ~close
     return good[keep], neighbours[keep]
-
-
-def _nearest_other(tree: cKDTree, data: np.ndarray, query: np.ndarray):
-    """Nearest data point to each query point, excluding points at zero distance (the spot itself)."""
-    if len(query) == 0:
-        return np.zeros(0, dtype=int), np.zeros(0)
-    k = min(len(data), 8)
-    dist, idx = tree.query(query, k=k)
-    dist, idx = dist.reshape(len(query), k), idx.reshape(len(query), k)
-    positive = dist > 0
-    first = positive.argmax(axis=1)
-    rows = np.arange(len(query))
-    index, dist2 = idx[rows, first], dist[rows, first] ** 2
-    for i in np.flatnonzero(~positive.any(axis=1)):  # more than k points share this position: look further
-        d_all, i_all = (np.atleast_1d(v) for v in tree.query(query[i], k=len(data)))
-        beyond = np.flatnonzero(d_all > 0)
-        j = beyond[0] if len(beyond) else 0
-        index[i], dist2[i] = i_all[j], d_all[j] ** 2
-    return index, dist2
 
 
 def _neighbour_vector_maxima(data: np.ndarray, nearest: np.ndarray, ave_area: float, n_current: int):
@@ -235,7 +228,7 @@ def max_unit_cell(neighbours: np.ndarray, g: Geometry, neighbour_bins: int) -> f
     n = len(neighbours)
     if n <= 2:
         return None
-    mean = float(np.mean(neighbours))
+    mean, _ = running_mean_sd(neighbours)  # in the inliers' order, as DISTL's scitbx_stats
     fine = max(g.pixel_size / 2.0, mean / (1.0 + n / neighbour_bins))
     low = float(np.min(neighbours))
     bins = int(mean * 4 / fine)

@@ -10,6 +10,7 @@ from .background import BELOW_MEDIAN, BELOW_UPPER, Region
 from .geometry import Geometry, integer_beam, pixel_d, pixel_resolution, radius_px
 from .jit import njit
 from .resolution import Shells
+from .sums import sequential_sum
 
 RING_WIDTH = 4  # pixels
 ICE_D_MAX = 8.0  # Angstrom: no ring is tested at lower resolution than this
@@ -258,8 +259,8 @@ def _intervals(shells: Shells) -> tuple[list[tuple[float, float]], bool]:
             first, last = 0, last - first
         if last >= rows:
             first, last = first - (last - rows + 1), rows - 1
-        signal = pop[x - 1] + pop[x] + pop[x + 1]
-        background = pop[first:last + 1].sum() - signal
+        signal = pop[x] + pop[x - 1] + pop[x + 1]  # DISTL's order: the middle shell first
+        background = sequential_sum(pop[first:last + 1]) - signal
         if signal / 3.0 > 2.0 * background / 6.0 and signal > 6.0 and \
                 (signal - math.sqrt(signal)) / 3.0 > 2.0 * (background + math.sqrt(max(background, 0.0))) / 6.0:
             if x < 4:

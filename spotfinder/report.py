@@ -6,6 +6,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .result import Result
+from .sums import flex_mean, sequential_sum, spreadsheet_total
 
 LEGEND = """Limit: outer edge of (equal-volume) resolution shell (Angstroms)
 Population: number of spots in the resolution shell
@@ -82,19 +83,24 @@ def _table(table: BinTable) -> list[str]:
             lines.append("".join("%*s  " % (width[name], fmt % cols[name][j]) for name, fmt in COLUMNS))
     lines.append("".join((" " + "-" * width[name] + " ") if name in SUMMED else " " * (width[name] + 2)
                          for name, _ in COLUMNS))
-    total_weight = sum(pops)
+    total_weight = sum(pops)  # integers
     cells = []
     for name, fmt in COLUMNS:
         if name in SUMMED:
-            cells.append("%*s  " % (width[name], fmt % sum(cols[name])))
+            cells.append("%*s  " % (width[name], fmt % spreadsheet_total(cols[name])))
         elif name in WEIGHTED:
             # a table whose spots all fall beyond its last row (2-theta frames) has no weight at all
-            mean = sum(w * v for w, v in zip(pops, cols[name])) / total_weight if total_weight else 0.0
+            mean = weighted_total(pops, cols[name]) / total_weight if total_weight else 0.0
             cells.append("%*s  " % (width[name], fmt % mean))
         else:
             cells.append(" " * (width[name] + 2))
     lines.append("".join(cells))
     return lines
+
+
+def weighted_total(weights: list[int], values: list) -> float:
+    """The sum of weight * value over the rows, added row by row as DISTL's total row and BCSB reply do."""
+    return sequential_sum(w * v for w, v in zip(weights, values))
 
 
 def _value(fmt: str, value) -> str:
@@ -152,13 +158,14 @@ def format_body(result: Result) -> str:
                        % (x, y, value, height))
     if det.focus_signals:
         signals = np.array(det.focus_signals)
-        sats = np.array(det.focus_saturations) * 100.0
+        sats = np.array(det.focus_saturations)
         out.append("Total integrated signal, pixel-ADC units above local background (just the good Bragg candidates) %d"
                    % int(det.inlier_signal))
         out.append("Signals range from %.1f to %.1f with mean integrated signal %.1f"
-                   % (signals.min(), signals.max(), signals.mean()))
+                   % (signals.min(), signals.max(), flex_mean(signals)))
+        # DISTL scales the mean of the fractions, not each fraction: 100 * mean(s) is not mean(100 * s)
         out.append("Saturations range from %.1f%% to %.1f%% with mean saturation %.1f%%"
-                   % (sats.min(), sats.max(), sats.mean()))
+                   % (100.0 * sats.min(), 100.0 * sats.max(), 100.0 * flex_mean(sats)))
     return "\n".join(out) + "\n"
 
 
@@ -210,9 +217,9 @@ def format_bcsb(result: Result) -> str:
         elements.append(("resolution", "%.3f" % det.method2_unrounded))
         if det.tables:
             last = det.tables[-1].columns
-            weighted = sum(weight * value for weight, value in zip(last["Population"], last["MeanIsigI"]))
+            weighted = weighted_total(last["Population"], last["MeanIsigI"])
             elements.append(("mean_isigi", "%.3f" % (weighted / sum(last["Population"]))))
-            elements.append(("integrated", "%.3f" % sum(last["Integrated"])))
+            elements.append(("integrated", "%.3f" % spreadsheet_total(last["Integrated"])))
         else:  # DISTL's quirk: another tag, and the two in the other order, when there is no table
             elements += [("total_integrated", "0"), ("mean_isigi", "0")]
     except (TypeError, ZeroDivisionError) as exc:

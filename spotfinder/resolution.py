@@ -9,6 +9,7 @@ import numpy as np
 from .background import Region
 from .geometry import Geometry, integer_beam, pixel_resolution, radii_mm, radius_mm
 from .image import FrameError
+from .sums import sequential_sum
 
 METHOD1_NONE = 10.0  # Method 1's answer when there are too few spots
 MIN_BIN_COUNT = 25  # DISTL's BinMin: the fewest spots in the first shell
@@ -33,7 +34,7 @@ def method1(spot_x: np.ndarray, spot_y: np.ndarray, geometry: Geometry, region: 
     copies = np.ones(n, dtype=int)
     for i in np.flatnonzero(r >= inscribed):
         closer = edges[edges < r[i]]
-        angle = max(0.01, 2 * math.pi - float(np.sum(2.0 * np.arccos(closer / r[i]))))
+        angle = max(0.01, 2 * math.pi - sequential_sum(2.0 * np.arccos(closer / r[i])))
         copies[i] = int(2 * math.pi / angle)
     # The rings are quantiles of the d values with each spot repeated ``copies`` times (up to 628 for a spot
     # far from the beam); read from the cumulative copies over the sorted spots, never repeated in memory.
@@ -50,7 +51,7 @@ def method1(spot_x: np.ndarray, spot_y: np.ndarray, geometry: Geometry, region: 
     line = slope[best] * np.arange(best + 1) + p[0]
     gap = line - p[:best + 1]
     b = int(np.argmax(gap))
-    sigma = float(np.std(gap))
+    sigma = float(np.std(gap))  # libdistl's own (C++, its source is not shipped): order not checked
     while b + 1 <= best and gap[b + 1] >= gap.max() - 0.5 * sigma:
         b += 1
     return float(ring[b])
@@ -160,7 +161,7 @@ class DetectorCoverage:
 
     def __call__(self, d: float) -> float:
         radius = radius_mm(self.g, d)
-        return sum(edge(radius) for edge in self.edges) / (2.0 * math.pi)
+        return sequential_sum(edge(radius) for edge in self.edges) / (2.0 * math.pi)
 
     def fractions(self, ds) -> np.ndarray:
         """``self(d)`` for each d, bit for bit, at numpy speed: all (edge, circle) pairs where the circle
@@ -176,7 +177,9 @@ class DetectorCoverage:
             angles[edge, circle] = [self.edges[e](r) for e, r in zip(edge.tolist(), radius[circle].tolist())]
         else:
             angles[edge, circle] = _crossing_angles({k: v[edge] for k, v in per_edge.items()}, radius[circle])
-        out = sum(angles, 0.0) / (2.0 * math.pi)  # edge rows in order: ((0.0 + edge 0) + edge 1) + ...
+        # edge rows in order, ((0.0 + edge 0) + edge 1) + ...: numpy adds the rows element by element (the
+        # builtin's compensated float sum of Python 3.12+ does not apply to arrays)
+        out = sum(angles, 0.0) / (2.0 * math.pi)
         out[~finite] = [self(d) for d in ds[~finite].tolist()]
         return out
 
@@ -185,7 +188,7 @@ class DetectorCoverage:
         out = []
         for x, y in self.corners:
             to_corner = (x - g.beam_x, y - g.beam_y, g.distance)
-            cosine = g.distance * g.distance / (g.distance * math.sqrt(sum(v * v for v in to_corner)))
+            cosine = g.distance * g.distance / (g.distance * math.sqrt(sequential_sum(v * v for v in to_corner)))
             half_angle = math.sin(math.acos(min(1.0, cosine)) / 2.0)
             out.append(g.wavelength / (2.0 * half_angle) if half_angle > 0 else math.inf)  # the beam's own corner
         return out
@@ -290,3 +293,127 @@ def _observed_volume(r: float, k: float) -> float:
         chord = 2.0 * math.sqrt(r * r - z * z) if z > v else 2.0 * math.sqrt(2.0 * k * z - z * z)
         total += z * chord * dz
     return (area_d + area_s) * 2.0 * math.pi * (total / (area_d + area_s))
+
+
+def distl_sort_descending(items: np.ndarray, keys: np.ndarray) -> np.ndarray:
+    """``items`` ordered by descending key exactly as DISTL's resolution sort leaves them.
+
+    DISTL sorts the spot indices with C++'s ``std::sort``, which is not stable: spots of equal d (positions
+    symmetric about the beam) end up in an order only that algorithm gives, and the bin tables walk the spots
+    in it.  This replays GNU libstdc++'s introsort step by step (median-of-three quicksort down to pieces of
+    16 or fewer, heapsort past the depth limit, then one insertion sort over everything).
+    """
+    items = np.asarray(items, dtype=np.int64)
+    ranked = items[np.argsort(-np.asarray(keys, dtype=float)[items], kind="stable")]
+    ranked_keys = np.asarray(keys, dtype=float)[ranked]
+    if not np.any(ranked_keys[1:] == ranked_keys[:-1]):  # without ties every sort gives this order
+        return ranked
+    order = items.tolist()
+    key = {i: float(keys[i]) for i in order}
+    _IntroSort(order, key).run()
+    return np.array(order, dtype=np.int64)
+
+
+class _IntroSort:
+    """libstdc++'s ``std::sort`` on a list with ``before(a, b) = key[a] > key[b]``."""
+
+    THRESHOLD = 16
+
+    def __init__(self, a: list, key: dict):
+        self.a = a
+        self.key = key
+
+    def before(self, x, y) -> bool:
+        return self.key[x] > self.key[y]
+
+    def run(self) -> None:
+        n = len(self.a)
+        if n > 1:
+            self._loop(0, n, 2 * (n.bit_length() - 1))
+            self._final_insertion_sort(0, n)
+
+    def _loop(self, first: int, last: int, depth: int) -> None:
+        while last - first > self.THRESHOLD:
+            if depth == 0:
+                self._heap_sort(first, last)
+                return
+            depth -= 1
+            cut = self._partition_pivot(first, last)
+            self._loop(cut, last, depth)
+            last = cut
+
+    def _partition_pivot(self, first: int, last: int) -> int:
+        """Median of (first + 1, middle, last - 1) moved to ``first``, then the unguarded partition."""
+        a, before = self.a, self.before
+        mid = first + (last - first) // 2
+        x, y, z = a[first + 1], a[mid], a[last - 1]
+        if before(x, y):
+            median = mid if before(y, z) else (last - 1 if before(x, z) else first + 1)
+        else:
+            median = first + 1 if before(x, z) else (last - 1 if before(y, z) else mid)
+        a[first], a[median] = a[median], a[first]
+        pivot = a[first]
+        lo, hi = first + 1, last
+        while True:
+            while before(a[lo], pivot):
+                lo += 1
+            hi -= 1
+            while before(pivot, a[hi]):
+                hi -= 1
+            if lo >= hi:
+                return lo
+            a[lo], a[hi] = a[hi], a[lo]
+            lo += 1
+
+    def _final_insertion_sort(self, first: int, last: int) -> None:
+        a, before = self.a, self.before
+        guarded_end = min(last, first + self.THRESHOLD)
+        for i in range(first + 1, guarded_end):
+            value = a[i]
+            if before(value, a[first]):
+                a[first + 1:i + 1] = a[first:i]
+                a[first] = value
+            else:
+                self._linear_insert(i)
+        for i in range(guarded_end, last):
+            self._linear_insert(i)
+
+    def _linear_insert(self, i: int) -> None:
+        a, before = self.a, self.before
+        value = a[i]
+        while before(value, a[i - 1]):
+            a[i] = a[i - 1]
+            i -= 1
+        a[i] = value
+
+    def _heap_sort(self, first: int, last: int) -> None:
+        """``std::partial_sort(first, last, last)``: make_heap, then pop the top to the end one by one."""
+        n = last - first
+        for parent in range((n - 2) // 2, -1, -1):
+            self._adjust_heap(first, parent, n, self.a[first + parent])
+        for end in range(n - 1, 0, -1):
+            value = self.a[first + end]
+            self.a[first + end] = self.a[first]
+            self._adjust_heap(first, 0, end, value)
+
+    def _adjust_heap(self, first: int, hole: int, length: int, value) -> None:
+        """Sift the hole down to a leaf along the larger children, then push ``value`` back up (libstdc++)."""
+        a, before = self.a, self.before
+        top = hole
+        child = hole
+        while child < (length - 1) // 2:
+            child = 2 * (child + 1)
+            if before(a[first + child], a[first + child - 1]):
+                child -= 1
+            a[first + hole] = a[first + child]
+            hole = child
+        if length % 2 == 0 and child == (length - 2) // 2:
+            child = 2 * (child + 1)
+            a[first + hole] = a[first + child - 1]
+            hole = child - 1
+        parent = (hole - 1) // 2
+        while hole > top and before(a[first + parent], value):
+            a[first + hole] = a[first + parent]
+            hole = parent
+            parent = (hole - 1) // 2
+        a[first + hole] = value

@@ -26,7 +26,7 @@ class Spots:
     starts: np.ndarray  # len(spots) + 1 offsets into the body arrays
     body_x: np.ndarray
     body_y: np.ndarray
-    wts: np.ndarray  # value - local background (float32)
+    values: np.ndarray  # the frame's value at each body pixel
     bkg: np.ndarray  # local background (float32)
 
     def __len__(self) -> int:
@@ -37,16 +37,22 @@ class Spots:
         """The spot index of every body pixel."""
         return np.repeat(np.arange(len(self)), self.area)
 
+    @property
+    def heights(self) -> np.ndarray:
+        """Each body pixel's height above its local background, DISTL's ``wts``: value minus the float32 plane
+        value, in double (rounded to float32 they are up to ~1e-3 off: enough to change a printed digit of a
+        signal, a listing or a centre of mass now and then; checked pixel by pixel against DISTL's)."""
+        return self.values - self.bkg.astype(np.float64)
+
     def per_spot_sum(self, values: np.ndarray) -> np.ndarray:
-        """Sum of a body-pixel column per spot, in double precision."""
-        if len(self) == 0:
-            return np.zeros(0)
-        return np.add.reduceat(values.astype(np.float64), self.starts[:-1])
+        """Sum of a body-pixel column per spot, in double precision, added pixel by pixel in body order as
+        DISTL's loops and flex.sum do (numpy's sums add pairwise, which can round the last bit otherwise)."""
+        return _sums_in_order(np.ascontiguousarray(values, dtype=np.float64), self.starts)
 
     @property
     def signal(self) -> np.ndarray:
-        """Integrated signal above local background per spot (sum of wts)."""
-        return self.per_spot_sum(self.wts)
+        """Integrated signal above local background per spot."""
+        return self.per_spot_sum(self.heights)
 
     @property
     def background(self) -> np.ndarray:
@@ -54,14 +60,15 @@ class Spots:
 
     @property
     def peak_height(self) -> np.ndarray:
-        """The largest wts of each spot."""
+        """The largest height of each spot (``flex.max(spot.wts)``)."""
         if len(self) == 0:
             return np.zeros(0)
-        return np.maximum.reduceat(self.wts, self.starts[:-1]).astype(np.float64)
+        return np.maximum.reduceat(self.heights, self.starts[:-1])
 
-    def body(self, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def body(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        """Spot i's body pixels (slow, fast), in fill order."""
         lo, hi = self.starts[i], self.starts[i + 1]
-        return self.body_x[lo:hi], self.body_y[lo:hi], self.wts[lo:hi]
+        return self.body_x[lo:hi], self.body_y[lo:hi]
 
     def take(self, keep) -> Spots:
         """The spots selected by a boolean mask or index array, keeping their order."""
@@ -71,7 +78,19 @@ class Spots:
         starts = np.concatenate(([0], np.cumsum(area))).astype(np.int64)
         pixels = np.repeat(self.starts[idx] - starts[:-1], area) + np.arange(starts[-1])
         return Spots(self.peak_x[idx], self.peak_y[idx], area, self.nmaxima[idx], self.intensity[idx], starts,
-                     self.body_x[pixels], self.body_y[pixels], self.wts[pixels], self.bkg[pixels])
+                     self.body_x[pixels], self.body_y[pixels], self.values[pixels], self.bkg[pixels])
+
+
+@njit(cache=True)
+def _sums_in_order(values, starts):
+    """The sum of values[starts[i]:starts[i + 1]] for each i, left to right."""
+    sums = np.zeros(starts.size - 1)
+    for i in range(starts.size - 1):
+        total = 0.0
+        for k in range(starts[i], starts[i + 1]):
+            total += values[k]
+        sums[i] = total
+    return sums
 
 
 @dataclass
@@ -239,7 +258,7 @@ def assemble(pixels: np.ndarray, cls: Classification, maxima: Maxima, region: Re
     bkg = cls.local_background(bx, by)
     spots = Spots(peak_x=bx[peak], peak_y=by[peak], area=area, nmaxima=nmaxima,
                   intensity=cls.z_at(bx[peak], by[peak]), starts=starts, body_x=bx, body_y=by,
-                  wts=(pixels[bx, by] - bkg).astype(np.float32), bkg=bkg)
+                  values=pixels[bx, by], bkg=bkg)
     return spots.take(~on_ice) if on_ice.any() else spots
 
 
@@ -264,7 +283,7 @@ def compact(spots: Spots) -> np.ndarray:
     small = {8: 12, 7: 9, 6: 7, 5: 5, 4: 4, 3: 2, 2: 0, 1: -1}
     keep = np.zeros(len(spots), dtype=bool)
     for i in range(len(spots)):
-        bx, by, _ = spots.body(i)
+        bx, by = spots.body(i)
         cells = set(zip(bx.tolist(), by.tolist()))
         edges = sum((x + dx, y + dy) in cells for x, y in cells for dx, dy in ((0, 1), (1, 0), (1, 1), (1, -1)))
         n = len(cells)
@@ -294,12 +313,14 @@ def shapes(spots: Spots) -> Shapes:
         return Shapes(empty, empty, empty, empty, empty, empty, np.zeros((0, 2)), empty)
     owner = spots.owner
     x, y = spots.body_x.astype(np.float64), spots.body_y.astype(np.float64)
-    w = spots.wts.astype(np.float64)
+    w = spots.heights
     total = spots.per_spot_sum(w)
     cx = spots.per_spot_sum(w * x) / total
     cy = spots.per_spot_sum(w * y) / total
     dx, dy = x - cx[owner], y - cy[owner]
-    sxx, syy, sxy = spots.per_spot_sum(w * dx * dx), spots.per_spot_sum(w * dy * dy), spots.per_spot_sum(w * dx * dy)
+    # scitbx's inertia terms: w * (dx * dx) and (w * dx) * dy, added pixel by pixel
+    sxx, syy = spots.per_spot_sum(w * (dx * dx)), spots.per_spot_sum(w * (dy * dy))
+    sxy = spots.per_spot_sum(w * dx * dy)
     tensor = np.stack([np.stack([syy, -sxy], axis=-1), np.stack([-sxy, sxx], axis=-1)], axis=-2)
     evals, evecs = np.linalg.eigh(tensor)
     l0, l1 = evals[:, 1], evals[:, 0]
@@ -307,7 +328,8 @@ def shapes(spots: Spots) -> Shapes:
     b = np.sqrt(4.0 * np.maximum(1.0, l1) / total)
     with np.errstate(divide="ignore", invalid="ignore"):
         eccentricity = np.where(l0 > 0, np.sqrt(1.0 - np.minimum(1.0, l1 / l0)), 0.0)
-    distance = np.hypot(spots.peak_x - cx, spots.peak_y - cy)
+    px, py = spots.peak_x - cx, spots.peak_y - cy
+    distance = np.sqrt(px * px + py * py)  # scitbx's vec2 length, truncated below: not hypot's last bit
     skewness = np.trunc(distance) / a
     # eigenvector of the smaller eigenvalue of the inertia tensor: the major axis
     return Shapes(cx, cy, a, b, eccentricity, skewness, evecs[:, :, 0], _majoraxis(spots, x, y, owner))

@@ -7,10 +7,10 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from scipy.spatial import cKDTree
 
 from spotfinder_core import heuristics
 from spotfinder_core.geometry import radii_mm, radius_mm, resolution_at_mm, resolutions_at_mm
+from spotfinder_core.neighbours import nearest_others
 from spotfinder_core.resolution import DetectorCoverage, Shells
 
 
@@ -68,7 +68,7 @@ def test_squares_are_pow_not_products():
 def _reference_vectors(data, ave_area, n_current):
     limit = int(math.sqrt(20.0 * ave_area) / 2.0) + 1
     plot = np.zeros((2 * limit + 1, 2 * limit + 1), dtype=int)
-    nearest, _ = heuristics._nearest_other(cKDTree(data), data, data)
+    nearest, _ = nearest_others(data)
     for i, j in enumerate(nearest):
         vx, vy = int(data[j, 0] - data[i, 0]), int(data[j, 1] - data[i, 1])
         if abs(vx) <= limit and abs(vy) <= limit:
@@ -103,7 +103,7 @@ def _reference_compact(shape, idx, vectors):
 
 def _reference_inliers(spots, shape, good, ave_area, overlap):
     data = np.column_stack([spots.peak_x, spots.peak_y]).astype(float)
-    nearest, _ = heuristics._nearest_other(cKDTree(data), data, data)
+    nearest, _ = nearest_others(data)
     vectors = _reference_vectors(data, ave_area, len(good))
     inliers = []
     for idx in good:
@@ -157,11 +157,10 @@ def test_quality_is_the_spot_by_spot_filter(kind):
         ave_area = float(np.mean(spots.area[unimodal].astype(np.float64)))
         vectors, expected = _reference_inliers(spots, shape, good, ave_area, overlap)
         data = np.column_stack([spots.peak_x, spots.peak_y]).astype(float)
-        nearest, _ = heuristics._nearest_other(cKDTree(data), data, data)
+        nearest, dist2 = nearest_others(data)
         assert heuristics._neighbour_vector_maxima(data, nearest, ave_area, len(good)) == vectors
         assert inliers.tolist() == expected
-        _, dist2 = heuristics._nearest_other(cKDTree(data), data, data[expected])
-        assert _bits(neighbours) == _bits(g.pixel_size * np.sqrt(dist2))
+        assert _bits(neighbours) == _bits(g.pixel_size * np.sqrt(dist2[expected]))
         seen_vectors += 0 < len(vectors) <= 3
     if kind in ("lattice", "row"):
         assert seen_vectors > 0  # the ellipse-width test ran
