@@ -20,8 +20,6 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
-import yaml
-
 from spotfinder_core.params import ParameterError, parse_words
 
 
@@ -438,6 +436,8 @@ def validate(raw: dict) -> Settings:
 
 def read_file(path: str) -> dict:
     """The settings a YAML file sets; ConfigError if it is missing or not a mapping."""
+    import yaml  # here, not at the top: the light commands (--help, stop, listen) start without it (~9 ms)
+
     try:
         with open(path, encoding="utf-8") as fh:
             data = yaml.safe_load(fh)
@@ -503,6 +503,8 @@ def _yaml_value(value: object) -> str:
     """A default as the example file writes it: flow style, and "" for the empty string."""
     if value == "":
         return '""'
+    import yaml
+
     plain = list(value) if isinstance(value, tuple) else value
     return yaml.safe_dump(plain, default_flow_style=True).removesuffix("...\n").strip()
 

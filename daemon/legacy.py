@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import atexit
 import gc
-import http.client
 import os
 import socket
 import sys
@@ -173,6 +172,8 @@ def encode_form(fields: list[tuple[str, str]]) -> tuple[str, bytes]:
 
 def post_filename(host: str, port: int, filename: str, timeout: float = POST_TIMEOUT_S) -> tuple[int, str]:
     """POST ``filename`` to ``/spotfinder``; (status, body text).  OSError when the server cannot be reached."""
+    import http.client  # here, not at the top: distl.signal_strength starts without it (and ssl, email)
+
     content_type, body = encode_form([("filename", filename), ("bin", "1")])
     connection = http.client.HTTPConnection(host, port, timeout=timeout)
     try:
