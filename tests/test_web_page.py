@@ -176,8 +176,10 @@ def check_page(browser: Browser, service, collection: dict, grid: Grid) -> None:
         assert values[1] == str(frames["spot_total"][number - 1])
         assert values[2] == str(frames["good_bragg_candidates"][number - 1])
 
-    facts = browser.evaluate("document.getElementById('facts').textContent")
-    assert "best: %d" % best in facts and "done: %d of %d" % (count, count) in facts
+    # the facts come with the collection's summaries (at most one each 2 s), not with each result
+    facts = browser.wait("document.getElementById('facts').textContent.includes('done: %d of %d') && "
+                         "document.getElementById('facts').textContent" % (count, count), 10, "the facts updated")
+    assert "best: %d" % best in facts
     browser.call("Input.dispatchMouseEvent", type="mouseMoved", x=1, y=1)
     browser.wait("document.querySelectorAll('#heatmap .cell.done').length === %d" % count, 10, "the cells drawn")
     time.sleep(0.5)
