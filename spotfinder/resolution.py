@@ -195,9 +195,14 @@ class DetectorCoverage:
 
 
 def populations(d_sorted: np.ndarray, limit0: float, rows: int) -> np.ndarray:
-    """Spots per equal-volume shell: shell 0 holds d >= limit0, shell k holds limit_k <= d < limit_(k-1)."""
+    """Spots per equal-volume shell, as libdistl's bin_populations counts them: a spot's shell is the number
+    of edges ``limit0 / (k + 1) ** (1/3)`` (k = 0, 1, ...) above its d, so shell 0 holds d >= limit0.
+
+    The edges must be these divisions: ceil((limit0 / d) ** 3) - 1 puts a spot on or next to an edge one
+    shell off (it did on frames with distl.bins.corner=False, whose last spot sits on the last edge)."""
     d = np.asarray(d_sorted, dtype=float)
-    index = np.maximum(0, np.ceil((limit0 / d) ** 3) - 1).astype(np.int64)
+    edges = limit0 / _cube_roots(rows)  # descending
+    index = np.searchsorted(-edges, -d, side="left")  # edges strictly above d
     index = index[index < rows]
     return np.bincount(index, minlength=rows)[:rows]
 

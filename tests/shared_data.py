@@ -3,6 +3,7 @@ test that needs it is skipped, with the reason."""
 from __future__ import annotations
 
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ PROBE = SHARED / "peer" / "probe"
 # The real DISTL's venv (../shared/peer/setup.sh builds it), its dxtbx stand-in, and cctbx's stock server clients
 PEER_VENV = Path(os.environ.get("DISTL_PEER_VENV", "~/.distl-peer")).expanduser()
 PEER_SHIM = SHARED / "peer" / "shim"
+PEER_DISTL = SHARED / "peer" / "distl"
 STOCK_CLIENTS = next(PEER_VENV.glob("lib/python3*/site-packages/spotfinder/servers"), None)
 
 
@@ -29,3 +31,13 @@ def real_files(names: tuple[str, ...], what: str) -> list[str]:
     paths = [REAL / name for name in names]
     need(*paths, what=what)
     return [str(path) for path in paths]
+
+
+def real_distl_body(frame: str, *words: str) -> str:
+    """The body the real DISTL prints for ``frame`` (what follows its parameter echo), run live through
+    ../shared/peer/distl; the test is skipped when that peer is not set up."""
+    if not (PEER_VENV.is_dir() and PEER_DISTL.exists()):
+        pytest.skip("the real DISTL (../shared/peer, venv %s) is not set up" % PEER_VENV)
+    done = subprocess.run(["sh", str(PEER_DISTL), str(frame), *words], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-500:]
+    return done.stdout.split("#phil __OFF__\n\n", 1)[1]

@@ -16,7 +16,7 @@ import subprocess
 import numpy as np
 import pytest
 
-from shared_data import PEER_VENV, SHARED
+from shared_data import real_distl_body
 from spotfinder_core import analyse, parse_words
 from spotfinder_core.report import format_body
 from spotfinder_core.resolution import _IntroSort, distl_sort_descending
@@ -25,7 +25,6 @@ from spotfinder_core.spots import Spots
 from spotfinder_core.sums import sequential_sum
 from test_core_neighbours import rows_of_spots
 
-PEER_DISTL = SHARED / "peer" / "distl"
 VERBOSE = ["distl.bins.verbose=True"]
 
 # Index orders GNU libstdc++'s std::sort gives (compiled with g++ 12, the same algorithm as the g++ 14 build
@@ -175,8 +174,4 @@ def test_the_bin_tables_print_distls_digits(frame):
 def test_the_whole_text_is_the_real_distls(frame):
     _, path = frame
     ours = format_body(analyse(path, parse_words(VERBOSE)))
-    if not (PEER_VENV.is_dir() and PEER_DISTL.exists()):
-        pytest.skip("the real DISTL (../shared/peer, venv %s) is not set up" % PEER_VENV)
-    done = subprocess.run(["sh", str(PEER_DISTL), path, *VERBOSE], capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-500:]
-    assert ours == done.stdout.split("#phil __OFF__\n\n", 1)[1]
+    assert ours == real_distl_body(path, *VERBOSE)
