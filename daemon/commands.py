@@ -2,7 +2,7 @@
 
 Only the standard library and the settings load with this module; a handler imports the part it drives (the
 analysis, the service, ZeroMQ) when it runs, so that ``spotfinder stop``, ``listen`` and every ``--help``
-start at once instead of after a second of numpy, scipy and numba.
+start at once instead of after half a second of numpy and numba.
 """
 from __future__ import annotations
 

@@ -71,7 +71,7 @@ def signal_strength(argv: list[str]) -> int:
     # compiler state object by object (~0.25 s, a quarter of the whole process: benchmarks/bench_oneshot.py)
     atexit.unregister(gc.freeze)
     atexit.register(gc.freeze)
-    from spotfinder_core import nexus  # numpy, scipy, numba, h5py: loaded once there is a frame to analyse
+    from spotfinder_core import nexus  # numpy, numba, h5py: loaded once there is a frame to analyse
     from spotfinder_core.analysis import analyse
     from spotfinder_core.report import BANNER
 

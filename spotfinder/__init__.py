@@ -1,7 +1,7 @@
 """DISTL-compatible spot finding for X-ray diffraction frames (the analysis library; no service code).
 
-The parameters (pure Python) load with the package; the analysis and the frame reader, which bring numpy,
-scipy and numba (about a second), load on first use of their names (PEP 562), so the commands and services
+The parameters (pure Python) load with the package; the analysis and the frame reader, which bring numpy
+and numba (about half a second), load on first use of their names (PEP 562), so the commands and services
 that only parse parameters or settings start at once.
 """
 import importlib

@@ -9,7 +9,7 @@ from dataclasses import replace
 
 import numpy as np
 
-from . import background, heuristics, ice, report, resolution, spots
+from . import background, heuristics, ice, neighbours, report, resolution, spots
 from .geometry import pixel_resolution, python_geometry
 from .image import BinarySection, Frame, FrameError, decode_pixels, name_template, read_frame
 from .params import Params, effective_settings
@@ -284,4 +284,4 @@ def _compile_later_stages(frame: Frame) -> None:
     ice.pixel_rings(flags, g, region)
     maxima = spots.local_maxima(frame.pixels, flags, region, settings, UNDERLOAD, g.saturation)
     spots.assemble(frame.pixels, blank, maxima, region, settings, None)
-    heuristics.nearest_others(np.zeros((2, 2)))
+    neighbours.nearest_others(np.zeros((2, 2)))

@@ -34,19 +34,18 @@ class Chain:
     saturation_fraction: float = 0.0
 
 
-def spot_radius_mm(spots: Spots, g: Geometry, pixel_size: float | None = None) -> np.ndarray:
+def spot_radius_mm(spots: Spots, g: Geometry, pixel_size: float) -> np.ndarray:
     """Distance (mm) of each spot's max pixel from the beam, at least one pixel, as DISTL's spot filter agent
     (C++) measures it for its radius and ice-ring tests and its d: ``sqrt(dx * dx + dy * dy)`` with the
     image's own pixel size (``pixel_size``: 0.17200000000000001 mm from a PILATUS header's 172e-6 m, where
     the Python layer's ``g`` has the "%f" 0.172) and the Python layer's beam.  Checked bit for bit against
     DISTL's d and radius test (tests/test_core_sum_order.py)."""
-    size = g.pixel_size if pixel_size is None else pixel_size
-    dx = spots.peak_x * size - g.beam_x
-    dy = spots.peak_y * size - g.beam_y
-    return np.maximum(size, np.sqrt(dx * dx + dy * dy))
+    dx = spots.peak_x * pixel_size - g.beam_x
+    dy = spots.peak_y * pixel_size - g.beam_y
+    return np.maximum(pixel_size, np.sqrt(dx * dx + dy * dy))
 
 
-def spot_resolution(spots: Spots, shape: Shapes, g: Geometry, pixel_size: float | None = None) -> np.ndarray:
+def spot_resolution(spots: Spots, shape: Shapes, g: Geometry, pixel_size: float) -> np.ndarray:
     """Each spot's d as DISTL's filters see it: from the max pixel on a flat detector; with the detector
     swung out by 2-theta, from the centre of mass through the rotated detector (precompute_resolution).
 
@@ -60,10 +59,9 @@ def spot_resolution(spots: Spots, shape: Shapes, g: Geometry, pixel_size: float 
         return np.zeros(0)
     if g.twotheta == 0:
         return resolutions_at_mm(g, spot_radius_mm(spots, g, pixel_size))
-    size = g.pixel_size if pixel_size is None else pixel_size
     tt = g.twotheta * math.pi / 180.0  # DISTL's radians (math.radians rounds otherwise now and then)
     cos, sin = math.cos(tt), math.sin(tt)
-    film_x, film_y = g.beam_x - shape.com_x * size, g.beam_y - shape.com_y * size
+    film_x, film_y = g.beam_x - shape.com_x * pixel_size, g.beam_y - shape.com_y * pixel_size
     lab_x, lab_z = cos * film_x + sin * g.distance, -sin * film_x + cos * g.distance
     length = np.sqrt(lab_x * lab_x + film_y * film_y + lab_z * lab_z)
     two_theta = np.array(list(map(math.acos, (lab_z / length).tolist())), dtype=float)
@@ -72,22 +70,21 @@ def spot_resolution(spots: Spots, shape: Shapes, g: Geometry, pixel_size: float 
 
 
 def run(spots: Spots, shape: Shapes, g: Geometry, settings: Settings, rings: list[ice.PixelRing],
-        pixels: np.ndarray, coverage: resolution.DetectorCoverage, pixel_size: float | None = None) -> Chain:
+        pixels: np.ndarray, coverage: resolution.DetectorCoverage, pixel_size: float) -> Chain:
     """The filter chain on the Python layer's geometry ``g``; ``pixel_size`` is the image's own pixel size,
-    which DISTL's spot filter agent measures radii and d with (``g``'s when not given)."""
-    agent_size = g.pixel_size if pixel_size is None else pixel_size
+    which DISTL's spot filter agent measures radii and d with."""
     chain = Chain()
     n = len(spots)
     everything = np.arange(n)
     chain.subsets["spots_total"] = everything
-    r = spot_radius_mm(spots, g, agent_size)
-    d = spot_resolution(spots, shape, g, agent_size)
+    r = spot_radius_mm(spots, g, pixel_size)
+    d = spot_resolution(spots, shape, g, pixel_size)
     chain.d = d
 
     on_ring = np.zeros(n, dtype=bool)
     for ring in rings:
-        inner = agent_size * math.sqrt(ring.inner_r2) - 0.4  # the agent's test: it has no other pixel size
-        outer = agent_size * math.sqrt(ring.outer_r2) + 0.4
+        inner = pixel_size * math.sqrt(ring.inner_r2) - 0.4  # the agent's test: it has no other pixel size
+        outer = pixel_size * math.sqrt(ring.outer_r2) + 0.4
         on_ring |= (r > inner) & (r < outer)
     chain.ice_rings = len(rings)
     non_ice = everything[~on_ring]

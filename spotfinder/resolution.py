@@ -308,13 +308,13 @@ def distl_sort_descending(items: np.ndarray, keys: np.ndarray) -> np.ndarray:
     in it.  This replays GNU libstdc++'s introsort step by step (median-of-three quicksort down to pieces of
     16 or fewer, heapsort past the depth limit, then one insertion sort over everything).
     """
-    items = np.asarray(items, dtype=np.int64)
-    ranked = items[np.argsort(-np.asarray(keys, dtype=float)[items], kind="stable")]
-    ranked_keys = np.asarray(keys, dtype=float)[ranked]
+    items, keys = np.asarray(items, dtype=np.int64), np.asarray(keys, dtype=float)
+    ranked = items[np.argsort(-keys[items], kind="stable")]
+    ranked_keys = keys[ranked]
     if not np.any(ranked_keys[1:] == ranked_keys[:-1]):  # without ties every sort gives this order
         return ranked
     order = items.tolist()
-    key = {i: float(keys[i]) for i in order}
+    key = dict(zip(order, keys[items].tolist()))
     _IntroSort(order, key).run()
     return np.array(order, dtype=np.int64)
 

@@ -4,8 +4,9 @@ A float sum's last bits depend on the order of its additions, and a printed digi
 bits.  DISTL adds left to right everywhere: its Python ``+=`` loops, ``reduce`` (libtbx's Spreadsheet
 totals), scitbx's ``flex.sum`` and ``flex.mean``, and its C++ loops.  numpy's ``sum``, ``mean`` and ``std``
 add pairwise, and Python's builtin ``sum()`` of floats is compensated (Neumaier) since Python 3.12: neither
-gives DISTL's bits, and the builtin's would depend on the Python version.  Every float reduction of the
-analysis goes through here; integer sums, exact in any order, need not.
+gives DISTL's bits, and the builtin's would depend on the Python version.  The analysis's float reductions
+go through here, except the per-spot sums (``Spots.per_spot_sum``: a numba kernel adding in the same order,
+all spots at once); integer sums, exact in any order, need not, and the few numpy ones left say why.
 """
 from __future__ import annotations
 

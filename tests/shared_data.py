@@ -14,6 +14,7 @@ REFERENCE = SHARED / "reference" / "distl"
 PROBE = SHARED / "peer" / "probe"
 # The real DISTL's venv (../shared/peer/setup.sh builds it), its dxtbx stand-in, and cctbx's stock server clients
 PEER_VENV = Path(os.environ.get("DISTL_PEER_VENV", "~/.distl-peer")).expanduser()
+PEER_PYTHON = PEER_VENV / "bin" / "python"
 PEER_SHIM = SHARED / "peer" / "shim"
 PEER_DISTL = SHARED / "peer" / "distl"
 STOCK_CLIENTS = next(PEER_VENV.glob("lib/python3*/site-packages/spotfinder/servers"), None)

@@ -13,13 +13,12 @@ import subprocess
 import numpy as np
 import pytest
 
-from shared_data import PEER_VENV, real_distl_body
+from shared_data import PEER_PYTHON, PEER_VENV, real_distl_body
 from spotfinder_core import analyse, heuristics, parse_words
 from spotfinder_core.neighbours import nearest_others
 from spotfinder_core.report import format_body
 from spotfinder_core.simulate import Scene, gap_mask, write_cbf
 
-PEER_PYTHON = PEER_VENV / "bin" / "python"
 
 # ANN's answers (index of the nearest other point, squared distance), computed once by cctbx's
 # annlib_ext.AnnAdaptor(data, 2).query(data) in the peer venv.

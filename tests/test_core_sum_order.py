@@ -14,7 +14,7 @@ import subprocess
 import numpy as np
 import pytest
 
-from shared_data import PEER_DISTL, PEER_VENV, real_distl_body
+from shared_data import PEER_DISTL, PEER_PYTHON, PEER_SHIM, PEER_VENV, real_distl_body
 from spotfinder_core import analyse, analysis, heuristics, parse_words
 from spotfinder_core.geometry import resolutions_at_mm
 from spotfinder_core.report import BinTable, Details, _table, format_bcsb, format_body
@@ -66,7 +66,7 @@ def test_running_mean_sd_is_welfords_update():
 
 def test_running_mean_sd_matches_scitbx_basic_statistics():
     """Against scitbx itself on random sets, where numpy's mean and std mostly differ in the last bit."""
-    if not (PEER_VENV / "bin" / "python").exists():
+    if not PEER_PYTHON.exists():
         pytest.skip("the real DISTL's venv (%s) is not set up" % PEER_VENV)
     rng = np.random.default_rng(5)
     cases = [rng.uniform(-5.0, 50.0, int(rng.integers(2, 40))).tolist() for _ in range(200)]
@@ -74,7 +74,7 @@ def test_running_mean_sd_matches_scitbx_basic_statistics():
               "out=[]\nfor v in json.load(sys.stdin):\n  b=basic_statistics(flex.double(v))\n"
               "  out.append([b.mean,b.bias_corrected_standard_deviation,flex.mean(flex.double(v)),"
               "flex.sum(flex.double(v))])\nprint(json.dumps(out))\n")
-    done = subprocess.run([str(PEER_VENV / "bin" / "python"), "-c", script], input=json.dumps(cases),
+    done = subprocess.run([str(PEER_PYTHON), "-c", script], input=json.dumps(cases),
                           capture_output=True, text=True, timeout=120, check=True)
     numpy_differs = 0
     for values, (mean, sd, fmean, fsum) in zip(cases, json.loads(done.stdout)):
@@ -188,15 +188,15 @@ def test_d_radius_test_and_centres_are_distls_bit_for_bit(frame, monkeypatch, wo
     """Against the real DISTL's agent: every spot's d (flat, and through the detector swung out by 2-theta),
     its radius test one ulp either side of our radius (the hi- and lo-pass filters), and the centres of mass
     (double weights, added in scitbx's order)."""
-    if not (PEER_VENV / "bin" / "python").exists() or not PEER_DISTL.exists():
+    if not PEER_PYTHON.exists() or not PEER_DISTL.exists():
         pytest.skip("the real DISTL (../shared/peer, venv %s) is not set up" % PEER_VENV)
     seen = _chain_of(frame, monkeypatch, words)
     final, pg, chain, shape = seen["final"], seen["pg"], seen["chain"], seen["shape"]
     radius = heuristics.spot_radius_mm(final, pg, 0.17200000000000001)
     probes = [(i, t) for i in range(0, len(final), 37) for t in
               (math.nextafter(radius[i], 0.0), float(radius[i]), math.nextafter(radius[i], math.inf))]
-    env = {"PYTHONPATH": str(PEER_DISTL.parent / "shim"), "PATH": "/usr/bin:/bin"}
-    done = subprocess.run([str(PEER_VENV / "bin" / "python"), "-P", "-c", PEER_SCRIPT, frame, *words], env=env,
+    env = {"PYTHONPATH": str(PEER_SHIM), "PATH": "/usr/bin:/bin"}
+    done = subprocess.run([str(PEER_PYTHON), "-P", "-c", PEER_SCRIPT, frame, *words], env=env,
                           input=json.dumps(probes), capture_output=True, text=True, timeout=300)
     assert "JSON" in done.stderr, done.stderr[-500:]
     theirs = json.loads(done.stderr.split("JSON", 1)[1])

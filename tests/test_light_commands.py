@@ -1,4 +1,4 @@
-"""Commands that analyse no frame start without the numerical stack (numpy, scipy, numba: about a second).
+"""Commands that analyse no frame start without the numerical stack (numpy, numba: about half a second).
 
 Each command runs in a fresh interpreter through the function its console script calls; the interpreter then
 reports which heavy modules were loaded.
