@@ -135,7 +135,7 @@ def busy_worker(service) -> dict | None:
 
 
 def test_worker_killed_with_sigkill_mid_frame_loses_nothing(make_service, subscribe):
-    count = 24
+    count = 60  # a backlog that outlasts a few kills and their replacements (24 drained in ~1 s at 45 ms a frame)
     frames = large_frames()
     service = make_service()
     subscriber = subscribe(service.pub)
