@@ -11,7 +11,7 @@ import numpy as np
 
 from . import background, heuristics, ice, neighbours, report, resolution, spots
 from .geometry import pixel_resolution, python_geometry
-from .image import BinarySection, Frame, FrameError, decode_pixels, name_template, read_frame
+from .image import BinarySection, Frame, FrameError, checked_frame, decode_pixels, name_template
 from .params import Params, effective_settings
 from .result import Result
 from .sums import flex_mean, sequential_sum
@@ -30,21 +30,21 @@ def analyse(path: str, params: Params | None = None, shown_as: str | None = None
 
     ``shown_as`` is the name the result and the report use when it differs from the path opened (a
     service opens the resolved path it checked, and reports the one it was asked about).  ``verify_md5``
-    checks the binary section against its Content-MD5 (see ``read_frame``).  ``index`` names a frame of an
-    HDF5 (EIGER) file, 0-based; a file holding one frame needs none.
+    checks the binary section against its Content-MD5 beside the analysis (see ``checked_frame``).  ``index``
+    names a frame of an HDF5 (EIGER) file, 0-based; a file holding one frame needs none.
     """
     params = params or Params()
     start = time.perf_counter()
     shown = shown_as or path
     try:
-        frame = read_frame(path, _overrides(params), verify_md5, index)
-        if shown_as is not None:
-            if frame.index is None:
-                template, number, _ = name_template(shown_as)
-                frame = replace(frame, path=shown_as, template=template, image_number=number)
-            else:
-                frame = replace(frame, path=shown_as, template=os.path.basename(shown_as))
-        result = analyse_frame(frame, params)
+        with checked_frame(path, _overrides(params), verify_md5, index) as frame:
+            if shown_as is not None:
+                if frame.index is None:
+                    template, number, _ = name_template(shown_as)
+                    frame = replace(frame, path=shown_as, template=template, image_number=number)
+                else:
+                    frame = replace(frame, path=shown_as, template=os.path.basename(shown_as))
+            result = analyse_frame(frame, params)
     except FrameError as exc:
         result = Result.failure(shown, str(exc), index)
     except MemoryError:
