@@ -4,8 +4,11 @@
 
 Runs ``distl.signal_strength FRAME`` (ours, from this venv) and the real DISTL's (``../shared/peer/distl``)
 one after the other ``--rounds`` times, with warm caches (our modules' bytecode written, then one untimed
-run of each: the page cache holds the frame and the programs, numba's cache holds our compiled kernels), and
-prints the median wall time of each whole process, their ratio and their peak RSS.  Then the commands that
+run of each: the page cache holds the frame and the programs, numba's cache holds our compiled kernels, and
+our untimed run has started the warm helper, spotfinder_daemon/warm.py, which answers the timed ones), and
+prints the median wall time of each whole process, their ratio and their peak RSS.  Ours runs twice a round:
+as installed (answered by the helper) and with ``SPOTFINDER_WARM=0`` (each call loads everything itself).
+The helper lives in a runtime folder of the benchmark's own and is stopped at the end.  Then the commands that
 analyse nothing (``spotfinder --help``, ``spotfinder stop --help``, ``spotfinder listen --help``), and where our
 process's time goes (imports, the first analysis, which loads the compiled kernels, and a second one).  Timings on a
 shared 2-core machine drift: compare the ratio, and run it more than once.
@@ -16,6 +19,8 @@ import argparse
 import compileall
 import importlib.util
 import os
+import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -48,13 +53,40 @@ for name, s in (("import numpy", t1 - t0), ("import numba", t2 - t1),
 """
 
 
-def timed(command: list[str]) -> tuple[float, float, int]:
+def timed(command: list[str], env: dict | None = None) -> tuple[float, float, int]:
     """Wall seconds, peak RSS (MB) and exit code of one whole process."""
     start = time.perf_counter()
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     _, status, usage = os.wait4(process.pid, 0)
     process.returncode = os.waitstatus_to_exitcode(status)
     return time.perf_counter() - start, usage.ru_maxrss / 1024.0, process.returncode
+
+
+def wait_for_helper(runtime: Path, within_s: float = 300.0) -> int:
+    """The pid of the helper our untimed run started, once it takes calls (it loads, or compiles, the kernels)."""
+    folder = runtime / "spotfinder-daemon"
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline:
+        logs = list(folder.glob("warm-*.log"))
+        if logs and " ready in " in logs[0].read_text():
+            return int(Path(str(logs[0])[:-len(".log")] + ".lock").read_text().split()[0])
+        time.sleep(0.1)
+    raise SystemExit("the warm helper did not start within %g s (see %s)" % (within_s, folder))
+
+
+def stop_helper(runtime: Path) -> None:
+    for lock in (runtime / "spotfinder-daemon").glob("warm-*.lock"):
+        try:
+            os.kill(int(lock.read_text().split()[0]), signal.SIGTERM)
+        except (OSError, ValueError, IndexError):
+            pass
+    time.sleep(0.5)
+    shutil.rmtree(runtime, ignore_errors=True)
+
+
+def resident_mb(pid: int) -> float:
+    with open("/proc/%d/status" % pid) as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmRSS:")) / 1024.0
 
 
 def compile_bytecode() -> None:
@@ -78,35 +110,48 @@ def main(argv=None) -> int:
             print("no frame: give FRAME or provide %s" % THAUMATIN)
             return 2
         frame = str(frames[0])
-        commands = {"ours": [str(BIN / "distl.signal_strength"), frame, *words]}
+        runtime = Path(tempfile.mkdtemp(prefix="sfbench-"))  # short: a socket's address must fit in 108 bytes
+        helper = dict(os.environ, XDG_RUNTIME_DIR=str(runtime), SPOTFINDER_WARM="600")
+        ours = [str(BIN / "distl.signal_strength"), frame, *words]
+        commands = {"ours": (ours, helper), "ours, no helper": (ours, dict(helper, SPOTFINDER_WARM="0"))}
         if DISTL_VENV.is_dir():
-            commands["DISTL"] = [str(DISTL), frame, *words]
+            commands["DISTL"] = ([str(DISTL), frame, *words], None)
         else:
             print("real DISTL skipped: %s is missing (run %s)" % (DISTL_VENV, SHARED / "peer" / "setup.sh"))
         print("CPU: %s, %d cores; frame %s; %d rounds, alternating" % (cpu_name(), os.cpu_count(), Path(frame).name,
                                                                      args.rounds))
         compile_bytecode()
-        for command in commands.values():  # warm the caches, untimed
-            subprocess.run(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        seconds: dict[str, list[float]] = {name: [] for name in commands}
-        rss: dict[str, float] = dict.fromkeys(commands, 0.0)
-        for _ in range(args.rounds):
-            for name, command in commands.items():
-                wall, peak, code = timed(command)
-                if code != 0:
-                    print("%s failed (exit %d): %s" % (name, code, " ".join(command)))
-                    return 1
-                seconds[name].append(wall)
-                rss[name] = max(rss[name], peak)
+        try:
+            for command, env in commands.values():  # warm the caches, untimed; ours starts its helper
+                subprocess.run(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+            helper_pid = wait_for_helper(runtime)
+            seconds: dict[str, list[float]] = {name: [] for name in commands}
+            rss: dict[str, float] = dict.fromkeys(commands, 0.0)
+            for _ in range(args.rounds):
+                for name, (command, env) in commands.items():
+                    wall, peak, code = timed(command, env)
+                    if code != 0:
+                        print("%s failed (exit %d): %s" % (name, code, " ".join(command)))
+                        return 1
+                    seconds[name].append(wall)
+                    rss[name] = max(rss[name], peak)
+            served = (runtime / "spotfinder-daemon").glob("warm-*.log")
+            calls = sum(line.count(" call ") for log in served for line in log.read_text().splitlines())
+            helper_mb = resident_mb(helper_pid)
+        finally:
+            stop_helper(runtime)
         print()
-        print("%-8s %10s %10s %10s  %s" % ("", "median s", "min s", "peak MB", "every round"))
+        print("%-16s %10s %10s %10s  %s" % ("", "median s", "min s", "peak MB", "every round"))
         for name, values in seconds.items():
-            print("%-8s %10.3f %10.3f %10.0f  %s" % (name, statistics.median(values), min(values), rss[name],
-                                                    " ".join("%.2f" % v for v in values)))
-        if "DISTL" in seconds:
-            ratios = [a / b for a, b in zip(seconds["ours"], seconds["DISTL"])]
-            print("ours / DISTL, whole process: median of the rounds' ratios %.2f (min %.2f, max %.2f)"
-                  % (statistics.median(ratios), min(ratios), max(ratios)))
+            print("%-16s %10.3f %10.3f %10.0f  %s" % (name, statistics.median(values), min(values), rss[name],
+                                                      " ".join("%.2f" % v for v in values)))
+        for name in ("ours", "ours, no helper"):
+            if "DISTL" in seconds:
+                ratios = [a / b for a, b in zip(seconds[name], seconds["DISTL"])]
+                print("%s / DISTL, whole process: median of the rounds' ratios %.2f (min %.2f, max %.2f)"
+                      % (name, statistics.median(ratios), min(ratios), max(ratios)))
+        print("the helper answered %d of the %d timed calls of \"ours\" and holds %.0f MB resident while it waits "
+              "(peak MB above: the caller's process alone)" % (calls, args.rounds, helper_mb))
         print()
         print("commands that analyse nothing (median of %d):" % args.rounds)
         for command in (["spotfinder", "--help"], ["spotfinder", "stop", "--help"], ["spotfinder", "listen", "--help"]):

@@ -12,7 +12,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from . import commands, config, legacy
+from . import commands, config, legacy, warm
 
 DEFAULTS = config.Settings()
 LISTEN_TOPIC = "spotfinder.v1."  # every message the service publishes (publisher.SCHEMA + ".")
@@ -34,8 +34,19 @@ def _quiet_on_broken_pipe(command):
 
 @_quiet_on_broken_pipe
 def distl_signal_strength(argv: list[str] | None = None) -> int:
-    """``distl.signal_strength FRAME [distl.param=value ...]``: the same text as cctbx's command."""
-    return legacy.signal_strength(sys.argv[1:] if argv is None else argv)
+    """``distl.signal_strength FRAME [distl.param=value ...]``: the same text as cctbx's command.
+
+    Run as the console script (no ``argv``), it is answered by the warm helper when one is running, and starts
+    one once it has analysed a frame itself (warm.py); called from Python, it runs here."""
+    if argv is not None:
+        return legacy.signal_strength(argv)
+    served = warm.run(sys.argv[1:])
+    if served is not None:
+        return served
+    status = legacy.signal_strength(sys.argv[1:])
+    if "spotfinder_core.analysis" in sys.modules:  # it analysed: the next call may as well find a helper
+        warm.start()
+    return status
 
 
 def distl_thin_client(argv: list[str] | None = None) -> int:

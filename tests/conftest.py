@@ -3,6 +3,7 @@ written by the project's one frame writer (spotfinder_core.simulate)."""
 from __future__ import annotations
 
 import bz2
+import os
 import shutil
 from pathlib import Path
 
@@ -10,6 +11,10 @@ import pytest
 
 from shared_data import REAL, REFERENCE, need
 from spotfinder_core.simulate import Scene, random_spots, write_cbf
+
+# The console script distl.signal_strength starts a warm helper that outlives it (spotfinder_daemon.warm):
+# no test but those of the helper itself (test_cli_warm.py, with folders of their own) may leave one behind.
+os.environ["SPOTFINDER_WARM"] = "0"
 
 
 @pytest.fixture(scope="session")
