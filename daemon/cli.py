@@ -19,11 +19,15 @@ LISTEN_TOPIC = "spotfinder.v1."  # every message the service publishes (publishe
 
 
 def _quiet_on_broken_pipe(command):
-    """A reader that stops early (``| head``) ends the command quietly, as Unix tools do."""
+    """A reader that stops early (``| head``) ends the command quietly, as Unix tools do.  The output is flushed
+    here, so that this holds for its last bytes too (and for a warm helper's child, whose output is buffered
+    until then: warm.py)."""
 
     def wrapped(*args, **kwargs) -> int:
         try:
-            return command(*args, **kwargs)
+            status = command(*args, **kwargs)
+            sys.stdout.flush()
+            return status
         except BrokenPipeError:
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             return commands.EXIT_OK
