@@ -23,7 +23,8 @@ data file closed or renamed into place short of its frames at once), naming the 
 file seen before its master waits for it; with no master after ``incomplete_timeout_s`` it is given up
 (a data file alone has no geometry), and analysed should its master come later.  A finished series is
 remembered with its files' versions, so that a late event of a file unchanged since (a writer's close after its
-last frame was reported, a polling snapshot) does not follow the whole series again.
+last frame was reported, a polling snapshot) does not follow the whole series again; so is a frame file
+reported complete (a polling snapshot that saw its last write after the checker judged it is not news).
 
 Whether a frame was already analysed is the ledger's business, not the watcher's: it reports every file it
 is told about, with the file's ``identity`` (device and inode) and whether it was newly ``created`` (a
@@ -68,6 +69,8 @@ CBF_MAGIC = b"###CBF"  # the first bytes of every CBF file
 READ_CHUNK = 2**20
 GIVEN_UP_KEPT = 10_000  # files given up on, remembered so that completing one later counts as a new file
 FINISHED_KEPT = 1_000  # finished series, remembered so that a late event of one of their files is not news
+COMPLETED_KEPT = 10_000  # frame files reported complete, remembered for the same reason (a polling observer's
+# snapshot can see the last write after the checker has judged the file)
 
 COMPLETE, PARTIAL, NOT_A_FRAME = "complete", "partial", "not a frame"
 
@@ -323,6 +326,8 @@ class Watcher:
         self._given_up: dict[str, bool] = {}  # the newest GIVEN_UP_KEPT paths given up, in order (checker thread)
         # the newest FINISHED_KEPT series finished: master -> {file: version_of(file) when it finished} (under the lock)
         self._finished: dict[str, dict[str, tuple | None]] = {}
+        # the newest COMPLETED_KEPT frame files reported complete: path -> their version then (under the lock)
+        self._completed: dict[str, tuple] = {}
 
     def start(self) -> None:
         for folder in self.folders:
@@ -374,6 +379,8 @@ class Watcher:
                 return
             pending = self._pending.get(path)
             if pending is None:
+                if not created and path in self._completed and self._completed[path] == version_of(path):
+                    return  # a late event of a frame reported complete, unchanged since: nothing new
                 self._pending[path] = _Pending(t_seen, time.monotonic(), created, written=written)
                 self._emit(Event("seen", path, t_seen))
             else:
@@ -515,6 +522,11 @@ class Watcher:
             pending.checked_size = size
             pending.state, pending.cause = inspect(path)
             if pending.state == COMPLETE:
+                with self._lock:  # as it was before it was inspected: a later change is news
+                    self._completed.pop(path, None)
+                    self._completed[path] = (identity_of(stat), stat.st_size, stat.st_mtime_ns)
+                    if len(self._completed) > COMPLETED_KEPT:
+                        del self._completed[next(iter(self._completed))]
                 return Event("complete", path, pending.t_seen, t_complete=time.time(), identity=identity_of(stat),
                              created=pending.created or self._given_up.pop(path, False))
         # A file its writer is done with is judged as it is; one that merely stopped growing only once it
