@@ -486,8 +486,9 @@ def checked_frame(path: str, overrides: dict | None = None, verify_md5: bool = T
     anything that is not a complete miniCBF or a readable frame of an EIGER HDF5 file (``index``: the frame's
     0-based index in it; see ``nexus.read_frame``).
 
-    Leaving the block waits for the check.  A mismatch raises FrameError in place of whatever the block or the
-    decoding raised: a corrupt section is the cause of anything that followed from its pixels.  ``verify_md5``
+    Leaving the block waits for the check.  A mismatch raises FrameError, in place of an error the block or the
+    decoding raised: a corrupt section is the cause of anything that followed from its pixels (an interrupt
+    goes on as it is).  ``verify_md5``
     asks for the check, which catches a corrupt section whose size is right (DISTL does not make it); a host
     short of CPU can turn it off.  Truncation and a wrong pixel count are caught either way."""
     from . import nexus
@@ -510,6 +511,9 @@ def checked_frame(path: str, overrides: dict | None = None, verify_md5: bool = T
         pixels = decode_pixels(data, section, (geometry.size_slow, geometry.size_fast))
         template, number, _ = name_template(path)
         yield Frame(path=path, pixels=pixels, geometry=geometry, template=template, image_number=number)
-    finally:
+    except Exception:
         if check is not None:
-            check.wait()
+            check.wait()  # a mismatch is raised instead
+        raise
+    if check is not None:
+        check.wait()

@@ -63,6 +63,23 @@ def test_md5_check_can_be_turned_off(simulated, tmp_path):
         {k: v for k, v in original.items() if k not in ("file", "proc_ms")}
 
 
+def test_a_content_md5_mismatch_is_the_cause_given_whatever_followed(simulated, tmp_path):
+    """The check runs beside the decoding and the analysis (image.checked_frame): a corrupt section whose pixels
+    then fail to decode is still reported by its Content-MD5, as when the check ran first; unchecked, the
+    decoding's own cause is given."""
+    from spotfinder_core.image import BINARY_MARKER, FrameError, read_frame
+
+    data = bytearray(simulated["paths"]["spots"].read_bytes())
+    start = data.index(BINARY_MARKER) + len(BINARY_MARKER)
+    data[start + 100:start + 101] = b"\x80"  # an escape: the deltas after it are read as wider ones
+    corrupt = tmp_path / "escaped_0001.cbf"
+    corrupt.write_bytes(bytes(data))
+    assert analyse(str(corrupt), verify_md5=False).error.startswith("corrupt binary section: decoded ")
+    assert analyse(str(corrupt)).error == "corrupt binary section: Content-MD5 does not match"
+    with pytest.raises(FrameError, match="Content-MD5 does not match"):
+        read_frame(str(corrupt))
+
+
 def test_cli_reports_bad_frame_in_one_line(bad_frames):
     proc = run_distl(str(bad_frames["truncated"]))
     assert proc.returncode == 2
