@@ -25,8 +25,8 @@ check that the other is the same user (SO_PEERCRED).  It writes what it does to 
 socket, and its pid to ``warm-KEY.lock`` while it runs.
 
 A call it answers differs from one run in the caller's process in two ways only: a child killed by a signal
-gives exit status 1 and a line naming the log (not the signal's status), and the work is done in the helper's
-process tree, which is the same cgroup as the caller's when they were keyed alike.
+gives exit status 1 and a line naming the log (not the signal's status), and Ctrl-Z stops the caller but not
+the child (it runs in the helper's session, in the same cgroup as the caller, since they were keyed alike).
 
 This module is imported by every ``distl.signal_strength``: the caller's side imports nothing but the standard
 library's lightest modules.
