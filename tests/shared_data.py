@@ -34,11 +34,25 @@ def real_files(names: tuple[str, ...], what: str) -> list[str]:
     return [str(path) for path in paths]
 
 
+def peer_missing(*also: Path) -> Path | None:
+    """The first of the real DISTL's venv (its python) and ``also`` (parts of ../shared/peer) that is not
+    there; None when the peer is set up."""
+    return next((path for path in (PEER_PYTHON, *also) if not path.exists()), None)
+
+
+def need_peer(*also: Path) -> None:
+    """Skip the calling test unless the real DISTL is set up (``peer_missing``), saying what is missing and how
+    to set it up."""
+    missing = peer_missing(*also)
+    if missing is not None:
+        pytest.skip("the real DISTL is not set up (missing %s): run %s, or set DISTL_PEER_VENV"
+                    % (missing, SHARED / "peer" / "setup.sh"))
+
+
 def real_distl_body(frame: str, *words: str) -> str:
     """The body the real DISTL prints for ``frame`` (what follows its parameter echo), run live through
     ../shared/peer/distl; the test is skipped when that peer is not set up."""
-    if not (PEER_VENV.is_dir() and PEER_DISTL.exists()):
-        pytest.skip("the real DISTL (../shared/peer, venv %s) is not set up" % PEER_VENV)
+    need_peer(PEER_DISTL)
     done = subprocess.run(["sh", str(PEER_DISTL), str(frame), *words], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-500:]
     return done.stdout.split("#phil __OFF__\n\n", 1)[1]

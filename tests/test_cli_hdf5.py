@@ -16,7 +16,7 @@ import termios
 import numpy as np
 import pytest
 
-from shared_data import PEER_VENV, SHARED, real_files
+from shared_data import PEER_DISTL, need_peer, real_files
 from spotfinder_core import nexus
 from spotfinder_core.image import read_frame
 from spotfinder_daemon.cli import distl_signal_strength, main
@@ -79,9 +79,8 @@ def test_one_frame_of_a_master_is_its_cbfs_text_under_the_masters_name(series, c
 def test_a_range_of_frames_has_the_stock_commands_layout(series, capsys, monkeypatch):
     """The real DISTL's multi-frame text (its dxtbx stand-in accepts distl.range on a CBF and reads the same frame
     for each index): our text for the same frames of an HDF5 series has its layout line for line."""
-    distl = SHARED / "peer" / "distl"
-    if not PEER_VENV.is_dir() or not distl.exists():
-        pytest.skip("the real DISTL (../shared/peer, venv %s) is not set up" % PEER_VENV)
+    distl = PEER_DISTL
+    need_peer(distl)
     folder = series["dir"] / "same"
     folder.mkdir(exist_ok=True)
     frame = read_frame(series["source"]).pixels

@@ -14,7 +14,7 @@ import subprocess
 import numpy as np
 import pytest
 
-from shared_data import PEER_PYTHON, PEER_VENV, real_distl_body
+from shared_data import PEER_PYTHON, need_peer, real_distl_body
 from spotfinder_core import analyse, parse_words
 from spotfinder_core.report import format_body
 from spotfinder_core.resolution import populations
@@ -96,8 +96,7 @@ def test_corner_off_keeps_the_last_spot(frame):
 def test_libdistl_bin_populations_live(tmp_path):
     """Our shells against libdistl's own bin_populations on 3000 spots placed on and next to edges."""
     python = PEER_PYTHON
-    if not python.exists():
-        pytest.skip("the DISTL peer venv (%s) is not set up" % PEER_VENV)
+    need_peer()
     script = (
         "import math, random, sys\n"
         "from spotfinder.core_toolbox import bin_populations\n"

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from numba import njit
 
-from shared_data import PEER_VENV, REFERENCE, SHARED, need, real_files
+from shared_data import PEER_DISTL, REFERENCE, need, peer_missing, real_distl_body, real_files
 from spotfinder_core import analyse, nexus, parse_words
 from spotfinder_core.image import read_frame
 from spotfinder_core.report import format_body
@@ -204,13 +204,8 @@ def test_the_first_frame_gives_the_real_distls_text(thermolysin, set_name):
 def test_a_changed_frame_gives_the_real_distls_text_on_its_cbf(thermolysin, index):
     """Each changed copy (scaled, turned, rolled with hot pixels), run through the real DISTL as a CBF: the HDF5
     frame's text is DISTL's."""
-    distl = SHARED / "peer" / "distl"
-    if not PEER_VENV.is_dir() or not distl.exists():
-        pytest.skip("the real DISTL (../shared/peer, venv %s) is not set up" % PEER_VENV)
     cbf = thermolysin["cbfs"][index]
-    done = subprocess.run([str(distl), cbf, "distl.bins.verbose=True"], capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-500:]
-    expected = done.stdout.split("#phil __OFF__\n\n", 1)[1]
+    expected = real_distl_body(cbf, "distl.bins.verbose=True")
     result = analyse(thermolysin["masters"]["legacy"], parse_words(["distl.bins.verbose=True"]), shown_as=cbf,
                      index=index)
     assert format_body(result) == expected
@@ -545,12 +540,8 @@ def test_a_real_eiger2_16m_stream_frame_stored_as_the_filewriter_stores_it(therm
     params = parse_words(["distl.bins.verbose=True"])
     ours = analyse(master, params, shown_as=cbf, index=0)
     assert ours.status == "ok" and format_body(ours) == format_body(analyse(cbf, params))
-    distl = SHARED / "peer" / "distl"
-    if PEER_VENV.is_dir() and distl.exists():
-        done = subprocess.run([str(distl), cbf, "distl.bins.verbose=True"], capture_output=True, text=True,
-                              timeout=300)
-        assert done.returncode == 0, done.stderr[-500:]
-        assert format_body(ours) == done.stdout.split("#phil __OFF__\n\n", 1)[1]
+    if peer_missing(PEER_DISTL) is None:
+        assert format_body(ours) == real_distl_body(cbf, "distl.bins.verbose=True")
 
 
 def test_a_dark_frame_whose_corner_is_constant_is_classified_inside_the_inscribed_circle_only(thermolysin, tmp_path):
@@ -577,10 +568,6 @@ def test_a_dark_frame_whose_corner_is_constant_is_classified_inside_the_inscribe
         assert result.status == "ok"
         texts[name], spot_totals[name] = (cbf, format_body(result)), result.spot_total
     assert 0 < spot_totals["dark"] < spot_totals["lit"]
-    distl = SHARED / "peer" / "distl"
-    if PEER_VENV.is_dir() and distl.exists():
+    if peer_missing(PEER_DISTL) is None:
         for cbf, text in texts.values():
-            done = subprocess.run([str(distl), cbf, "distl.bins.verbose=True"], capture_output=True, text=True,
-                                  timeout=300)
-            assert done.returncode == 0, done.stderr[-500:]
-            assert text == done.stdout.split("#phil __OFF__\n\n", 1)[1]
+            assert text == real_distl_body(cbf, "distl.bins.verbose=True")

@@ -13,7 +13,7 @@ import subprocess
 import numpy as np
 import pytest
 
-from shared_data import PEER_PYTHON, PEER_VENV, real_distl_body
+from shared_data import PEER_PYTHON, need_peer, real_distl_body
 from spotfinder_core import analyse, heuristics, parse_words
 from spotfinder_core.neighbours import nearest_others
 from spotfinder_core.report import format_body
@@ -111,11 +111,6 @@ json.dump(answers, open(sys.argv[2], "w"))
 """
 
 
-def need_peer_python() -> None:
-    if not PEER_PYTHON.exists():
-        pytest.skip("cctbx's annlib_ext lives in the real DISTL's venv %s, which is not set up" % PEER_VENV)
-
-
 def ann_answers(sets: list[np.ndarray], folder) -> list:
     """[index, distances] per set from the real annlib_ext."""
     cases, answers = folder / "cases.json", folder / "answers.json"
@@ -127,7 +122,7 @@ def ann_answers(sets: list[np.ndarray], folder) -> list:
 
 
 def test_the_same_neighbours_as_the_real_ann_on_tie_heavy_sets(tmp_path):
-    need_peer_python()
+    need_peer()  # cctbx's annlib_ext lives in its venv
     sets = tie_heavy_sets(np.random.default_rng(2026), 300, large=3000)
     answers = ann_answers(sets, tmp_path)
     queries = ties = 0

@@ -14,7 +14,7 @@ import subprocess
 import numpy as np
 import pytest
 
-from shared_data import PEER_DISTL, PEER_PYTHON, PEER_SHIM, PEER_VENV, real_distl_body
+from shared_data import PEER_DISTL, PEER_PYTHON, PEER_SHIM, need_peer, real_distl_body
 from spotfinder_core import analyse, analysis, heuristics, parse_words
 from spotfinder_core.geometry import resolutions_at_mm
 from spotfinder_core.report import BinTable, Details, _table, format_bcsb, format_body
@@ -66,8 +66,7 @@ def test_running_mean_sd_is_welfords_update():
 
 def test_running_mean_sd_matches_scitbx_basic_statistics():
     """Against scitbx itself on random sets, where numpy's mean and std mostly differ in the last bit."""
-    if not PEER_PYTHON.exists():
-        pytest.skip("the real DISTL's venv (%s) is not set up" % PEER_VENV)
+    need_peer()
     rng = np.random.default_rng(5)
     cases = [rng.uniform(-5.0, 50.0, int(rng.integers(2, 40))).tolist() for _ in range(200)]
     script = ("import json,sys\nfrom scitbx.math import basic_statistics\nfrom scitbx.array_family import flex\n"
@@ -188,8 +187,7 @@ def test_d_radius_test_and_centres_are_distls_bit_for_bit(frame, monkeypatch, wo
     """Against the real DISTL's agent: every spot's d (flat, and through the detector swung out by 2-theta),
     its radius test one ulp either side of our radius (the hi- and lo-pass filters), and the centres of mass
     (double weights, added in scitbx's order)."""
-    if not PEER_PYTHON.exists() or not PEER_DISTL.exists():
-        pytest.skip("the real DISTL (../shared/peer, venv %s) is not set up" % PEER_VENV)
+    need_peer(PEER_DISTL)
     seen = _chain_of(frame, monkeypatch, words)
     final, pg, chain, shape = seen["final"], seen["pg"], seen["chain"], seen["shape"]
     radius = heuristics.spot_radius_mm(final, pg, 0.17200000000000001)

@@ -11,7 +11,7 @@ import pytest
 
 from http_helpers import data_root_service, make_data_root, request
 from service_helpers import child_env
-from shared_data import PEER_PYTHON, PEER_SHIM, PEER_VENV, need
+from shared_data import PEER_PYTHON, PEER_SHIM, need, need_peer
 
 # cctbx's module as Apache ran it; what DISTL prints goes to stdout (Apache's log), only the returned XML is the reply
 PEER_RUN = """
@@ -52,8 +52,7 @@ def data(tmp_path_factory):
 def distl_replies(data) -> list[str]:
     """The replies of cctbx's apache_bcsb.run, in the order of CASES."""
     python = PEER_PYTHON
-    if not python.exists():
-        pytest.skip("DISTL's peer venv is not at %s (set DISTL_PEER_VENV, or run ../shared/peer/setup.sh)" % PEER_VENV)
+    need_peer()
     need(PEER_SHIM, what="the peer's dxtbx stand-in")
     done = subprocess.run([str(python), "-P", "-c", PEER_RUN, json.dumps(queries(data))], capture_output=True,
                           text=True, timeout=300, env=child_env(PYTHONPATH=str(PEER_SHIM)))
