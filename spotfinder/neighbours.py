@@ -33,9 +33,9 @@ def _nearest_others(points):
     dist2 = np.full(n, np.inf)
     if n == 0:
         return index, dist2
-    cut_dim, cut_val, bounds, children, leaf_point = _build(points)
-    box_lo = np.array([points[:, 0].min(), points[:, 1].min()])
+    box_lo = np.array([points[:, 0].min(), points[:, 1].min()])  # the root's cell: the points' bounding box
     box_hi = np.array([points[:, 0].max(), points[:, 1].max()])
+    cut_dim, cut_val, bounds, children, leaf_point = _build(points, box_lo, box_hi)
     stack_node = np.empty(2 * n + 2, dtype=np.int64)
     stack_dist = np.empty(2 * n + 2)
     stack_back = np.empty(2 * n + 2, dtype=np.bool_)
@@ -46,9 +46,10 @@ def _nearest_others(points):
 
 
 @njit(cache=True)
-def _build(points):
-    """The tree, as arrays by node (node 0 the root): the cut's dimension (LEAF for a leaf) and value, the
-    node's cell bounds along that dimension, the low and high children, and a leaf's point."""
+def _build(points, box_lo, box_hi):
+    """The tree, as arrays by node (node 0 the root, whose cell is box_lo..box_hi): the cut's dimension (LEAF
+    for a leaf) and value, the node's cell bounds along that dimension, the low and high children, and a
+    leaf's point."""
     n = points.shape[0]
     nodes = 2 * n - 1
     cut_dim = np.full(nodes, LEAF, dtype=np.int64)
@@ -61,8 +62,7 @@ def _build(points):
     pending = np.empty((nodes, 3), dtype=np.int64)
     cells = np.empty((nodes, 4))
     pending[0, 0], pending[0, 1], pending[0, 2] = 0, 0, n
-    cells[0, 0], cells[0, 1] = points[:, 0].min(), points[:, 1].min()
-    cells[0, 2], cells[0, 3] = points[:, 0].max(), points[:, 1].max()
+    cells[0, 0], cells[0, 1], cells[0, 2], cells[0, 3] = box_lo[0], box_lo[1], box_hi[0], box_hi[1]
     top, used = 1, 1
     while top > 0:
         top -= 1
@@ -95,22 +95,14 @@ def _split(points, part, lo, hi):
     if hi[1] - lo[1] > longest:
         longest = hi[1] - lo[1]
     d = 0
+    smallest = largest = 0.0
     widest = -1.0
     for k in range(2):  # among the longest sides, the one the points spread most along; the first on a tie
-        if hi[k] - lo[k] >= ALMOST * longest:
-            smallest = largest = points[part[0], k]
-            for i in range(1, part.size):
-                c = points[part[i], k]
-                smallest = min(smallest, c)
-                largest = max(largest, c)
-            if largest - smallest > widest:
-                widest = largest - smallest
-                d = k
+        if hi[k] - lo[k] >= ALMOST * longest:  # the longest side always is: some k is taken
+            low, high = _extent(points, part, k)
+            if high - low > widest:
+                widest, d, smallest, largest = high - low, k, low, high
     ideal = (lo[d] + hi[d]) / 2
-    smallest = largest = points[part[0], d]
-    for i in range(1, part.size):
-        smallest = min(smallest, points[part[i], d])
-        largest = max(largest, points[part[i], d])
     value = smallest if ideal < smallest else largest if ideal > largest else ideal
     below, through = _plane_split(points, part, d, value)
     n, half = part.size, part.size // 2
@@ -125,6 +117,16 @@ def _split(points, part, lo, hi):
     else:
         n_lo = half
     return d, value, n_lo
+
+
+@njit(cache=True)
+def _extent(points, part, k):
+    """The smallest and the largest coordinate k of the points ``part``."""
+    smallest = largest = points[part[0], k]
+    for i in range(1, part.size):
+        smallest = min(smallest, points[part[i], k])
+        largest = max(largest, points[part[i], k])
+    return smallest, largest
 
 
 @njit(cache=True)
