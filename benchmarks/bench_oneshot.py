@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 from peer import DISTL_VENV, SHARED, THAUMATIN, cpu_name, plain_frames
+from spotfinder_daemon import warm
 
 BIN = Path(sys.executable).parent
 DISTL = SHARED / "peer" / "distl"
@@ -76,6 +77,8 @@ def wait_for_helper(runtime: Path, within_s: float = 300.0) -> int:
 
 def stop_helper(runtime: Path) -> None:
     for lock in (runtime / "spotfinder-daemon").glob("warm-*.lock"):
+        if not warm.held(str(lock)):
+            continue  # no helper: the pid left in it may be anybody's
         try:
             os.kill(int(lock.read_text().split()[0]), signal.SIGTERM)
         except (OSError, ValueError, IndexError):

@@ -169,7 +169,7 @@ def start() -> None:
     """Start a helper for the next call, unless one is running or starting, one failed to start a moment ago,
     or there is to be none."""
     where = paths()
-    if where is None or _held(where["lock"]) or _failed_lately(where["log"]):
+    if where is None or held(where["lock"]) or _failed_lately(where["log"]):
         return
     # -P: no folder of the caller's on the helper's import path, where a stray module would be imported
     # instead of ours.  posix_spawn, not subprocess: nothing waits for it, and it starts its own session.
@@ -185,8 +185,9 @@ def start() -> None:
         os.close(log)
 
 
-def _held(lock_path: str) -> bool:
-    """Whether a helper holds the lock (it does from its start to its end)."""
+def held(lock_path: str) -> bool:
+    """Whether a helper holds the lock (it does from its start to its end): only then is the pid in it a
+    helper's to signal."""
     import fcntl
 
     try:

@@ -69,7 +69,7 @@ class Helper:
     def stop(self) -> None:
         """SIGTERM to the helper holding each lock here (checked to be one: a pid is never signalled blindly)."""
         for lock in self.files(".lock"):
-            if not warm._held(str(lock)):
+            if not warm.held(str(lock)):
                 continue
             try:
                 pid = int(lock.read_text().split()[0])
@@ -234,7 +234,7 @@ def test_a_helper_that_fails_to_start_is_not_started_again_at_once(runtime, simu
             while warm.FAILED not in helper.log() and time.monotonic() < deadline:
                 time.sleep(0.1)
         assert helper.log().count(warm.FAILED) == 1, helper.log()
-        assert not warm._held(paths["lock"])
+        assert not warm.held(paths["lock"])
     finally:
         helper.stop()
 
