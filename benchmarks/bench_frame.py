@@ -112,8 +112,7 @@ def stage_profile(path: Path, words: list[str]) -> dict[str, float]:
         region = background.Region.of(g, s.margin)
         cls = clock("classify", background.classify, frame.pixels, g, s, region, analysis.UNDERLOAD)
         rings = clock("ice rings", ice.pixel_rings, cls.flags, g, region)
-        maxima = clock("maxima", spots.local_maxima, frame.pixels, cls.flags, region, s, analysis.UNDERLOAD,
-                       g.saturation)
+        maxima = clock("maxima", spots.local_maxima, frame.pixels, cls.flags, region, s, analysis.UNDERLOAD)
         found = clock("assembly", spots.assemble, frame.pixels, cls, maxima, region, s, None)
         screened = clock("screening", spots.screen, found, s)
         clock("method 1", resolution.method1, screened.peak_x, screened.peak_y, g, region)

@@ -66,7 +66,7 @@ def analyse_frame(frame: Frame, params: Params) -> Result:
     pixels = frame.pixels
     cls = background.classify(pixels, g, settings, region, UNDERLOAD)
     rings = ice.pixel_rings(cls.flags, g, region)
-    maxima = spots.local_maxima(pixels, cls.flags, region, settings, UNDERLOAD, g.saturation)
+    maxima = spots.local_maxima(pixels, cls.flags, region, settings, UNDERLOAD)
     found = spots.assemble(pixels, cls, maxima, region, settings, ice.IceTest.of(rings, g) if rings else None)
     screened = spots.screen(found, settings)
     method1 = resolution.method1(screened.peak_x, screened.peak_y, g, region)
@@ -282,6 +282,6 @@ def _compile_later_stages(frame: Frame) -> None:
     _decode_one_pixel()
     pixel_resolution(g, 0.0, 0.0)
     ice.pixel_rings(flags, g, region)
-    maxima = spots.local_maxima(frame.pixels, flags, region, settings, UNDERLOAD, g.saturation)
+    maxima = spots.local_maxima(frame.pixels, flags, region, settings, UNDERLOAD)
     spots.assemble(frame.pixels, blank, maxima, region, settings, None)
     neighbours.nearest_others(np.zeros((2, 2)))

@@ -312,7 +312,7 @@ class ContentMd5:
             raise FrameError("corrupt binary section: Content-MD5 does not match")
 
 
-BLOCK = 16  # single-byte deltas decoded at once
+BLOCK = 128  # bytes looked at once for an escape
 
 
 @njit(cache=True)
@@ -322,21 +322,27 @@ def _byte_offset(stream, out):
     ``stream`` is the section as int8.  Returns how many pixels were decoded; fewer than ``out.size`` means
     the stream ended early.
 
-    Most deltas of a frame are single bytes: 16 at a time are added without a test each once a vectorised
-    look has found no escape among them (0.71x the time of the pixel-by-pixel loop alone).  Our own kernel
-    rather than fabio's: as fast, and workers need not import fabio.
+    Most deltas of a frame are single bytes: the run of them up to the next escape, or a whole block, is
+    added in a loop with no test (0-based views of the block, so no index needs wrapping), the block once
+    looked through by a vectorised test.  Per frame: a PILATUS 6M 1.6 ms (4.3 with blocks of 16 bytes and
+    indices into the whole stream), an EIGER2 16M 4.7 (12.4), a 2000x2000 frame whose every pixel needs an
+    escape 24 (40), 2-core EPYC.  Our own kernel rather than fabio's: 4x faster (fabio 6.7 ms a 6M frame),
+    and workers need not import fabio.
     """
     size = stream.size
     position = 0
     value = 0
     i = 0
     while i < out.size:
-        if i + BLOCK <= out.size and position + BLOCK <= size and not _has_escape(stream, position):
-            for k in range(BLOCK):
-                value += np.int64(stream[position + k])
-                out[i + k] = value
-            i += BLOCK
-            position += BLOCK
+        if i + BLOCK <= out.size and position + BLOCK <= size and stream[position] != -128:
+            block = stream[position:position + BLOCK]
+            run = _plain_run(block)
+            decoded = out[i:i + run]
+            for k in range(run):
+                value += np.int64(block[k])
+                decoded[k] = value
+            i += run
+            position += run
             continue
         if position >= size:
             return i
@@ -361,12 +367,18 @@ def _byte_offset(stream, out):
 
 
 @njit(cache=True)
-def _has_escape(stream, position):
-    """Whether one of the BLOCK bytes from ``position`` is the 1-byte escape (-128)."""
-    hit = False
-    for k in range(BLOCK):
-        hit |= stream[position + k] == -128
-    return hit
+def _plain_run(block):
+    """How many single-byte deltas ``block`` starts with: all of it unless it holds an escape (-128), else
+    the bytes before the first one (a byte before it is a whole delta, so the first escape is one too)."""
+    escaped = False
+    for k in range(block.size):  # vectorised: no early exit
+        escaped |= block[k] == -128
+    if not escaped:
+        return block.size
+    run = 0
+    while block[run] != -128:
+        run += 1
+    return run
 
 
 def _mm(value: float, units: str | None, what: str) -> float:

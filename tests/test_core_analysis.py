@@ -26,8 +26,7 @@ def test_found_spots_sit_on_the_simulated_ones(simulated):
     settings = effective_settings(Params(), frame.geometry.family)
     region = background.Region.of(frame.geometry, settings.margin)
     cls = background.classify(frame.pixels, frame.geometry, settings, region, analysis.UNDERLOAD)
-    g = frame.geometry
-    maxima = spots.local_maxima(frame.pixels, cls.flags, region, settings, analysis.UNDERLOAD, g.saturation)
+    maxima = spots.local_maxima(frame.pixels, cls.flags, region, settings, analysis.UNDERLOAD)
     found = spots.assemble(frame.pixels, cls, maxima, region, settings)
     truth = np.array([(x, y) for x, y, _ in simulated["scenes"]["spots"].spots])
     for x, y in zip(found.peak_x, found.peak_y):

@@ -146,6 +146,27 @@ def test_byte_offset_decoder_handles_every_delta_width():
     assert _byte_offset(stream[:-3], out) < values.size  # a cut stream says so
 
 
+def test_byte_offset_decoder_runs_of_single_byte_deltas_meet_escapes_anywhere():
+    """The decoder adds runs of single-byte deltas a block at a time: escapes at and around the block's
+    edges, runs of every length and a stream cut anywhere decode as fabio's encoder meant them."""
+    import numpy as np
+    from fabio.compression import compByteOffset
+
+    from spotfinder_core.image import BLOCK, _byte_offset
+
+    rng = np.random.default_rng(7)
+    values = np.cumsum(rng.integers(-60, 60, 6 * BLOCK)).astype(np.int32)
+    for at in (0, 1, BLOCK - 1, BLOCK, BLOCK + 1, 2 * BLOCK + 5, 3 * BLOCK - 1, 3 * BLOCK, 3 * BLOCK + 1):
+        values[at] += 40000  # two escaped deltas: up to it and back
+    values[4 * BLOCK:4 * BLOCK + 20] = rng.integers(-2**31, 2**31 - 1, 20)  # escapes back to back
+    stream = np.frombuffer(compByteOffset(values), dtype=np.int8)
+    out = np.empty(values.size, dtype=np.int32)
+    assert _byte_offset(stream, out) == values.size and np.array_equal(out, values)
+    for cut in range(1, stream.size, 7):
+        decoded = _byte_offset(stream[:cut], out)
+        assert decoded < values.size and np.array_equal(out[:decoded], values[:decoded])
+
+
 BOUNDED_RUNNER = """
 import json, resource, sys
 resource.setrlimit(resource.RLIMIT_AS, (3 << 30, 3 << 30))
