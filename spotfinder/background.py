@@ -194,8 +194,9 @@ def _count_background(background, x0, x1, y0, y1):
 
 
 # Plane fits.  The sample is every second pixel of every second row; a window's moments are sums of integers,
-# exact in any order, so they are gathered row by row across a whole band of windows.  The residual sum is not
-# exact: each window adds its squares in libdistl's order (row by row, pixel by pixel) into its own total.
+# exact in any order, so they are gathered four sampled rows at a time across a whole band of windows.  The
+# residual sum is not exact: each window adds its squares in libdistl's order (row by row, pixel by pixel) into
+# its own total.
 MOMENTS = 9  # sxx, sxy, sx, syy, sy, sxv, syv, sv, n of a window's sample (dx, dy from its origin)
 
 

@@ -147,22 +147,33 @@ def test_byte_offset_decoder_handles_every_delta_width():
 
 
 def test_byte_offset_decoder_runs_of_single_byte_deltas_meet_escapes_anywhere():
-    """The decoder adds runs of single-byte deltas a block at a time: escapes at and around the block's
-    edges, runs of every length and a stream cut anywhere decode as fabio's encoder meant them."""
+    """The decoder adds runs of single-byte deltas up to the next escape, a block at most: escapes as a
+    block's first byte, its last, right after a full block and one past it, runs of every length around
+    the block's, back-to-back escapes of every width (also wider than the delta needs, which the format
+    allows), and a stream cut anywhere decode as written."""
+    import struct
+
     import numpy as np
-    from fabio.compression import compByteOffset
 
     from spotfinder_core.image import BLOCK, _byte_offset
 
     rng = np.random.default_rng(7)
-    values = np.cumsum(rng.integers(-60, 60, 6 * BLOCK)).astype(np.int32)
-    for at in (0, 1, BLOCK - 1, BLOCK, BLOCK + 1, 2 * BLOCK + 5, 3 * BLOCK - 1, 3 * BLOCK, 3 * BLOCK + 1):
-        values[at] += 40000  # two escaped deltas: up to it and back
-    values[4 * BLOCK:4 * BLOCK + 20] = rng.integers(-2**31, 2**31 - 1, 20)  # escapes back to back
-    stream = np.frombuffer(compByteOffset(values), dtype=np.int8)
+    wide = ((300, 2), (-100000, 4), (50, 8), (-2, 2), (70000, 8))  # (delta, bytes) after an escape
+    deltas, widths = [], []
+    runs = [0, 1, BLOCK - 1, BLOCK, BLOCK + 1, 2 * BLOCK - 1, 2 * BLOCK, 2 * BLOCK + 1, 0, 0, 0, 0, 5, 3 * BLOCK]
+    for k, run in enumerate(runs):
+        deltas += [int(d) for d in rng.integers(-100, 100, run)] + [wide[k % len(wide)][0]]
+        widths += [1] * run + [wide[k % len(wide)][1]]
+    stream = bytearray()
+    for delta, width in zip(deltas, widths):
+        if width > 1:
+            stream += b"\x80" + struct.pack("<h", -2**15) * (width >= 4) + struct.pack("<i", -2**31) * (width == 8)
+        stream += struct.pack({1: "<b", 2: "<h", 4: "<i", 8: "<q"}[width], delta)
+    values = np.cumsum(deltas).astype(np.int32)
+    stream = np.frombuffer(bytes(stream), dtype=np.int8)
     out = np.empty(values.size, dtype=np.int32)
     assert _byte_offset(stream, out) == values.size and np.array_equal(out, values)
-    for cut in range(1, stream.size, 7):
+    for cut in range(1, stream.size):
         decoded = _byte_offset(stream[:cut], out)
         assert decoded < values.size and np.array_equal(out[:decoded], values[:decoded])
 
