@@ -70,18 +70,21 @@ def wait_for_helper(runtime: Path, within_s: float = 300.0) -> int:
     while time.monotonic() < deadline:
         logs = list(folder.glob("warm-*.log"))
         if logs and " ready in " in logs[0].read_text():
-            return int(Path(str(logs[0])[:-len(".log")] + ".lock").read_text().split()[0])
+            pid = warm.helper_pid(str(logs[0])[:-len(".log")] + ".lock")
+            if pid is not None:
+                return pid
         time.sleep(0.1)
     raise SystemExit("the warm helper did not start within %g s (see %s)" % (within_s, folder))
 
 
 def stop_helper(runtime: Path) -> None:
     for lock in (runtime / "spotfinder-daemon").glob("warm-*.lock"):
-        if not warm.held(str(lock)):
+        pid = warm.helper_pid(str(lock))
+        if pid is None:
             continue  # no helper: the pid left in it may be anybody's
         try:
-            os.kill(int(lock.read_text().split()[0]), signal.SIGTERM)
-        except (OSError, ValueError, IndexError):
+            os.kill(pid, signal.SIGTERM)
+        except OSError:
             pass
     time.sleep(0.5)
     shutil.rmtree(runtime, ignore_errors=True)

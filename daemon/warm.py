@@ -173,7 +173,10 @@ def start() -> None:
         return
     # -P: no folder of the caller's on the helper's import path, where a stray module would be imported
     # instead of ours.  posix_spawn, not subprocess: nothing waits for it, and it starts its own session.
-    log = os.open(where["log"], os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        log = os.open(where["log"], os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError:
+        return  # no helper this time (its log cannot be written, a full disk): the command has run
     try:
         os.posix_spawn(sys.executable, [sys.executable, "-P", "-m", __spec__.name, where["socket"], where["lock"]],
                        os.environ, setsid=True,
@@ -198,6 +201,18 @@ def held(lock_path: str) -> bool:
     except OSError:
         return False
     return False
+
+
+def helper_pid(lock_path: str) -> int | None:
+    """The pid of the helper holding the lock, or None when none does (a pid left in it may be anybody's) or it
+    has not written its pid yet."""
+    if not held(lock_path):
+        return None
+    try:
+        with open(lock_path) as lock:
+            return int(lock.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def _failed_lately(log_path: str) -> bool:

@@ -69,15 +69,15 @@ class Helper:
     def stop(self) -> None:
         """SIGTERM to the helper holding each lock here (checked to be one: a pid is never signalled blindly)."""
         for lock in self.files(".lock"):
-            if not warm.held(str(lock)):
+            pid = warm.helper_pid(str(lock))
+            if pid is None:
                 continue
             try:
-                pid = int(lock.read_text().split()[0])
                 with open("/proc/%d/cmdline" % pid, "rb") as cmdline:
                     if b"spotfinder_daemon.warm" not in cmdline.read():
                         continue
                 os.kill(pid, signal.SIGTERM)
-            except (ValueError, IndexError, OSError):
+            except OSError:
                 continue
             if not gone(pid, 30.0):
                 os.kill(pid, signal.SIGKILL)
@@ -234,6 +234,22 @@ def test_a_helper_that_fails_to_start_is_not_started_again_at_once(runtime, simu
             while warm.FAILED not in helper.log() and time.monotonic() < deadline:
                 time.sleep(0.1)
         assert helper.log().count(warm.FAILED) == 1, helper.log()
+        assert not warm.held(paths["lock"])
+    finally:
+        helper.stop()
+
+
+def test_a_helper_log_that_cannot_be_opened_leaves_the_call_as_it_was(runtime, simulated):
+    """The call that would start a helper cannot open its log (a folder has its name): the command's own
+    text and status, no traceback, and no helper."""
+    helper = Helper(runtime, "120")
+    try:
+        paths = _paths_of(helper)
+        os.makedirs(paths["log"])
+        own, _ = helper.call(str(simulated["paths"]["blank"]), SPOTFINDER_WARM="0")
+        done, _ = helper.call(str(simulated["paths"]["blank"]))
+        assert (done.returncode, done.stdout, done.stderr) == (own.returncode, own.stdout, own.stderr)
+        assert done.returncode == 0 and b"Spot Total" in done.stdout
         assert not warm.held(paths["lock"])
     finally:
         helper.stop()
