@@ -1,6 +1,6 @@
 """Time per frame (decode + analysis) and peak memory, ours beside the real DISTL's in the same run.
 
-    python benchmarks/bench_frame.py [FRAME...] [--repeat N] [--rounds N] [--stages] [distl.param=value ...]
+    python benchmarks/bench_frame.py [FRAME...] [--repeat N] [--rounds N] [--stages] [--zen2] [distl.param=value ...]
     python benchmarks/bench_frame.py --eiger [--frames N] [--repeat N] [distl.param=value ...]
 
 Without frames it uses the PILATUS 6M frames of ../shared/data/real (decompressed into a temporary folder,
@@ -10,6 +10,8 @@ peer is set up (../shared/peer/setup.sh).  Peak resident memory is measured for 
 measured twice: as the service runs it (the Content-MD5 checked) and as DISTL reads a frame (not checked).
 The three runs alternate over ``--rounds`` rounds (DISTL first in even rounds, last in odd ones), so a host
 whose speed drifts (a shared machine) slows both sides alike; each figure is the median over the rounds.
+``--zen2`` runs ours with the code numba and numpy would run on an AVX2-only Zen 2 EPYC (``peer.zen2_code``), on
+this host's core, caches and memory; DISTL runs its own code either way.
 
 ``--eiger`` times an EIGER2 16M series instead: the real thermolysin frame and copies with other counts, written
 as a FileWriter series (legacy master, bitshuffle-LZ4 data files) and as miniCBFs; ms per frame for decoding and
@@ -28,7 +30,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from peer import THAUMATIN, THERMOLYSIN, cpu_name, plain_frames, run_distl
+from peer import THAUMATIN, THERMOLYSIN, cpu_name, plain_frames, run_distl, zen2_code
+
+CODE_FOR_ZEN2 = "; ours with the code for an AVX2-only Zen 2 EPYC (--zen2): its instructions, this host's core"
 
 
 
@@ -226,7 +230,11 @@ def main(argv=None) -> int:
     ap.add_argument("--stages", action="store_true", help="also print ms per pipeline stage")
     ap.add_argument("--eiger", action="store_true", help="time an EIGER2 16M series as HDF5 and as miniCBF")
     ap.add_argument("--frames", type=int, default=4, help="frames of the --eiger series")
+    ap.add_argument("--zen2", action="store_true",
+                    help="run our code as generated for an AVX2-only Zen 2 EPYC (emulated: the host's core and memory)")
     args = ap.parse_args(argv)
+    if args.zen2:  # before anything imports numba or numpy, here or in the children
+        os.environ.update(zen2_code())
     words = [w for w in args.items if "=" in w]
     items = [w for w in args.items if "=" not in w]
     if args.eiger:
@@ -237,8 +245,8 @@ def main(argv=None) -> int:
             print("no frames: give FRAME arguments or provide %s" % THAUMATIN)
             return 2
         theirs, checked, unchecked = alternating(frames, words, args.repeat, args.rounds)
-        print("%d frames, %d rounds alternating DISTL and ours, on %s (%d cores)"
-              % (len(frames), max(1, args.rounds), cpu_name(), os.cpu_count()))
+        print("%d frames, %d rounds alternating DISTL and ours, on %s (%d cores)%s"
+              % (len(frames), max(1, args.rounds), cpu_name(), os.cpu_count(), CODE_FOR_ZEN2 if args.zen2 else ""))
         print("ours: as the service runs (Content-MD5 checked, verify_md5: true); ours as DISTL reads: the same")
         print("analysis without that check, which DISTL does not make (verify_md5: false); CPU: our process's CPU")
         print("time per frame, what a busy 2-worker service pays")

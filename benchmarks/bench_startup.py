@@ -7,7 +7,8 @@ before the worker joins; later starts load them.  Each round starts the service 
 numba cache folder (``NUMBA_CACHE_DIR``, a new one each round): once cold (compiling), then warm.  A PILATUS
 6M frame is written into the watched folder as soon as the process has been started.  Printed per start:
 seconds until ``/status`` answers, until it says ``serving`` (systemd's READY), until the frame's result
-arrives on the PUB socket, the states ``/status`` went through and the log lines that say what it was doing;
+arrives on the PUB socket, the largest peak resident size of a worker (compiling costs memory the analysis does
+not), the states ``/status`` went through and the log lines that say what it was doing;
 beside them the real DISTL's whole-process time for the same frame (``../shared/peer/distl``).
 """
 from __future__ import annotations
@@ -26,6 +27,7 @@ from pathlib import Path
 
 import zmq
 from bench_oneshot import DISTL, timed
+from bench_pipeline import children, peak_rss_mb
 from peer import DISTL_VENV, REPO, cpu_name, thaumatin_present, thaumatin_workspace
 
 sys.path.insert(0, str(REPO / "tests"))
@@ -86,6 +88,7 @@ def start_once(work: Path, frame: str, workers: int, cache: Path) -> dict:
                     states.append(snapshot["state"])
                 if snapshot["state"] == "serving":
                     marks.setdefault("serving", time.monotonic() - started)
+        workers_mb = max((peak_rss_mb(pid) for pid in children(process.pid)), default=float("nan"))
     finally:
         process.terminate()
         try:
@@ -97,7 +100,7 @@ def start_once(work: Path, frame: str, workers: int, cache: Path) -> dict:
         log.seek(0)
         lines = [line.rstrip() for line in log if "worker" not in line or "kernel" in line or "compil" in line]
         log.close()
-    return {**marks, "states": states, "log": lines[:8]}
+    return {**marks, "states": states, "log": lines[:8], "worker_peak_mb": workers_mb}
 
 
 def main(argv=None) -> int:
@@ -125,6 +128,7 @@ def main(argv=None) -> int:
                                 ("result", "first result published")):
                 values = [r[what] for r in results]
                 print("  %-24s %6.2f s  %s" % (label, statistics.median(values), " ".join("%.2f" % v for v in values)))
+            print("  largest worker peak resident size: %.0f MB" % max(r["worker_peak_mb"] for r in results))
             print("  states seen: %s" % " -> ".join(results[-1]["states"]))
             for line in results[-1]["log"]:
                 print("  log: %s" % line[:150])

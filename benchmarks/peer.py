@@ -35,6 +35,32 @@ def cpu_name() -> str:
     except (OSError, StopIteration):
         return "unknown CPU"
 
+# What an AVX2-only AMD EPYC (Zen 2, "Rome") has, in LLVM's names: code generated for it on a newer x86 host runs
+# what that host would run, without AVX-512, GFNI, VAES or VPCLMULQDQ (the first CPU feature list used here had
+# negated AVX-512 only, and numba then used GFNI's byte shuffle in a loop that classes pixels).
+ZEN2_FEATURES = frozenset("""64bit adx aes avx avx2 bmi bmi2 clflushopt clwb clzero cmov crc32 cx16 cx8 f16c fma
+    fsgsbase fxsr lzcnt mmx movbe mwaitx pclmul popcnt prfchw rdpid rdrnd rdseed sahf sha sse sse2 sse3 sse4.1
+    sse4.2 sse4a ssse3 wbnoinvd x87 xsave xsavec xsaveopt xsaves""".split())
+
+
+def zen2_code() -> dict[str, str]:
+    """Environment for a process of ours to run the code it would run on an AVX2-only Zen 2 EPYC: numba's kernels
+    compiled for that CPU (into a cache of their own) and numpy's AVX-512 loops left out.  The instructions are
+    that host's; its caches, memory and the width of its core are this host's (a benchmark says so)."""
+    import llvmlite.binding as llvm  # not numba: its settings are read from the environment when it is imported
+
+    host = llvm.get_host_cpu_features()
+    features = ",".join(("+" if on and name in ZEN2_FEATURES else "-") + name for name, on in sorted(host.items()))
+    settings = {"NUMBA_CPU_NAME": "znver2", "NUMBA_CPU_FEATURES": features,
+                "NUMBA_CACHE_DIR": os.path.join(tempfile.gettempdir(), "spotfinder-bench-znver2-cache")}
+    if host.get("avx512f"):  # numpy refuses to leave out what the host lacks
+        settings["NPY_DISABLE_CPU_FEATURES"] = "AVX512F AVX512CD AVX512_SKX AVX512_CLX AVX512_CNL AVX512_ICL AVX512_SPR"
+    return settings
+
+
+ZEN2_SETTINGS = ("NUMBA_CPU_NAME", "NUMBA_CPU_FEATURES", "NUMBA_CACHE_DIR", "NPY_DISABLE_CPU_FEATURES")
+
+
 def plain_frames(sources, into: Path) -> dict[str, Path]:
     """Frame name -> a plain .cbf: plain sources as they are, .cbf.bz2/.cbf.gz decompressed into ``into``
     (a frame present both ways is taken plain)."""
@@ -80,7 +106,8 @@ def run_distl(frames, words=()) -> dict | None:
               file=sys.stderr)
         return None
     before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    done = subprocess.run([str(DISTL_BATCH), *map(str, frames), *words], capture_output=True, text=True)
+    done = subprocess.run([str(DISTL_BATCH), *map(str, frames), *words], capture_output=True, text=True,
+                          env={k: v for k, v in os.environ.items() if k not in ZEN2_SETTINGS})  # DISTL's own code
     records = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
     if not records:
         print("real DISTL failed: %s" % done.stderr.strip().splitlines()[-1:], file=sys.stderr)
