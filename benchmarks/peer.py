@@ -36,8 +36,8 @@ def cpu_name() -> str:
         return "unknown CPU"
 
 # What an AVX2-only AMD EPYC (Zen 2, "Rome") has, in LLVM's names: code generated for it on a newer x86 host runs
-# what that host would run, without AVX-512, GFNI, VAES or VPCLMULQDQ (the first CPU feature list used here had
-# negated AVX-512 only, and numba then used GFNI's byte shuffle in a loop that classes pixels).
+# what that host would run, without AVX-512, GFNI, VAES or VPCLMULQDQ (the recipe the README gave before left out
+# AVX-512 only, and numba then used GFNI's byte shuffle in the loop that classes pixels).
 ZEN2_FEATURES = frozenset("""64bit adx aes avx avx2 bmi bmi2 clflushopt clwb clzero cmov crc32 cx16 cx8 f16c fma
     fsgsbase fxsr lzcnt mmx movbe mwaitx pclmul popcnt prfchw rdpid rdrnd rdseed sahf sha sse sse2 sse3 sse4.1
     sse4.2 sse4a ssse3 wbnoinvd x87 xsave xsavec xsaveopt xsaves""".split())
@@ -53,7 +53,7 @@ def zen2_code() -> dict[str, str]:
     features = ",".join(("+" if on and name in ZEN2_FEATURES else "-") + name for name, on in sorted(host.items()))
     settings = {"NUMBA_CPU_NAME": "znver2", "NUMBA_CPU_FEATURES": features,
                 "NUMBA_CACHE_DIR": os.path.join(tempfile.gettempdir(), "spotfinder-bench-znver2-cache")}
-    if host.get("avx512f"):  # numpy refuses to leave out what the host lacks
+    if host.get("avx512f"):  # a host without AVX-512 has no such loops to leave out
         settings["NPY_DISABLE_CPU_FEATURES"] = "AVX512F AVX512CD AVX512_SKX AVX512_CLX AVX512_CNL AVX512_ICL AVX512_SPR"
     return settings
 
