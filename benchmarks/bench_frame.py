@@ -201,8 +201,8 @@ def eiger_main(args, words: list[str]) -> int:
         theirs = run_distl(cbfs, words)
         mine = eiger_timings(cbfs, master, pilatus, words, args.repeat)
     distl_ms = statistics.median(theirs["seconds"].values()) * 1000 if theirs else None
-    print("EIGER2 16M (4148 x 4362), %d frames, median ms per frame, on %s (%d cores)"
-          % (len(cbfs), cpu_name(), os.cpu_count()))
+    print("EIGER2 16M (4148 x 4362), %d frames, median ms per frame, on %s (%d cores)%s"
+          % (len(cbfs), cpu_name(), os.cpu_count(), CODE_FOR_ZEN2 if args.zen2 else ""))
     print("%-50s %10s" % ("", "ms"))
     rows = (("stored frame through h5py's filter pipeline", mine["chunk_h5py"]),
             ("stored frame, direct chunk + dectris-compression", mine["chunk_direct"]),
