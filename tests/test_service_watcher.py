@@ -173,6 +173,42 @@ def test_a_flood_of_events_never_blocks_the_thread_that_reports_them(tmp_path):
     assert len(w.drain()) == 70_000 and w.drain() == []
 
 
+def inotify_masks(folder) -> list[int]:
+    """The kernel's event masks of this process's inotify watches on ``folder`` (from /proc/self/fdinfo)."""
+    inode = "%x" % os.stat(folder).st_ino
+    masks = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            if "inotify" not in os.readlink("/proc/self/fd/" + fd):
+                continue
+            with open("/proc/self/fdinfo/" + fd) as fh:
+                info = fh.read()
+        except OSError:  # a descriptor closed meanwhile (another thread's)
+            continue
+        fields = [dict(word.split(":", 1) for word in line.split()[1:]) for line in info.splitlines()
+                  if line.startswith("inotify ")]
+        masks += [int(watch["mask"], 16) for watch in fields if watch["ino"] == inode]
+    return masks
+
+
+def test_reading_frames_wakes_no_watcher_thread(tmp_path):
+    """inotify is asked for the writes, closes after writing, creations, renames and attribute changes of the
+    watched folders, not for opens and closes after reading: a worker or a user reading a frame in a watched
+    folder costs the service nothing (a frame written and analysed made 15 file events, 6 of them news)."""
+    wanted = {"IN_MODIFY": 0x2, "IN_ATTRIB": 0x4, "IN_CLOSE_WRITE": 0x8, "IN_MOVED_TO": 0x80, "IN_CREATE": 0x100}
+    unwanted = {"IN_ACCESS": 0x1, "IN_CLOSE_NOWRITE": 0x10, "IN_OPEN": 0x20}
+    (tmp_path / "sub").mkdir()
+    w = Watcher(folders=(str(tmp_path),))
+    w.start()
+    try:
+        for folder in (tmp_path, tmp_path / "sub"):
+            (mask,) = wait_for(lambda f=folder: inotify_masks(f) or None, 5.0, "the watch on %s" % folder)
+            assert [name for name, bit in wanted.items() if not mask & bit] == []
+            assert [name for name, bit in unwanted.items() if mask & bit] == []
+    finally:
+        w.stop()
+
+
 def test_a_watched_folder_deleted_and_recreated_is_watched_again_within_seconds(watcher, tmp_path, make_frame):
     """Frames written into the re-created folder, before and after its new watch, are complete in seconds,
     not at the next catch-up scan."""
