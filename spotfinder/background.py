@@ -79,24 +79,36 @@ class Classification:
 
     def _planes_at(self, x, y) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Whether a window classified each pixel, its plane value there (double) and the window's sigma."""
-        x, y = np.asarray(x, dtype=np.int64), np.asarray(y, dtype=np.int64)
+        x, y = np.ascontiguousarray(x, dtype=np.int64), np.ascontiguousarray(y, dtype=np.int64)
         covered = np.zeros(x.shape, dtype=bool)
         plane, sigma = np.zeros(x.shape), np.zeros(x.shape)
         for (windows, planes), (band_of_row, window_at) in zip(reversed(self.written), reversed(self._window_maps)):
-            band = band_of_row[x]
-            w = np.where(band >= 0, window_at[np.maximum(band, 0), y], -1)
-            hit = ~covered & (w >= 0)
-            w = w[hit]
-            a, b, c = planes[w, 0], planes[w, 1], planes[w, 2]
-            plane[hit] = a * (x[hit] - windows[w, 0]) + b * (y[hit] - windows[w, 2]) + c  # the kernel's order
-            sigma[hit] = planes[w, 3]
-            covered |= hit
+            _look_up_planes(x, y, windows, planes, band_of_row, window_at, covered, plane, sigma)
         return covered, plane, sigma
 
     @functools.cached_property
     def _window_maps(self) -> list[tuple[np.ndarray, np.ndarray]]:
         """``_window_map`` of each cycle in ``written``, made once for all the lookups of a frame."""
         return [_window_map(windows, *self.flags.shape) for windows, _ in self.written]
+
+
+@njit(cache=True)
+def _look_up_planes(x, y, windows, planes, band_of_row, window_at, covered, plane, sigma):
+    """Each pixel (x, y) not yet ``covered`` that a window of one cycle holds (``_window_map``) gets the window's
+    plane value there, in the classifying kernels' order (a dx + b dy, then + c), its sigma, and is covered.
+    One pass: the same gathers in numpy took ~15 over the pixels of a frame's spots (0.6 ms for 35,000, 2-core
+    EPYC)."""
+    for k in range(x.size):
+        band = band_of_row[x[k]]
+        if covered[k] or band < 0:
+            continue
+        w = window_at[band, y[k]]
+        if w < 0:
+            continue
+        plane[k] = planes[w, 0] * float(x[k] - windows[w, 0]) + planes[w, 1] * float(y[k] - windows[w, 2]) \
+            + planes[w, 2]
+        sigma[k] = planes[w, 3]
+        covered[k] = True
 
 
 @njit(cache=True)
