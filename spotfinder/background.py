@@ -391,10 +391,11 @@ def _classify_cycle(values, background, usable, z, flags, next_background, thres
 
     Windows come in bands that share their rows; each band is swept row by row across all its windows,
     since walking a 6M frame window by window (short rows far apart) runs several times slower.
-    ``store_z`` writes z, ``store_flags`` the pixel classes (gaps between a band's windows as z = 0), ``mark``
-    the next cycle's background sample (usable and z below ``threshold``), on the rows the next cycle samples
-    (``sampled_rows``) only; the last two sweep a band's whole row at once with its planes spread by column
-    (_spread_planes).  Z is rounded to float32 before any test, as libdistl stores it.
+    ``store_z`` writes z, ``store_flags`` the pixel classes of the band's rows, whole (the gaps between its
+    windows and the pixels either side of them as z = 0), ``mark`` the next cycle's background sample (usable
+    and z below ``threshold``), on the rows the next cycle samples (``sampled_rows``) only; the last two sweep
+    a band's whole row at once with its planes spread by column (_spread_planes).  Z is rounded to float32
+    before any test, as libdistl stores it.
     """
     widened = False
     count = windows.shape[0]
@@ -477,6 +478,10 @@ def _classify_cycle(values, background, usable, z, flags, next_background, thres
             if store_flags:
                 _flag_row(values[x, ys:ye], plane_a, plane_bdy, plane_c, plane_scale, float(x - x0), z_row[ys:ye],
                           flags[x, ys:ye], spot_height, saturation)
+                # the pixels either side of the band's windows have z = 0: classed while the row is in the cache
+                # (in a pass of their own, 2-3 cache lines a row far apart, they took 1.4 ms a 6M frame, not 0.3)
+                _flag_zero_span(flags[x, :ys], values[x, :ys], spot_height, saturation)
+                _flag_zero_span(flags[x, ye:], values[x, ye:], spot_height, saturation)
             if mark and sampled_rows[x]:
                 _mark_row(values[x, ys:ye], usable[x, ys:ye], next_background[x, ys:ye], plane_a, plane_bdy, plane_c,
                           plane_scale, float(x - x0), threshold)
@@ -503,10 +508,10 @@ def _spread_planes(band, planes, column_planes):
     first column (the product the plane's value at a pixel is summed from, in libdistl's order: a dx + b dy,
     then + c; a load and a product fewer a pixel: 0.94x the time of classing the rows) and the window's
     sigma (inf for 0, so that z is 0, as libdistl has it); the columns between two windows get z = 0 (a zero
-    plane, an infinite scale), as _flag_outside has it.  The rows are then classed or marked in loops across the
-    band's whole width, which vectorise, where a window's row is some fifty pixels: on a 6M frame the last
-    cycle's classes take 2.9 ms instead of 3.9 (4.0 instead of 4.4 with code for AVX2), a marking pass 1.2
-    ms instead of 1.4-2.6 (2-core EPYC)."""
+    plane, an infinite scale), as every pixel outside the windows has it.  The rows are then classed or marked
+    in loops across the band's whole width, which vectorise, where a window's row is some fifty pixels: on a 6M
+    frame the last cycle's classes take 2.9 ms instead of 3.9 (4.0 instead of 4.4 with code for AVX2), a
+    marking pass 1.2 ms instead of 1.4-2.6 (2-core EPYC)."""
     start, stop = band[0, 2], band[band.shape[0] - 1, 3] + 1
     column_planes[0:3, start:stop] = 0.0
     column_planes[3, start:stop] = np.inf
@@ -635,8 +640,8 @@ def _run_short(pixels, geometry, settings, underload, tiling: Tiling) -> Classif
     # path gives up and the long one runs.
     sample = [usable if 0.0 < threshold else np.zeros_like(usable)] + [np.empty_like(usable) for _ in cycles[1:]]
     spot_height = float32_at_most(settings.spot_height)
-    flags = np.empty(pixels.shape, dtype=np.uint8)  # the last cycle classes every covered pixel
-    _flag_outside(flags, pixels, cycles[-1], spot_height, geometry.saturation)
+    flags = np.empty(pixels.shape, dtype=np.uint8)  # the last cycle classes its bands' rows, whole
+    _flag_rows_outside(flags, pixels, cycles[-1], spot_height, geometry.saturation)
     no_z = np.zeros((0, 0), dtype=np.float32)  # this path keeps no z: the classes are all the stages test
     last = len(cycles) - 1
     for k, windows in enumerate(cycles):
@@ -697,32 +702,11 @@ def _flag_all(z, flags, pixels, spot_height, saturation):
 
 
 @njit(cache=True)
-def _flag_outside(flags, pixels, windows, spot_height, saturation):
-    """Class the pixels no window covers (rows outside every band, gaps between a band's windows) as z = 0."""
+def _flag_rows_outside(flags, pixels, windows, spot_height, saturation):
+    """Class the rows no window covers as z = 0 (the last cycle classes every row of its bands whole)."""
     covered = np.zeros(flags.shape[0], dtype=np.bool_)
-    first = 0
-    while first < windows.shape[0]:
-        end = first + 1
-        while end < windows.shape[0] and windows[end, 0] == windows[first, 0] and windows[end, 1] == windows[first, 1]:
-            end += 1
-        # the band's uncovered column spans (a band's windows run left to right), the empty ones left out:
-        # most windows touch their neighbours, and a call per window and row cost more than the spans
-        spans = np.empty((end - first + 1, 2), dtype=np.int64)
-        count = 0
-        y = 0
-        for i in range(first, end + 1):
-            stop = windows[i, 2] if i < end else flags.shape[1]
-            if stop > y:
-                spans[count, 0], spans[count, 1] = y, stop
-                count += 1
-            if i < end:
-                y = windows[i, 3] + 1
-        for x in range(windows[first, 0], windows[first, 1] + 1):
-            covered[x] = True
-            for k in range(count):
-                _flag_zero_span(flags[x, spans[k, 0]:spans[k, 1]], pixels[x, spans[k, 0]:spans[k, 1]], spot_height,
-                                saturation)
-        first = end
+    for i in range(windows.shape[0]):
+        covered[windows[i, 0]:windows[i, 1] + 1] = True
     for x in range(flags.shape[0]):
         if not covered[x]:
             _flag_zero_span(flags[x], pixels[x], spot_height, saturation)

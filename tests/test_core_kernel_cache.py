@@ -109,7 +109,7 @@ def specialisations() -> dict:
         tiling = background.Tiling.of(g, region, settings.scanbox_windows, settings.res_outer)
         cls = background._run_long(frame.pixels, g, settings, analysis.UNDERLOAD, tiling.cycles)
         assert cls.flags.dtype == np.uint8
-    entry_points = [background._classify_cycle, background._usable, background._flag_outside, background._flag_all,
+    entry_points = [background._classify_cycle, background._usable, background._flag_rows_outside, background._flag_all,
                     background._window_map, ice._ring_counts, spots._maxima, spots._grow, image._byte_offset,
                     geometry._resolutions]
     return {k.py_func.__name__: len(k.signatures) for k in entry_points if len(k.signatures) != 1}
