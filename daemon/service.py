@@ -190,7 +190,7 @@ class Service:
                  s.pub, s.http, s.work_endpoint, s.results_endpoint, s.worker_count, s.state_dir)
         if s.worker_count:
             log.info("preparing: the workers load the analysis kernels, or compile them on a first start after an "
-                     "install or a numba upgrade (~6 s on the 2-core EPYC, more on slower hosts); \"ready\" follows")
+                     "install or a numba upgrade (~8 s on the 2-core EPYC, more on slower hosts); \"ready\" follows")
 
     # ----- main loop ---------------------------------------------------------------------------------------
     def run(self) -> int:

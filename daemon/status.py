@@ -38,7 +38,7 @@ EVENTS_POLL_S = 0.2  # how often a stream looks for new stored messages
 EVENTS_KEEPALIVE_S = 10.0  # a comment line after this long without a message (keeps proxies and clients awake)
 AWAITING_REMOTE = "no live workers (workers: 0 and no remote worker)"
 # local workers started, none joined yet: each loads its compiled kernels (a second or two) or, on a first start
-# after an install or an upgrade of numba, compiles them (bench_startup.py: ~6 s on the 2-core EPYC)
+# after an install or an upgrade of numba, compiles them (bench_startup.py: ~8 s on the 2-core EPYC)
 PREPARING = "workers preparing: loading or compiling the analysis kernels"
 
 

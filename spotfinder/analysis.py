@@ -17,6 +17,9 @@ from .result import Result
 from .sums import flex_mean, sequential_sum
 
 UNDERLOAD = -1  # PILATUS and EIGER: gap (-1) and bad (-2) pixels are unusable
+# warm_up's locks in numba's cache folder, and how long a worker waits for another's compilation at most
+WARM_UP_LOCK, LATER_STAGES_LOCK = "warm-up.lock", "later-stages.lock"
+COMPILE_WAIT_S = 300.0
 
 
 def _overrides(params: Params) -> dict:
@@ -243,23 +246,42 @@ def warm_up() -> float:
     that a worker's first real frame is as fast as the rest; returns the seconds it took.
 
     On a first start the workers compile the same kernels at once, each on its own core.  They share the work
-    through numba's cache: the first to start compiles in pipeline order, the others compile the kernels of
-    the later stages first, on stand-ins of the same types, so that each finds the other's half cached when it
-    gets there.  Two workers on the 2-core EPYC then join after ~6 s instead of ~10 (benchmarks/bench_startup.py).
+    through numba's cache: the first to start compiles decoding and the classification, another one meanwhile
+    the later stages (on stand-ins of the same types), and each waits for the other's half before it analyses
+    the frame, which then finds every kernel cached.  Without the waits each one compiled what it reached
+    before the other had cached it (the nearest-neighbour search, 3 s, both at once): two warm-ups at once on
+    an empty cache took 8.3 s on the 2-core EPYC, now 7.5; a first start 8.7 s, now 8.1 (bench_startup.py).
     """
-    from .jit import first_to_compile
+    from .jit import cache_lock
     from .simulate import Scene, frame_of, random_spots
 
     start = time.perf_counter()
     scene = Scene(seed=7, ice_ring_d=3.67, ice_ring_counts=30.0)
     scene.spots = random_spots(scene, 40)
     frame = frame_of(scene, "warm_up_0001.cbf")
-    with first_to_compile() as first:
-        if not first:
-            _compile_later_stages(frame)
+    with cache_lock(WARM_UP_LOCK) as first:
+        if first:
+            _compile_classification(frame)
+            with cache_lock(LATER_STAGES_LOCK, COMPILE_WAIT_S):  # held while a helper compiles them
+                pass
+        else:
+            with cache_lock(LATER_STAGES_LOCK, COMPILE_WAIT_S):  # one helper at a time: the next finds them cached
+                _compile_later_stages(frame)
+            with cache_lock(WARM_UP_LOCK, COMPILE_WAIT_S):  # held by the first until its warm-up ends
+                pass
         analyse_frame(frame, Params({"distl.bins.verbose": True}))
         _decode_one_pixel()  # the frame above was never encoded
     return time.perf_counter() - start
+
+
+def _compile_classification(frame: Frame) -> None:
+    """The kernels of decoding, the resolution of a pixel and the classification (the path the frame takes): the
+    half of the compilation a worker first to warm up does."""
+    g = frame.geometry
+    settings = effective_settings(Params(), g.family)
+    _decode_one_pixel()
+    pixel_resolution(g, 0.0, 0.0)
+    background.classify(frame.pixels, g, settings, background.Region.of(g, settings.margin), UNDERLOAD)
 
 
 def _decode_one_pixel() -> None:
@@ -267,9 +289,9 @@ def _decode_one_pixel() -> None:
 
 
 def _compile_later_stages(frame: Frame) -> None:
-    """The kernels of the stages after the classification (decoding, resolution, ice rings, maxima, spot
-    growth and its background planes), called on blank classes and planes: only the argument types decide
-    what numba compiles."""
+    """The kernels of the stages after the classification (ice rings, maxima, spot growth and its background
+    planes, the nearest neighbours), called on blank classes and planes: only the argument types decide what
+    numba compiles."""
     g = frame.geometry
     settings = effective_settings(Params(), g.family)
     region = background.Region.of(g, settings.margin)
@@ -279,8 +301,6 @@ def _compile_later_stages(frame: Frame) -> None:
     blank = background.Classification(flags=flags, pixels=frame.pixels, window_centres=np.zeros((0, 2), np.int64),
                                       window_background=np.zeros(0), window_sample=np.zeros(0, np.int64),
                                       written=[(windows, planes)])
-    _decode_one_pixel()
-    pixel_resolution(g, 0.0, 0.0)
     ice.pixel_rings(flags, g, region)
     maxima = spots.local_maxima(frame.pixels, flags, region, settings, UNDERLOAD)
     spots.assemble(frame.pixels, blank, maxima, region, settings, None)

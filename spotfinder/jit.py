@@ -2,7 +2,7 @@
 
 numba caches compiled code beside the source (``__pycache__``) unless ``NUMBA_CACHE_DIR`` says otherwise.
 An installed package's folder is replaced by every ``pip install`` of it (the README's test command
-reinstalls), so the next start would compile every kernel again: ~10 s of CPU per process on the 2-core
+reinstalls), so the next start would compile every kernel again: ~13 s of CPU per process on the 2-core
 development host, half a minute on slower ones.  Our kernels are cached instead in ``NUMBA_CACHE_DIR`` when
 it is set (the systemd units set it under the state folder), else in the user's cache folder
 (``$XDG_CACHE_HOME/spotfinder-daemon/numba``, by default ``~/.cache/spotfinder-daemon/numba``), and an entry
@@ -17,14 +17,16 @@ import fcntl
 import functools
 import hashlib
 import os
+import time
 from collections.abc import Iterator
 
 from numba import njit
 from numba.core import caching, config
 
 PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+LOCK_POLL_S = 0.05  # how often a worker waiting for another's compilation looks again
 
-__all__ = ["njit", "cache_dir", "first_to_compile"]
+__all__ = ["njit", "cache_dir", "cache_lock"]
 
 
 def cache_dir() -> str:
@@ -36,23 +38,33 @@ def cache_dir() -> str:
 
 
 @contextlib.contextmanager
-def first_to_compile() -> Iterator[bool]:
-    """Whether this process is the first of those warming up at once on this cache folder (the service's
-    workers on a first start), held until the block ends: an OS lock on a file there, released by the kernel
-    if the process dies.  True where the folder cannot be written (nobody shares it)."""
+def cache_lock(name: str, wait_s: float = 0.0) -> Iterator[bool]:
+    """An OS lock on the file ``name`` in the cache folder, held until the block ends (the kernel releases it if
+    the process dies), for the workers that warm up at once on a first start to share the compilation; whether
+    this process holds it: False when another one held it throughout ``wait_s`` seconds.  True where the folder
+    cannot be written (nobody shares it)."""
     try:
         os.makedirs(cache_dir(), exist_ok=True)
-        handle = open(os.path.join(cache_dir(), "warm-up.lock"), "a")
+        handle = open(os.path.join(cache_dir(), name), "a")
     except OSError:
         yield True
         return
     with handle:
+        yield _lock(handle, wait_s)
+
+
+def _lock(handle, wait_s: float) -> bool:
+    deadline = time.monotonic() + wait_s
+    while True:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            yield False
-            return
-        yield True
+            return True
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(LOCK_POLL_S)
+        except OSError:  # a file system without locks: nobody to share with
+            return False
 
 
 @functools.cache

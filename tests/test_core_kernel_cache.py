@@ -1,6 +1,6 @@
 """The compiled kernels: kept where a reinstall leaves them, known by their source's content, compiled once.
 
-A first start compiles every kernel (~10 s of CPU a process on the 2-core development host); these tests
+A first start compiles every kernel (~13 s of CPU a process on the 2-core development host); these tests
 hold the things that keep it from being paid again: the cache folder is outside the installed package, an
 entry survives a new time stamp on unchanged source (pip rewrites every file it installs), and no kernel is
 compiled twice for argument types that differ only in a flag (each extra specialisation costs its whole
@@ -13,6 +13,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 import types
 
 import numpy as np
@@ -96,9 +97,11 @@ def specialisations() -> dict:
     from spotfinder_core.params import Params, effective_settings
 
     analysis.warm_up()
-    # what a worker that is not the first to warm up compiles first, on stand-ins: the same types
-    analysis._compile_later_stages(image.read_frame(real_files(
-        ("small_molecule_dls_i19_pilatus_300k/ximg2700_00001.cbf",), "the real frames")[0]))
+    # what the workers warming up at once compile first, each its half, on stand-ins: the same types
+    stand_in = image.read_frame(real_files(("small_molecule_dls_i19_pilatus_300k/ximg2700_00001.cbf",),
+                                           "the real frames")[0])
+    analysis._compile_classification(stand_in)
+    analysis._compile_later_stages(stand_in)
     for path in real_files(("thaumatin_grid_dls_i24_pilatus3_6m/thau_3_2_0001.cbf.bz2",
                             "small_molecule_dls_i19_pilatus_300k/ximg2700_00001.cbf"), "the real frames"):
         assert analysis.analyse(path).status == "ok"
@@ -113,3 +116,51 @@ def specialisations() -> dict:
                     background._window_map, ice._ring_counts, spots._maxima, spots._grow, image._byte_offset,
                     geometry._resolutions]
     return {k.py_func.__name__: len(k.signatures) for k in entry_points if len(k.signatures) != 1}
+
+
+SHARING_PROBE = """
+import json, os, sys, time
+from numba.core import event
+
+compiled, depth = [], [0]
+
+
+class TopLevel(event.Listener):
+    def on_start(self, e):
+        depth[0] += 1
+
+    def on_end(self, e):
+        depth[0] -= 1
+        if depth[0] == 0:
+            compiled.append(e.data["dispatcher"].py_func.__qualname__)
+
+
+event.register("numba:compile", TopLevel())
+from spotfinder_core import analysis
+open(sys.argv[1] + ".ready", "w").close()
+while not os.path.exists(sys.argv[2]):  # the two warm up together, as a service's workers on a first start
+    time.sleep(0.01)
+analysis.warm_up()
+json.dump(compiled, open(sys.argv[1], "w"))
+"""
+
+
+def test_two_workers_warming_up_at_once_compile_each_kernel_once(tmp_path):
+    """On a first start the workers share the compilation: every kernel is compiled by one of them and loaded
+    from the cache by the other (both compiling the nearest-neighbour search at once cost the start 3 s)."""
+    go = tmp_path / "go"
+    outputs = [tmp_path / ("worker%d.json" % n) for n in (1, 2)]
+    workers = [subprocess.Popen([sys.executable, "-c", SHARING_PROBE, str(out), str(go)], cwd=REPO,
+                                env=child_env(NUMBA_CACHE_DIR=str(tmp_path / "cache"))) for out in outputs]
+    try:
+        deadline = time.monotonic() + 120
+        while not all(os.path.exists(str(out) + ".ready") for out in outputs) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        go.touch()
+        assert [worker.wait(timeout=300) for worker in workers] == [0, 0]
+    finally:
+        for worker in workers:
+            worker.kill()
+    first, second = (set(json.loads(out.read_text())) for out in outputs)
+    assert first and second and not first & second, (first, second)
+    assert {"_classify_cycle", "_nearest_others", "_ring_counts", "_byte_offset"} <= first | second
