@@ -63,7 +63,7 @@ def _lock(handle, wait_s: float) -> bool:
             if time.monotonic() >= deadline:
                 return False
             time.sleep(LOCK_POLL_S)
-        except OSError:  # a file system without locks: nobody to share with
+        except OSError:  # a file system without locks: as if another process held it, without waiting
             return False
 
 
