@@ -113,8 +113,8 @@ def specialisations() -> dict:
         cls = background._run_long(frame.pixels, g, settings, analysis.UNDERLOAD, tiling.cycles)
         assert cls.flags.dtype == np.uint8
     entry_points = [background._classify_cycle, background._usable, background._flag_rows_outside, background._flag_all,
-                    background._window_map, ice._ring_counts, spots._maxima, spots._grow, image._byte_offset,
-                    geometry._resolutions]
+                    background._window_map, background._look_up_planes, ice._ring_counts, spots._maxima, spots._grow,
+                    image._byte_offset, geometry._resolutions]
     return {k.py_func.__name__: len(k.signatures) for k in entry_points if len(k.signatures) != 1}
 
 
